@@ -1,0 +1,156 @@
+"""The ``vspw-ray`` command line. Each subcommand parses arguments and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = text.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like HxW (e.g. 120x160), got '{text}'") from None
+
+
+def _cmd_data_check(args) -> int:
+    from vspw_ray.data.check import check_dataset
+    from vspw_ray.progress import progress_printer
+
+    problems = check_dataset(args.root, args.split or None,
+                             progress=progress_printer("checking", "videos"))
+    for problem in problems:
+        print(f"ERROR {problem}")
+    splits = ", ".join(args.split) if args.split else "all splits"
+    if problems:
+        print(f"{len(problems)} problems in {args.root} ({splits}); fix or remove the frames "
+              f"named above, or set data.skip_bad_frames=true to skip them in training")
+        return 1
+    print(f"{args.root}: clean ({splits})")
+    return 0
+
+
+def _cmd_data_synth(args) -> int:
+    from vspw_ray.data.synth import SynthSpec, synthesize
+    from vspw_ray.progress import progress_printer
+
+    spec = SynthSpec(videos=args.videos, frames=args.frames, classes=args.classes,
+                     height=args.size[0], width=args.size[1], seed=args.seed)
+    splits = synthesize(args.out, spec, progress=progress_printer("synthesizing", "videos"))
+    counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    print(f"wrote {args.videos} videos x {args.frames} frames ({counts}) to {args.out}")
+    return 0
+
+
+def _cmd_data_stats(args) -> int:
+    from vspw_ray.data.stats import class_stats, write_stats
+    from vspw_ray.progress import progress_printer
+
+    stats = class_stats(args.root, args.split, progress=progress_printer("counting", "videos"))
+    paths = write_stats(stats, args.out, alpha=args.alpha)
+    total = sum(c["pixels"] for c in stats["classes"])
+    print(f"{'class':<28} {'pixels':>14} {'share %':>8} {'videos':>7}")
+    for c in sorted(stats["classes"], key=lambda c: -c["pixels"]):
+        share = 100 * c["pixels"] / total if total else 0.0
+        print(f"{c['name']:<28} {c['pixels']:>14,} {share:>8.3f} {c['videos']:>7}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from vspw_ray.evaluate import evaluate_predictions, format_report, write_report
+    from vspw_ray.progress import progress_printer
+
+    report = evaluate_predictions(args.pred, args.root, args.split, fold=args.fold,
+                                  fold_seed=args.fold_seed,
+                                  progress=progress_printer("evaluating", "videos"))
+    print(format_report(report))
+    if args.json:
+        write_report(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_config_show(args) -> int:
+    from vspw_ray.config import dump_yaml, load_config, resolve_variant, variant_id
+
+    cfg = load_config(args.experiment, args.overrides)
+    if args.variant:
+        cfg = resolve_variant(cfg, args.variant)
+    print(dump_yaml(cfg), end="")
+    if cfg.variants:
+        print("# variants:")
+        for spec in cfg.variants:
+            print(f"#   {spec.name}: {variant_id(resolve_variant(cfg, spec.name))}")
+    else:
+        print(f"# variant_id: {variant_id(cfg)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vspw-ray",
+        description="Train, search, infer and ensemble video scene parsing models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="check, describe or synthesize VSPW-layout datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("check", help="report every bad video, frame and mask")
+    p.add_argument("root", help="dataset root (holds data/, train.txt, label_num_dic_final.json)")
+    p.add_argument("--split", action="append", help="split to check (repeatable; default: all)")
+    p.set_defaults(func=_cmd_data_check)
+
+    p = dsub.add_parser("synth", help="write a synthetic VSPW-layout dataset")
+    p.add_argument("out")
+    p.add_argument("--videos", type=int, default=12)
+    p.add_argument("--frames", type=int, default=10)
+    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--size", type=_size, default=(120, 160), help="HxW (default 120x160)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data_synth)
+
+    p = dsub.add_parser("stats", help="class frequencies, chart and class prior of a split")
+    p.add_argument("root")
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", required=True, help="folder for class_stats.json/.png, class_prior.json")
+    p.add_argument("--alpha", type=float, default=1.0, help="Laplace smoothing in pixels")
+    p.set_defaults(func=_cmd_data_stats)
+
+    p = sub.add_parser("evaluate", help="official VSPW metrics of prediction PNGs")
+    p.add_argument("--pred", required=True, help="folder of <video>/<frame>.png reduced ids")
+    p.add_argument("--root", required=True, help="dataset root")
+    p.add_argument("--split", default="val")
+    p.add_argument("--fold", choices=["A", "B", "all"], default=None)
+    p.add_argument("--fold-seed", type=int, default=0)
+    p.add_argument("--json", help="write the report as JSON here")
+    p.set_defaults(func=_cmd_evaluate)
+
+    cfg = sub.add_parser("config", help="show an experiment's resolved config")
+    csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p = csub.add_parser("show", help="print the resolved YAML and variant ids")
+    p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--variant")
+    p.set_defaults(func=_cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vspw_ray.config import ConfigError
+    from vspw_ray.data.layout import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

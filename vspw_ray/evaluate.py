@@ -1,0 +1,125 @@
+"""`vspw-ray evaluate`: the official VSPW metrics of prediction PNGs against a split.
+
+Predictions are ``PRED/<video>/<frame>.png`` holding reduced class ids (0..C-1), as written by
+``vspw-ray infer`` and expected by the VSPW server. Videos are scored in parallel processes, one
+frame at a time, so memory does not grow with the number of frames.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vspw_ray.data.layout import (
+    DataError,
+    fold_videos,
+    label_lut,
+    list_frames,
+    load_class_table,
+    read_raw_mask,
+    read_split,
+    reduce_mask,
+)
+from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
+from vspw_ray.parallel import map_videos
+
+__all__ = ["evaluate_predictions", "format_report", "read_prediction", "write_report"]
+
+VC_WINDOWS = (8, 16)
+
+
+def read_prediction(path: Path, video: str, frame: str, shape: tuple[int, int]) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"prediction for video '{video}' frame '{frame}' is missing: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("P", "L"):
+                raise DataError(f"prediction {path} has mode {im.mode}; write 8-bit class ids")
+            pred = np.asarray(im)
+    except OSError as err:
+        raise DataError(f"prediction {path} cannot be read: {err}") from None
+    if pred.shape != shape:
+        raise DataError(f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but the frame "
+                        f"is {shape[1]}x{shape[0]}")
+    return pred
+
+
+def _evaluate_video(root: str, video: str, pred_dir: str, num_classes: int):
+    lut = label_lut(num_classes)
+    cm, vc = ConfusionMatrix(num_classes), VideoConsistency(VC_WINDOWS)
+    for frame in list_frames(root, video, require_masks=True):
+        raw = read_raw_mask(frame)
+        pred = read_prediction(Path(pred_dir) / video / f"{frame.name}.png", video, frame.name,
+                               raw.shape)
+        try:
+            cm.update(pred, reduce_mask(raw, lut, frame))
+        except ValueError as err:
+            raise DataError(f"prediction for video '{video}' frame '{frame.name}': {err}") from None
+        vc.update(raw, pred)
+    vc.end_video()
+    return cm.matrix, vc.accs
+
+
+def evaluate_predictions(pred_dir: str | Path, root: str | Path, split: str, *,
+                         fold: str | None = None, fold_seed: int = 0,
+                         processes: int | None = None, progress=None) -> dict:
+    """Official metrics of ``pred_dir`` on a split (or one fold of it).
+
+    Returns :func:`vspw_ray.metrics.summarize`'s dict plus ``frames``, ``videos`` and the
+    ``confusion`` matrix (a nested list).
+    """
+    pred_dir, root = Path(pred_dir), Path(root)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"prediction folder {pred_dir} does not exist")
+    table = load_class_table(root)
+    videos = fold_videos(read_split(root, split), fold, fold_seed)
+    # report every missing prediction up front instead of failing halfway through
+    missing, frames = [], 0
+    for video in videos:
+        for frame in list_frames(root, video, require_masks=True):
+            frames += 1
+            if not (pred_dir / video / f"{frame.name}.png").is_file():
+                missing.append(f"{video}/{frame.name}.png")
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DataError(f"{len(missing)} prediction frames are missing under {pred_dir}: {shown}")
+    cm, vc = ConfusionMatrix(table.num_classes), VideoConsistency(VC_WINDOWS)
+    jobs = [(str(root), v, str(pred_dir), table.num_classes) for v in videos]
+    for matrix, accs in map_videos(_evaluate_video, jobs, processes=processes, progress=progress):
+        cm.matrix += matrix
+        vc.merge(VideoConsistency(VC_WINDOWS, accs))
+    report = summarize(cm.matrix, table.names, vc)
+    report.update(frames=frames, videos=len(videos), split=split, fold=fold or "all",
+                  confusion=cm.matrix.tolist())
+    return report
+
+
+def _pct(x: float | None) -> str:
+    return "   n/a" if x is None else f"{100 * x:6.2f}"
+
+
+def format_report(report: dict) -> str:
+    """A readable table: headline metrics, then per-class IoU sorted from worst to best."""
+    lines = [
+        f"split {report.get('split', '?')} fold {report.get('fold', 'all')}: "
+        f"{report.get('videos', '?')} videos, {report.get('frames', '?')} frames",
+        f"  mIoU {_pct(report['miou'])}   fwIoU {_pct(report['fwiou'])}   "
+        f"pixel acc {_pct(report['pixel_acc'])}   VC8 {_pct(report['vc8'])}   "
+        f"VC16 {_pct(report['vc16'])}",
+        "",
+        f"  {'class':<28} {'IoU %':>6}",
+    ]
+    items = sorted(report["per_class_iou"].items(),
+                   key=lambda kv: (kv[1] is None, kv[1] if kv[1] is not None else 0.0))
+    for name, iou in items:
+        lines.append(f"  {name:<28} {_pct(iou)}" + ("  (absent from ground truth)" if iou is None else ""))
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))

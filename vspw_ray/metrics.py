@@ -1,0 +1,198 @@
+"""The official VSPW metrics (VSPW_code ``utils.Evaluator`` and ``VC_perclip.py``).
+
+* One confusion matrix (rows: ground truth, columns: prediction) over all frames of all videos;
+  pixels whose ground truth is ignored (255) do not count.
+* IoU per class ``diag / (row + col - diag)``; **mIoU averages over the classes present in the
+  ground truth** (rows with pixels). A class that is predicted but absent from the ground truth
+  does not count -- unlike mmsegmentation, where it counts as 0 -- but its false positives still
+  enlarge the union of the classes they were taken from.
+* Frequency-weighted IoU ``sum_c row_c / total * IoU_c`` over present classes; pixel accuracy.
+* Video consistency VC_n: per video with more than ``n`` frames, for each window start
+  ``i in range(len(frames) - n)`` (note: the last possible window is left out, as in the
+  official code), among pixels whose *raw* ground truth (void included) is constant over frames
+  ``i..i+n-1``, the share whose prediction is constant too. Windows with no such pixel (NaN)
+  are dropped; VC_n is the mean over all windows of all videos.
+
+Both accumulators are mergeable, so workers, processes and ensemble searches can each
+accumulate a part and add them up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "ConfusionMatrix",
+    "VideoConsistency",
+    "confusion",
+    "iou_per_class",
+    "mean_iou",
+    "fw_iou",
+    "pixel_accuracy",
+    "summarize",
+]
+
+IGNORE = 255
+
+
+def confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """Confusion matrix ``[C, C]`` int64 of one frame (or a batch) of reduced ids."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    valid = gt != IGNORE
+    p = pred[valid].astype(np.int64)
+    if p.size and (p.max() >= num_classes or p.min() < 0):
+        bad = np.unique(p[(p >= num_classes) | (p < 0)])
+        raise ValueError(f"prediction holds class ids {bad.tolist()[:10]} outside 0..{num_classes - 1}")
+    g = gt[valid].astype(np.int64)
+    if g.size and g.max() >= num_classes:
+        raise ValueError(f"ground truth holds ids >= {num_classes} (other than 255)")
+    return np.bincount(g * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def iou_per_class(matrix: np.ndarray) -> np.ndarray:
+    """IoU of each class; NaN where the class is absent from the ground truth."""
+    m = np.asarray(matrix, dtype=np.float64)
+    diag, rows, cols = np.diag(m), m.sum(1), m.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = diag / (rows + cols - diag)
+    iou[rows == 0] = np.nan
+    return iou
+
+
+def mean_iou(matrix: np.ndarray) -> float:
+    iou = iou_per_class(matrix)
+    present = ~np.isnan(iou)
+    return float(iou[present].mean()) if present.any() else math.nan
+
+
+def fw_iou(matrix: np.ndarray) -> float:
+    m = np.asarray(matrix, dtype=np.float64)
+    total = m.sum()
+    if total == 0:
+        return math.nan
+    iou = iou_per_class(m)
+    freq = m.sum(1) / total
+    present = freq > 0
+    return float((freq[present] * iou[present]).sum())
+
+
+def pixel_accuracy(matrix: np.ndarray) -> float:
+    m = np.asarray(matrix, dtype=np.float64)
+    total = m.sum()
+    return float(np.diag(m).sum() / total) if total else math.nan
+
+
+@dataclass
+class ConfusionMatrix:
+    """Accumulates the confusion matrix over frames; ``+`` merges two accumulators."""
+
+    num_classes: int
+    matrix: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.matrix is None:
+            self.matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        self.matrix += confusion(pred, gt, self.num_classes)
+
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot merge {other.num_classes}-class and {self.num_classes}-class matrices")
+        self.matrix += other.matrix
+        return self
+
+    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        return ConfusionMatrix(self.num_classes, self.matrix.copy()).merge(other)
+
+
+@dataclass
+class VideoConsistency:
+    """Streaming VC_n for several window sizes, one frame at a time, in constant memory.
+
+    Per pixel it keeps how many consecutive frames, up to the current one, the raw ground truth
+    (and the prediction) has kept its value: a window of ``n`` frames ending here is constant
+    exactly when that run is at least ``n``.
+    """
+
+    windows: tuple[int, ...] = (8, 16)
+    accs: dict[int, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for n in self.windows:
+            self.accs.setdefault(n, [])
+        self._reset_video()
+
+    def _reset_video(self) -> None:
+        self._t = 0  # frames of the current video seen so far
+        self._prev: tuple[np.ndarray, np.ndarray] | None = None
+        self._runs: tuple[np.ndarray, np.ndarray] | None = None
+        self._pending: dict[int, list[float]] = {n: [] for n in self.windows}
+
+    def update(self, raw_gt: np.ndarray, pred: np.ndarray) -> None:
+        """Add the next frame of the current video (raw mask values and predicted ids)."""
+        if self._prev is None:
+            self._runs = (np.ones(raw_gt.shape, np.int32), np.ones(raw_gt.shape, np.int32))
+        else:
+            prev_gt, prev_pred = self._prev
+            if prev_gt.shape != raw_gt.shape or pred.shape != raw_gt.shape:
+                raise ValueError("frames and predictions of one video must share one size")
+            run_gt, run_pred = self._runs
+            self._runs = (np.where(raw_gt == prev_gt, run_gt + 1, 1),
+                          np.where(pred == prev_pred, run_pred + 1, 1))
+        self._prev = (raw_gt, pred)
+        self._t += 1
+        run_gt, run_pred = self._runs
+        for n in self.windows:
+            if self._t < n:  # no window of n frames ends here yet
+                continue
+            gt_const = run_gt >= n
+            den = int(gt_const.sum())
+            num = int((gt_const & (run_pred >= n)).sum())
+            self._pending[n].append(num / den if den else math.nan)
+
+    def end_video(self) -> None:
+        """Close the current video: its last window is dropped as in ``range(len(frames) - n)``."""
+        for n in self.windows:
+            self.accs[n].extend(self._pending[n][:-1])
+        self._reset_video()
+
+    def add_video(self, raw_gts: Iterable[np.ndarray], preds: Iterable[np.ndarray]) -> None:
+        for g, p in zip(raw_gts, preds):
+            self.update(g, p)
+        self.end_video()
+
+    def merge(self, other: VideoConsistency) -> VideoConsistency:
+        for n in self.windows:
+            self.accs[n].extend(other.accs.get(n, []))
+        return self
+
+    def value(self, n: int) -> float:
+        vals = np.asarray(self.accs[n], dtype=np.float64)
+        vals = vals[~np.isnan(vals)]
+        return float(vals.mean()) if vals.size else math.nan
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def summarize(matrix: np.ndarray, class_names: Sequence[str],
+              vc: VideoConsistency | None = None) -> dict:
+    """The report every stage logs: ``miou, fwiou, pixel_acc, vc8, vc16`` (fractions in [0, 1],
+    None when undefined) and ``per_class_iou`` (name -> IoU, None when absent from the GT)."""
+    iou = iou_per_class(matrix)
+    return {
+        "miou": _none_if_nan(mean_iou(matrix)),
+        "fwiou": _none_if_nan(fw_iou(matrix)),
+        "pixel_acc": _none_if_nan(pixel_accuracy(matrix)),
+        "vc8": _none_if_nan(vc.value(8)) if vc and 8 in vc.windows else None,
+        "vc16": _none_if_nan(vc.value(16)) if vc and 16 in vc.windows else None,
+        "per_class_iou": {name: _none_if_nan(float(v)) for name, v in zip(class_names, iou)},
+    }
