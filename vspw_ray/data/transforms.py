@@ -103,7 +103,7 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 def normalize(img: np.ndarray, mean, std) -> torch.Tensor:
     """``[H, W, 3]`` uint8 -> ``[3, H, W]`` float32 ``(img - mean) / std``."""
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+    t = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (t - mean_t) / std_t
@@ -130,5 +130,5 @@ def train_transform(img, mask, rng: np.random.Generator, *, crop_size, ratio_ran
     if photometric:
         img = photometric_distortion(img, rng)
     image = normalize(img, mean, std)
-    target = torch.from_numpy(np.ascontiguousarray(mask)).long()
+    target = torch.from_numpy(np.array(mask, dtype=np.int64))
     return pad_to(image, target, crop_size)

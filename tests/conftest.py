@@ -1,0 +1,43 @@
+"""Shared fixtures: the real CamVid clip set beside the clone, and a synthetic dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vspw_ray.data.synth import SynthSpec, synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+CAMVID = REPO.parent / "shared" / "data" / "camvid"
+
+
+@pytest.fixture(scope="session")
+def camvid_root() -> Path:
+    """``../shared/data/camvid``: skipped when absent, except under CI=true where that fails."""
+    if not (CAMVID / "label_num_dic_final.json").is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"real-image test data {CAMVID} is missing in CI: shared/ must lie "
+                        f"beside the clone")
+        pytest.skip(f"real-image test data {CAMVID} is absent (it lies beside the clone in CI)")
+    return CAMVID
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic VSPW-layout dataset, shared read-only by the session's tests."""
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, SynthSpec(videos=8, frames=12, classes=6, height=64, width=80, seed=3),
+               processes=1)
+    return root
+
+
+@pytest.fixture()
+def synth_copy(tmp_path, synth_root) -> Path:
+    """A private copy of the synthetic dataset that a test may break."""
+    import shutil
+
+    dst = tmp_path / "synth"
+    shutil.copytree(synth_root, dst)
+    return dst
