@@ -1,0 +1,1 @@
+"""Training: plain loop functions (``loop``); the Ray Train shell builds on them."""

@@ -1,0 +1,139 @@
+"""The training loop as plain functions, every dependency passed in (torchvision-references
+style): optimizer and schedule construction, ``train_steps`` and ``evaluate_model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from vspw_ray.config import TrainConfig
+from vspw_ray.metrics import ConfusionMatrix, VideoConsistency
+
+__all__ = [
+    "param_groups",
+    "build_optimizer",
+    "lr_factor",
+    "build_scheduler",
+    "autocast_context",
+    "train_steps",
+    "evaluate_model",
+]
+
+# Parameters that get no weight decay besides biases and norm weights (all 1-D tensors).
+_NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "log_scale")
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float,
+                 backbone_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay on norms, biases and position-bias tables; the backbone's
+    learning rate multiplied by ``backbone_lr_mult``."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or any(k in name for k in _NO_DECAY_NAMES)
+        backbone = ".backbone." in f".{name}" or name.startswith("backbone.")
+        groups.setdefault((backbone, no_decay), []).append(p)
+    return [{"params": ps, "lr": lr * (backbone_lr_mult if bb else 1.0),
+             "weight_decay": 0.0 if nd else weight_decay, "name": f"{'backbone' if bb else 'head'}"
+             f"{'_no_decay' if nd else ''}"} for (bb, nd), ps in sorted(groups.items())]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          backbone_lr_mult=cfg.backbone_lr_mult),
+                             lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def lr_factor(it: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at iteration ``it``: poly decay to ``min_lr`` with a linear
+    warmup from ``warmup_ratio`` over the first ``warmup_iters`` (mmseg's schedule)."""
+    poly = (1 - min(it, cfg.iters) / cfg.iters) ** cfg.poly_power
+    factor = (1 - cfg.min_lr / cfg.lr) * poly + cfg.min_lr / cfg.lr
+    if it < cfg.warmup_iters:
+        k = (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+        factor *= 1 - k
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+
+
+def autocast_context(device: torch.device, amp: str):
+    """bf16 where the GPU supports it, fp16 otherwise (with a GradScaler), fp32 on CPU."""
+    if device.type != "cuda" or amp == "fp32":
+        return contextlib.nullcontext(), None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterator,
+                steps: int, *, device: torch.device, autocast=None, scaler=None,
+                grad_clip: float | None = None,
+                on_step: Callable[[int, dict[str, float], float], None] | None = None) -> dict:
+    """Run ``steps`` optimisation steps on batches ``{"image", "mask"}`` from ``batches``.
+
+    ``on_step(step_index, loss_terms, seconds)`` is called after each step. Returns the last
+    step's loss terms (floats).
+    """
+    model.train()
+    autocast = autocast or contextlib.nullcontext()
+    terms: dict[str, float] = {}
+    for i in range(steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True)
+        targets = batch["mask"].to(device, non_blocking=True)
+        with autocast:
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        terms = {k: float(v.detach()) for k, v in losses.items()}
+        terms["loss"] = float(loss.detach())
+        if on_step:
+            on_step(i, terms, time.perf_counter() - start)
+    return terms
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, items: Iterable[dict], num_classes: int, *,
+                   device: torch.device, autocast=None) -> tuple[ConfusionMatrix, VideoConsistency]:
+    """Official metrics of ``model.predict`` over whole frames from :class:`EvalDataset` items
+    (batch size 1, in video order)."""
+    model.eval()
+    autocast = autocast or contextlib.nullcontext()
+    cm, vc = ConfusionMatrix(num_classes), VideoConsistency((8, 16))
+    current = None
+    for item in items:
+        if current is not None and item["video"] != current:
+            vc.end_video()
+        current = item["video"]
+        with autocast:
+            probs = model.predict(item["image"].unsqueeze(0).to(device))
+        pred = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        cm.update(pred, item["mask"].numpy())
+        vc.update(item["raw_mask"].numpy(), pred)
+    if current is not None:
+        vc.end_video()
+    return cm, vc
