@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from tests.test_metrics import official_miou, official_vc
-from vspw_ray.data import DataError, label_lut, load_class_table, read_raw_mask, read_split, split_frames
+from vspw_ray.data import (
+    DataError,
+    label_lut,
+    load_class_table,
+    read_raw_mask,
+    read_split,
+    split_frames,
+)
 from vspw_ray.data.layout import reduce_mask
 from vspw_ray.evaluate import evaluate_predictions
 

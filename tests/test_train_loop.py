@@ -9,7 +9,13 @@ from vspw_ray.config import TrainConfig, config_from_dict
 from vspw_ray.data import label_lut, read_image, read_mask, split_frames
 from vspw_ray.data.transforms import normalize
 from vspw_ray.models import build_model
-from vspw_ray.train.loop import build_optimizer, build_scheduler, lr_factor, param_groups, train_steps
+from vspw_ray.train.loop import (
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    param_groups,
+    train_steps,
+)
 
 TINY = {"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8]}
 

@@ -16,12 +16,10 @@ from PIL import Image
 from vspw_ray.data.layout import (
     DataError,
     fold_videos,
-    label_lut,
     list_frames,
     load_class_table,
     read_raw_mask,
     read_split,
-    reduce_mask,
 )
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
 from vspw_ray.parallel import map_videos
@@ -49,14 +47,13 @@ def read_prediction(path: Path, video: str, frame: str, shape: tuple[int, int]) 
 
 
 def _evaluate_video(root: str, video: str, pred_dir: str, num_classes: int):
-    lut = label_lut(num_classes)
     cm, vc = ConfusionMatrix(num_classes), VideoConsistency(VC_WINDOWS)
     for frame in list_frames(root, video, require_masks=True):
         raw = read_raw_mask(frame)
         pred = read_prediction(Path(pred_dir) / video / f"{frame.name}.png", video, frame.name,
                                raw.shape)
         try:
-            cm.update(pred, reduce_mask(raw, lut, frame))
+            cm.update(pred, raw, raw=True)
         except ValueError as err:
             raise DataError(f"prediction for video '{video}' frame '{frame.name}': {err}") from None
         vc.update(raw, pred)
