@@ -1,9 +1,11 @@
+import shutil
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
-from vspw_ray.data import read_split
+from vspw_ray.data import list_frames, read_split
 from vspw_ray.data.check import check_dataset
 
 
@@ -17,38 +19,48 @@ def test_camvid_is_clean(camvid_root):
     assert "clean" in result.stdout
 
 
-def test_every_problem_is_named(synth_copy):
-    root = synth_copy
+@pytest.fixture(params=["synth", "camvid"])
+def broken_copy(request, tmp_path):
+    """A private copy of the synthetic set or of ../shared/data/camvid to break on purpose."""
+    src = request.getfixturevalue("synth_root" if request.param == "synth" else "camvid_root")
+    dst = tmp_path / request.param
+    shutil.copytree(src, dst)
+    for p in dst.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)  # shared/ is read-only in CI
+    return dst
+
+
+def test_every_problem_is_named(broken_copy):
+    root = broken_copy
     train = read_split(root, "train")
     v_trunc, v_label, v_missing, v_size = train[:4]
+    f_trunc, f_label, f_missing, f_size = (list_frames(root, v)[1] for v in train[:4])
     # truncated JPEG
-    jpg = root / "data" / v_trunc / "origin" / "00000003.jpg"
+    jpg = f_trunc.image
     jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
     # a mask containing label 200
-    png = root / "data" / v_label / "mask" / "00000005.png"
-    im = Image.open(png)
+    im = Image.open(f_label.mask)
     im.putpixel((3, 3), 200)
-    im.save(png)
+    im.save(f_label.mask)
     # a missing mask
-    (root / "data" / v_missing / "mask" / "00000007.png").unlink()
+    f_missing.mask.unlink()
     # a mask of the wrong size
-    png = root / "data" / v_size / "mask" / "00000002.png"
-    Image.open(png).resize((40, 32)).save(png)
+    Image.open(f_size.mask).resize((40, 32), Image.NEAREST).save(f_size.mask)
     # a split naming a missing video
     with open(root / "val.txt", "a") as f:
         f.write("no_such_video\n")
 
     problems = [str(p) for p in check_dataset(root)]
-    assert any(p.startswith(f"{v_trunc}/00000003:") and "cannot be decoded" in p for p in problems)
-    assert any(p.startswith(f"{v_label}/00000005:") and "[200]" in p for p in problems)
-    assert any(p.startswith(f"{v_missing}/00000007:") and "missing" in p for p in problems)
-    assert any(p.startswith(f"{v_size}/00000002:") and "40x32" in p for p in problems)
+    assert any(p.startswith(f"{v_trunc}/{f_trunc.name}:") and "cannot be decoded" in p for p in problems)
+    assert any(p.startswith(f"{v_label}/{f_label.name}:") and "[200]" in p for p in problems)
+    assert any(p.startswith(f"{v_missing}/{f_missing.name}:") and "missing" in p for p in problems)
+    assert any(p.startswith(f"{v_size}/{f_size.name}:") and "40x32" in p for p in problems)
     assert any(p.startswith("no_such_video:") and "val.txt" in p for p in problems)
     assert len(problems) == 5, problems
 
     result = _vspw("data", "check", str(root), "--split", "train")
     assert result.returncode == 1
-    assert f"ERROR {v_trunc}/00000003" in result.stdout and "no_such_video" not in result.stdout
+    assert f"ERROR {v_trunc}/{f_trunc.name}" in result.stdout and "no_such_video" not in result.stdout
 
 
 def test_empty_video_and_orphan_mask(synth_copy):
