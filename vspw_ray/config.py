@@ -481,9 +481,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, Mapping), key, f"must be a mapping of {tp.__name__} fields")
         return _build(tp, value, key)
     if origin is tuple:
-        if tp is not tuple and args and args[-1] is not Ellipsis and len(args) == 2 and args[0] is int \
-                and isinstance(value, int) and not isinstance(value, bool):
-            return (value, value)  # (h, w) given as one int
+        if args == (int, int) and isinstance(value, int) and not isinstance(value, bool):
+            return (value, value)  # a size (h, w) given as one int: a square
         _check(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
         if args and args[-1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))

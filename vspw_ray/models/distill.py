@@ -60,6 +60,3 @@ class SelfDistillation(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.student.predict(images)
-
-    def state_dict_for_inference(self):
-        return self.student.state_dict()
