@@ -38,15 +38,8 @@ def _build_upernet(cfg: ExperimentConfig, num_classes: int, prior) -> nn.Module:
                        ohem=(ohem.thresh, ohem.min_kept) if ohem.enabled else None)
 
 
-def _build_maskformer(cfg: ExperimentConfig, num_classes: int, prior) -> nn.Module:
-    from vspw_ray.models.maskformer import build_maskformer
-
-    return build_maskformer(cfg, num_classes, prior, build_backbone(cfg))
-
-
 MODEL_BUILDERS: dict[str, Callable[[ExperimentConfig, int, object], nn.Module]] = {
     "upernet": _build_upernet,
-    "maskformer": _build_maskformer,
 }
 
 
@@ -58,6 +51,9 @@ def build_model(cfg: ExperimentConfig, num_classes: int,
     is on. Self-distillation wraps the model with its frozen teacher; ``model.sync_bn`` converts
     BatchNorm to SyncBatchNorm for multi-GPU training.
     """
+    if cfg.model.family not in MODEL_BUILDERS:
+        raise ValueError(f"model.family '{cfg.model.family}' cannot be built by this version "
+                         f"(available: {sorted(MODEL_BUILDERS)})")
     if cfg.loss.logit_adjust.enabled and prior is None:
         raise ValueError("loss.logit_adjust.enabled needs a class prior: set "
                          "loss.logit_adjust.prior to a class_prior.json from `vspw-ray data stats`")
