@@ -22,8 +22,14 @@ def test_every_experiment_loads_and_round_trips(path):
     cfg = load_config(path)
     again = config_from_dict(yaml.safe_load(dump_yaml(cfg)))
     assert again == cfg
-    # complete: the file names every key of every section (no hidden defaults)
-    assert yaml.safe_load(dump_yaml(cfg)).keys() == yaml.safe_load(path.read_text()).keys()
+    # complete: the file names every key of every section, nested ones included (no hidden defaults)
+    assert _keys(yaml.safe_load(dump_yaml(cfg))) == _keys(yaml.safe_load(path.read_text()))
+
+
+def _keys(node, prefix=""):
+    if not isinstance(node, dict) or prefix.startswith(("tune.space.", "variants")):
+        return {prefix}
+    return {k for key, value in node.items() for k in _keys(value, f"{prefix}{key}.")}
 
 
 def test_overrides_are_parsed_as_yaml_and_applied():

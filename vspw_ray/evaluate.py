@@ -15,6 +15,7 @@ from PIL import Image
 
 from vspw_ray.data.layout import (
     DataError,
+    Frame,
     fold_videos,
     list_frames,
     load_class_table,
@@ -46,9 +47,10 @@ def read_prediction(path: Path, video: str, frame: str, shape: tuple[int, int]) 
     return pred
 
 
-def _evaluate_video(root: str, video: str, pred_dir: str, num_classes: int):
+def _evaluate_video(frames: list[Frame], pred_dir: str, num_classes: int):
     cm, vc = ConfusionMatrix(num_classes), VideoConsistency(VC_WINDOWS)
-    for frame in list_frames(root, video, require_masks=True):
+    for frame in frames:
+        video = frame.video
         raw = read_raw_mask(frame)
         pred = read_prediction(Path(pred_dir) / video / f"{frame.name}.png", video, frame.name,
                                raw.shape)
@@ -75,22 +77,19 @@ def evaluate_predictions(pred_dir: str | Path, root: str | Path, split: str, *,
     table = load_class_table(root)
     videos = fold_videos(read_split(root, split), fold, fold_seed)
     # report every missing prediction up front instead of failing halfway through
-    missing, frames = [], 0
-    for video in videos:
-        for frame in list_frames(root, video, require_masks=True):
-            frames += 1
-            if not (pred_dir / video / f"{frame.name}.png").is_file():
-                missing.append(f"{video}/{frame.name}.png")
+    by_video = [list_frames(root, video, require_masks=True) for video in videos]
+    missing = [f"{f.video}/{f.name}.png" for frames in by_video for f in frames
+               if not (pred_dir / f.video / f"{f.name}.png").is_file()]
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise DataError(f"{len(missing)} prediction frames are missing under {pred_dir}: {shown}")
     cm, vc = ConfusionMatrix(table.num_classes), VideoConsistency(VC_WINDOWS)
-    jobs = [(str(root), v, str(pred_dir), table.num_classes) for v in videos]
+    jobs = [(frames, str(pred_dir), table.num_classes) for frames in by_video]
     for matrix, accs in map_videos(_evaluate_video, jobs, processes=processes, progress=progress):
         cm.matrix += matrix
         vc.merge(VideoConsistency(VC_WINDOWS, accs))
     report = summarize(cm.matrix, table.names, vc)
-    report.update(frames=frames, videos=len(videos), split=split, fold=fold or "all",
+    report.update(frames=sum(map(len, by_video)), videos=len(videos), split=split, fold=fold or "all",
                   confusion=cm.matrix.tolist())
     return report
 

@@ -22,6 +22,7 @@ from vspw_ray.config import DataConfig
 from vspw_ray.data.layout import (
     DataError,
     Frame,
+    check_same_size,
     label_lut,
     read_image,
     read_mask,
@@ -95,9 +96,7 @@ class TrainDataset(Dataset):
             frame = self.frames[(index + attempt) % len(self.frames)]
             try:
                 img, mask = read_image(frame), read_mask(frame, self.lut)
-                if img.shape[:2] != mask.shape:
-                    raise DataError(f"video '{frame.video}' frame '{frame.name}': image "
-                                    f"{img.shape[:2]} and mask {mask.shape} differ in size")
+                check_same_size(frame, img, mask)
                 break
             except DataError as err:
                 if not self.cfg.skip_bad_frames:
@@ -134,9 +133,7 @@ class EvalDataset(Dataset):
                "frame": frame.name, "index": index}
         if frame.mask is not None:
             raw = read_raw_mask(frame)
-            if raw.shape != img.shape[:2]:
-                raise DataError(f"video '{frame.video}' frame '{frame.name}': image "
-                                f"{img.shape[:2]} and mask {raw.shape} differ in size")
+            check_same_size(frame, img, raw)
             out["mask"] = torch.from_numpy(reduce_mask(raw, self.lut, frame)).long()
             out["raw_mask"] = torch.from_numpy(raw.copy())
         return out

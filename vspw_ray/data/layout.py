@@ -41,6 +41,7 @@ __all__ = [
     "read_raw_mask",
     "reduce_mask",
     "read_mask",
+    "check_same_size",
 ]
 
 
@@ -207,6 +208,13 @@ def reduce_mask(raw: np.ndarray, lut: np.ndarray, frame: Frame | None = None) ->
         raise DataError(f"{where}mask holds label values {bad.tolist()[:10]} outside the class "
                         f"table (valid: 0..{num_classes} and 255)")
     return reduced.astype(np.uint8)
+
+
+def check_same_size(frame: Frame, image: np.ndarray, mask: np.ndarray) -> None:
+    """A frame and its mask must have one size; a DataError naming the frame otherwise."""
+    if image.shape[:2] != mask.shape[:2]:
+        raise DataError(f"video '{frame.video}' frame '{frame.name}': image {image.shape[:2]} "
+                        f"and mask {mask.shape[:2]} differ in size")
 
 
 def read_mask(frame: Frame, lut: np.ndarray) -> np.ndarray:
