@@ -123,3 +123,13 @@ def test_vc_nan_windows_dropped_and_merge():
 def test_out_of_range_prediction_is_an_error():
     with pytest.raises(ValueError, match=r"\[9\]"):
         confusion(np.array([9]), np.array([0]), 3)
+
+
+def test_raw_ground_truth_rows_and_out_of_table_ids():
+    raw = np.array([[0, 1, 2, 255, 3]], np.uint8)  # raw ids: 0 and 255 ignored, 1..3 classes
+    pred = np.array([[2, 0, 1, 7, 2]], np.uint8)  # 7 sits under void: does not count
+    assert confusion(pred, raw, 3, raw=True).tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    with pytest.raises(ValueError, match=r"ids \[4\] outside the class table"):
+        confusion(np.zeros((1, 2), np.uint8), np.array([[1, 4]], np.uint8), 3, raw=True)
+    with pytest.raises(ValueError, match=r"ids \[3\] outside the class table"):
+        confusion(np.zeros((1, 2), np.uint8), np.array([[0, 3]], np.uint8), 3)
