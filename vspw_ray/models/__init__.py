@@ -38,8 +38,15 @@ def _build_upernet(cfg: ExperimentConfig, num_classes: int, prior) -> nn.Module:
                        ohem=(ohem.thresh, ohem.min_kept) if ohem.enabled else None)
 
 
+def _build_maskformer(cfg: ExperimentConfig, num_classes: int, prior) -> nn.Module:
+    from vspw_ray.models.maskformer import build_maskformer
+
+    return build_maskformer(cfg, num_classes, prior, build_backbone(cfg))
+
+
 MODEL_BUILDERS: dict[str, Callable[[ExperimentConfig, int, object], nn.Module]] = {
     "upernet": _build_upernet,
+    "maskformer": _build_maskformer,
 }
 
 
