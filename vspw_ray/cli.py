@@ -90,6 +90,22 @@ def _cmd_config_show(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from vspw_ray.config import load_config
+    from vspw_ray.train.driver import train_variant
+
+    cfg = load_config(args.experiment, args.overrides)
+    out = train_variant(cfg, args.variant, address=args.address, track=not args.no_track,
+                        torch_threads=args.torch_threads)
+    shown = {k: round(v, 4) for k, v in out.metrics.items()
+             if k.split("/")[-1] in ("miou", "fwiou", "vc8", "vc16") and isinstance(v, float)}
+    print(f"variant {out.variant_id} done: {shown}")
+    print(f"best checkpoint: {out.best_checkpoint}\nlatest checkpoint: {out.latest_checkpoint}")
+    if out.run_id:
+        print(f"MLflow run: {out.run_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vspw-ray",
@@ -128,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON here")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("train", help="train one variant on Ray Train (resumes when re-run)")
+    p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--variant", help="variant name or variant_id (required when several exist)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=_cmd_train)
+
     cfg = sub.add_parser("config", help="show an experiment's resolved config")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     p = csub.add_parser("show", help="print the resolved YAML and variant ids")
@@ -142,7 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     from vspw_ray.config import ConfigError
     from vspw_ray.data.layout import DataError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may follow options (`train EXP.yaml --variant v train.lr=1e-4`): argparse leaves
+    # such late positionals over, so collect the key=value ones for commands that take them
+    args, extra = parser.parse_known_args(argv)
+    late = [e for e in extra if "=" in e and not e.startswith("-")]
+    if len(late) != len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in late) or ' '.join(late)}")
+    if late:
+        args.overrides = list(args.overrides) + late
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, FileNotFoundError) as err:

@@ -1,0 +1,103 @@
+"""MLflow, and only here. The tracking URI defaults to a SQLite file in the storage folder
+(MLflow 3.17's file store refuses to run); on a cluster it must be a tracking server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["resolve_tracking_uri", "flatten", "open_run", "log_metrics", "log_artifact",
+           "find_run"]
+
+
+def resolve_tracking_uri(uri: str | None, storage_path: str) -> str:
+    if uri:
+        return uri
+    local = Path(storage_path).expanduser().resolve()
+    local.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{local / 'mlflow.db'}"
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"train.lr": "6e-05", ...}`` (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def _experiment_id(mlflow, name: str, storage_path: str) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = str(Path(storage_path).expanduser().resolve() / "mlartifacts") \
+        if "://" not in storage_path else f"{storage_path.rstrip('/')}/mlartifacts"
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def find_run(uri: str, experiment: str, tags: Mapping[str, str]) -> str | None:
+    """The newest unfinished run of ``experiment`` with these tags (to resume), or None."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=query, output_format="list",
+                              order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if run.info.status != "FINISHED":
+            return run.info.run_id
+    return None
+
+
+@contextlib.contextmanager
+def open_run(uri: str, experiment: str, storage_path: str, *, run_id: str | None = None,
+             run_name: str | None = None, tags: Mapping[str, str] | None = None,
+             params: Mapping[str, str] | None = None, end_status: str = "FINISHED"):
+    """Start (or resume, with ``run_id``) an MLflow run; yields its id."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    mlflow.set_tracking_uri(uri)
+    exp_id = _experiment_id(mlflow, experiment, storage_path)
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
+                           run_name=run_name, tags=dict(tags or {}))
+    try:
+        if params and not run_id:
+            items = list(params.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i : i + 100]))
+        yield run.info.run_id
+    except BaseException:
+        mlflow.end_run("KILLED")
+        raise
+    else:
+        mlflow.end_run(end_status)
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                      if v is not None])
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).log_artifact(run_id, str(path), artifact_path)

@@ -1,0 +1,151 @@
+"""The driver side of `vspw-ray train`: connect to Ray, open the MLflow run, run TorchTrainer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from vspw_ray.config import ExperimentConfig, dump_yaml, resolve_variant, to_dict, variant_id
+from vspw_ray.data import load_class_table, split_frames
+from vspw_ray.data.stats import load_prior
+from vspw_ray.storage import check_cluster_settings, resolve_storage
+
+__all__ = ["TrainResult", "train_variant", "connect_ray"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    variant_id: str
+    metrics: dict
+    best_checkpoint: str | None
+    latest_checkpoint: str | None
+    run_id: str | None
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` (or RAY_ADDRESS), or start a local Ray instance with
+    enough logical CPUs for a driver plus the workers on a small machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
+
+
+def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Workers run in other folders: make the user's relative paths absolute here."""
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
+
+    la, distill = cfg.loss.logit_adjust, cfg.loss.distill
+    return replace(
+        cfg,
+        data=replace(cfg.data, root=absolute(cfg.data.root)),
+        model=replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
+        loss=replace(cfg.loss, logit_adjust=replace(la, prior=absolute(la.prior)),
+                     distill=replace(distill, teacher=absolute(distill.teacher))),
+    )
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
+                  address: str | None = None, track: bool = True,
+                  torch_threads: int = 1) -> TrainResult:
+    """Train one variant of ``cfg`` to ``train.iters`` (resuming when its run exists)."""
+    from vspw_ray import tracking
+
+    resolved = resolve_variant(cfg, variant)
+    vid = variant_id(resolved)
+    check_cluster_settings(resolved, address or os.environ.get("RAY_ADDRESS"))
+    resolved = _absolute_paths(resolved)
+    # fail here, in seconds, rather than in every worker after each restart
+    table = load_class_table(resolved.data.root)
+    for split in (resolved.data.train_split, resolved.data.val_split):
+        split_frames(resolved.data.root, split)
+    if resolved.loss.logit_adjust.enabled and resolved.loss.logit_adjust.prior:
+        load_prior(resolved.loss.logit_adjust.prior, table.names)
+    storage = resolve_storage(resolved.storage.path)
+    connect_ray(address)
+
+    uri = tracking.resolve_tracking_uri(resolved.tracking.uri, storage)
+    experiment = resolved.tracking.experiment or cfg.name
+    tags = {"variant_id": vid, "stage": "train"}
+    run_id = tracking.find_run(uri, experiment, tags) if track else None
+    family = resolved.model.family
+    if not track:
+        return _result(vid, _trainer(resolved, vid, uri, None, torch_threads, storage).fit(), None)
+    with tracking.open_run(uri, experiment, storage, run_id=run_id, run_name=vid,
+                           tags={**tags, "family": family, "variant": variant or "base",
+                                 "seed": str(resolved.seed), "git_commit": _git_commit()},
+                           params=tracking.flatten(to_dict(resolved))) as rid:
+        out = _result(vid, _trainer(resolved, vid, uri, rid, torch_threads, storage).fit(), rid)
+        _log_summary(uri, rid, resolved, out, storage)
+    return out
+
+
+def _trainer(cfg: ExperimentConfig, vid: str, uri: str, run_id: str | None, torch_threads: int,
+             storage: str):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from vspw_ray.train.ray_train import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": to_dict(cfg), "variant_id": vid, "tracking_uri": uri,
+                           "run_id": run_id, "torch_threads": torch_threads},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker=dict(cfg.train.resources_per_worker) or None),
+        run_config=ray.train.RunConfig(
+            name=vid, storage_path=f"{storage.rstrip('/')}/train",
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_A/miou",
+                checkpoint_score_order="max"),
+        ),
+    )
+
+
+def _result(vid: str, result, run_id: str | None) -> TrainResult:
+    if result.error:
+        raise result.error
+    best = result.get_best_checkpoint("val_A/miou", "max") if result.best_checkpoints else None
+    return TrainResult(vid, dict(result.metrics or {}), best.path if best else None,
+                       result.checkpoint.path if result.checkpoint else None, run_id)
+
+
+def _log_summary(uri: str, run_id: str, cfg: ExperimentConfig, out: TrainResult,
+                 storage: str) -> None:
+    """Artifacts: the resolved YAML, the per-class IoU chart and the checkpoint locations."""
+    import tempfile
+
+    from vspw_ray import tracking
+    from vspw_ray.plots import per_class_iou_chart
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg_path = Path(d) / "config.yaml"
+        cfg_path.write_text(dump_yaml(cfg))
+        tracking.log_artifact(uri, run_id, cfg_path)
+        ious = {k.split("/iou/", 1)[1]: v for k, v in out.metrics.items() if k.startswith("val_A/iou/")}
+        if ious:
+            chart = Path(d) / "per_class_iou_val_A.png"
+            per_class_iou_chart(ious, chart, title=f"{out.variant_id}: per-class IoU, val fold A")
+            tracking.log_artifact(uri, run_id, chart)
+        loc = Path(d) / "checkpoints.txt"
+        loc.write_text(f"best: {out.best_checkpoint}\nlatest: {out.latest_checkpoint}\n"
+                       f"storage: {storage}\n")
+        tracking.log_artifact(uri, run_id, loc)
