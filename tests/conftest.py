@@ -41,3 +41,15 @@ def synth_copy(tmp_path, synth_root) -> Path:
     dst = tmp_path / "synth"
     shutil.copytree(synth_root, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session, with more logical CPUs than this 2-core machine
+    has, so a driver plus two Train workers fit."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, log_to_driver=False)
+    yield ray
+    ray.shutdown()

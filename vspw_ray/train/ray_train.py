@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,18 @@ def validate(model, cfg: ExperimentConfig, root: str, num_classes: int, class_na
     return metrics
 
 
+def weight_spread(model: torch.nn.Module, world: int) -> float:
+    """Largest difference between workers of per-tensor weight checksums (sum and sum of
+    squares, float64): 0 when DDP keeps every replica identical, as it must."""
+    if world <= 1:
+        return 0.0
+    params = [p.detach().double() for p in _unwrap(model).parameters()]
+    sums = torch.stack([torch.stack([p.sum(), (p * p).sum()]) for p in params]).flatten()
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    torch.distributed.all_gather(gathered, sums)
+    return max(float((g - gathered[0]).abs().max()) for g in gathered)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker. ``config``: ``experiment`` (resolved config dict), ``variant_id``,
     ``tracking_uri``, ``run_id`` (MLflow run rank 0 logs to)."""
@@ -121,6 +134,8 @@ def train_loop_per_worker(config: dict) -> None:
         prior = load_prior(cfg.loss.logit_adjust.prior, table.names) \
             if cfg.loss.logit_adjust.prior else None
 
+    if device.type == "cuda" and world > 1:  # SyncBatchNorm runs on GPUs only
+        cfg = replace(cfg, model=replace(cfg.model, sync_bn=True))
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     model = build_model(cfg, table.num_classes, prior)
     model = ray.train.torch.prepare_model(model)
@@ -184,6 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = validate(model, cfg, root, table.num_classes, table.names, device, rank,
                                world)
             metrics["iteration"] = done
+            metrics["ddp/weight_spread"] = weight_spread(model, world)
             if rank == 0 and config.get("run_id"):
                 tracking.log_metrics(config["tracking_uri"], config["run_id"],
                                      {k: v for k, v in metrics.items() if k != "iteration"}, done)

@@ -1,0 +1,91 @@
+"""Ray Train: DDP, resume equality, MLflow contents, cluster settings (CPU, local Ray)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vspw_ray.config import ConfigError, load_config
+from vspw_ray.storage import check_cluster_settings
+from vspw_ray.train.driver import train_variant
+from vspw_ray.train.ray_train import CHECKPOINT_FILE, load_training_state
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "tiny_synth.yaml"
+
+
+def _overrides(root, storage, iters=12, workers=1):
+    return [f"data.root={root}", f"storage.path={storage}", f"train.iters={iters}",
+            "train.val_interval=4", "train.log_interval=2", f"train.num_workers={workers}",
+            f"train.batch_size={2 * workers}", "train.warmup_iters=2", "data.loader_workers=0",
+            "data.crop_size=[64,64]", "train.max_failures=0"]
+
+
+def _final_weights(storage):
+    ckpts = sorted(Path(storage).glob(f"train/*/checkpoint_*/{CHECKPOINT_FILE}"))
+    states = [load_training_state(p) for p in ckpts]
+    return max(states, key=lambda s: s["iteration"])
+
+
+def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_local, synth_root, tmp_path):
+    import mlflow
+
+    cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path / "runs", iters=16, workers=2))
+    out = train_variant(cfg, "crop64")
+    assert out.metrics["iteration"] == 16
+    assert out.metrics["ddp/weight_spread"] == 0.0  # both workers hold identical weights
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["variant_id"] == out.variant_id and run.data.tags["family"] == "upernet"
+    assert run.data.params["train.num_workers"] == "2" and run.data.params["data.crop_size"] == "[64, 64]"
+    loss = [m.value for m in client.get_metric_history(out.run_id, "train/loss")]
+    assert len(loss) == 8 and min(loss[-2:]) < loss[0]  # one point per log interval; it learns
+    assert [m.step for m in client.get_metric_history(out.run_id, "val_B/miou")] == [4, 8, 12, 16]
+    artifacts = {a.path for a in client.list_artifacts(out.run_id)}
+    assert {"config.yaml", "per_class_iou_val_A.png", "checkpoints.txt"} <= artifacts
+    best = load_training_state(Path(out.best_checkpoint) / CHECKPOINT_FILE)
+    assert best["variant_id"] == out.variant_id
+
+
+def test_interrupted_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_path):
+    cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path / "straight"))
+    train_variant(cfg, "crop64", track=False)
+    straight = _final_weights(tmp_path / "straight")
+
+    storage = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "vspw_ray", "train", str(EXPERIMENT), "--variant", "crop64",
+           "--no-track", *_overrides(synth_root, storage)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not list(storage.glob(f"train/*/checkpoint_*/{CHECKPOINT_FILE}")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the kill"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-run
+    proc.wait()
+    killed_at = _final_weights(storage)["iteration"]
+    assert killed_at < 12
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = _final_weights(storage)
+    assert resumed["iteration"] == 12
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_cluster_run_with_node_local_settings_fails_up_front(tmp_path):
+    cfg = load_config(EXPERIMENT, [f"storage.path={tmp_path}"])
+    with pytest.raises(ConfigError, match="'storage.path'.*s3://"):
+        check_cluster_settings(cfg, "10.0.0.1:6379")
+    cfg = load_config(EXPERIMENT, ["storage.path=s3://bucket/runs"])
+    with pytest.raises(ConfigError, match="'tracking.uri'.*tracking server"):
+        check_cluster_settings(cfg, "10.0.0.1:6379")
+    ok = load_config(EXPERIMENT, ["storage.path=s3://bucket/runs", "tracking.uri=http://mlflow:5000"])
+    check_cluster_settings(ok, "10.0.0.1:6379")
+    check_cluster_settings(cfg, None)  # local runs keep the embedded defaults
