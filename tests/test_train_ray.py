@@ -89,3 +89,30 @@ def test_cluster_run_with_node_local_settings_fails_up_front(tmp_path):
     ok = load_config(EXPERIMENT, ["storage.path=s3://bucket/runs", "tracking.uri=http://mlflow:5000"])
     check_cluster_settings(ok, "10.0.0.1:6379")
     check_cluster_settings(cfg, None)  # local runs keep the embedded defaults
+
+
+def test_impossible_request_fails_fast_naming_the_resource(ray_local, synth_root, tmp_path):
+    cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path) + ["train.use_gpu=true"])
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"short of \['GPU'\].*train.use_gpu"):
+        train_variant(cfg, "crop64", track=False)
+    assert time.monotonic() - start < 30
+
+
+def test_cluster_yaml_node_types_make_a_request_feasible(ray_local, tmp_path):
+    from vspw_ray.train.resources import check_feasible
+
+    cfg = load_config(EXPERIMENT, ["train.use_gpu=true"])
+    with pytest.raises(ValueError, match="GPU"):
+        check_feasible(cfg)
+    check_feasible(cfg, cluster_yaml=Path(__file__).resolve().parents[1] / "cluster.yaml")
+
+
+def test_waiting_for_busy_resources_times_out_with_the_setting(ray_local, capsys):
+    from vspw_ray.train.resources import wait_for_resources
+
+    cfg = load_config(EXPERIMENT, ["train.num_workers=8", "train.batch_size=8",
+                                   "train.resource_wait_s=1.5"])
+    with pytest.raises(TimeoutError, match="train.resource_wait_s"):
+        wait_for_resources(cfg, poll_s=0.2)
+    assert "waiting for resources: 8 workers" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from vspw_ray.config import ExperimentConfig, dump_yaml, resolve_variant, to_dic
 from vspw_ray.data import load_class_table, split_frames
 from vspw_ray.data.stats import load_prior
 from vspw_ray.storage import check_cluster_settings, resolve_storage
+from vspw_ray.train.resources import check_feasible, wait_for_resources
 
 __all__ = ["TrainResult", "train_variant", "connect_ray"]
 
@@ -78,12 +80,16 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     if resolved.loss.logit_adjust.enabled and resolved.loss.logit_adjust.prior:
         load_prior(resolved.loss.logit_adjust.prior, table.names)
     storage = resolve_storage(resolved.storage.path)
-    connect_ray(address)
-
     uri = tracking.resolve_tracking_uri(resolved.tracking.uri, storage)
     experiment = resolved.tracking.experiment or cfg.name
     tags = {"variant_id": vid, "stage": "train"}
-    run_id = tracking.find_run(uri, experiment, tags) if track else None
+    # the first use of a SQLite store creates its tables (seconds): overlap it with Ray's start
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(tracking.find_run, uri, experiment, tags) if track else None
+        connect_ray(address)
+        run_id = pending.result() if pending else None
+    check_feasible(resolved)
+    wait_for_resources(resolved)
     family = resolved.model.family
     if not track:
         return _result(vid, _trainer(resolved, vid, uri, None, torch_threads, storage).fit(), None)
