@@ -1,6 +1,7 @@
 """Ray Train: DDP, resume equality, MLflow contents, cluster settings (CPU, local Ray)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,28 +54,33 @@ def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_
 
 
 def test_interrupted_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_path):
-    cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path / "straight"))
+    cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path / "straight", iters=16))
     train_variant(cfg, "crop64", track=False)
     straight = _final_weights(tmp_path / "straight")
 
     storage = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "vspw_ray", "train", str(EXPERIMENT), "--variant", "crop64",
-           "--no-track", *_overrides(synth_root, storage)]
+           "--no-track", *_overrides(synth_root, storage, iters=16)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 180
-    while not list(storage.glob(f"train/*/checkpoint_*/{CHECKPOINT_FILE}")):
+    # two checkpoints on disk: the first is surely registered with the controller by then
+    while len(list(storage.glob(f"train/*/checkpoint_*/{CHECKPOINT_FILE}"))) < 2:
         assert proc.poll() is None and time.time() < deadline, "no checkpoint before the kill"
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-run
     proc.wait()
     killed_at = _final_weights(storage)["iteration"]
-    assert killed_at < 12
+    assert killed_at < 16
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # resumes from the latest checkpoint Ray Train had registered (the newest one on disk may
+    # have been written but not yet registered when the driver died)
+    resumed_at = re.search(r"resuming at iteration (\d+)/16", rerun.stdout + rerun.stderr)
+    assert resumed_at and 4 <= int(resumed_at.group(1)) <= killed_at
     resumed = _final_weights(storage)
-    assert resumed["iteration"] == 12
+    assert resumed["iteration"] == 16
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
@@ -116,3 +122,54 @@ def test_waiting_for_busy_resources_times_out_with_the_setting(ray_local, capsys
     with pytest.raises(TimeoutError, match="train.resource_wait_s"):
         wait_for_resources(cfg, poll_s=0.2)
     assert "waiting for resources: 8 workers" in capsys.readouterr().err
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (read from /proc: no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_killed_worker_process_restarts_from_the_last_checkpoint(synth_root, tmp_path):
+    """SIGKILL the Ray Train worker mid-run; FailureConfig restarts the group from the latest
+    checkpoint and the run completes. Its own Ray, in a subprocess."""
+    storage = tmp_path / "runs"
+    overrides = [o for o in _overrides(synth_root, storage, iters=16) if not o.startswith("train.max_failures")]
+    cmd = [sys.executable, "-m", "vspw_ray", "train", str(EXPERIMENT), "--variant", "crop64",
+           "--no-track", *overrides, "train.max_failures=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while len(list(storage.glob(f"train/*/checkpoint_*/{CHECKPOINT_FILE}"))) < 2:
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint before the kill"
+            time.sleep(0.1)
+        workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _cmdline(p)]
+        assert workers, "no Ray Train worker process found"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "resuming at iteration" in output
+    assert _final_weights(storage)["iteration"] == 16
