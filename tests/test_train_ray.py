@@ -173,3 +173,52 @@ def test_killed_worker_process_restarts_from_the_last_checkpoint(synth_root, tmp
     assert proc.returncode == 0, output[-3000:]
     assert "resuming at iteration" in output
     assert _final_weights(storage)["iteration"] == 16
+
+
+NODE_LOSS_SCRIPT = r"""
+import sys, threading, time
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from vspw_ray.config import load_config
+from vspw_ray.train.driver import train_variant
+
+experiment, storage, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+node = cluster.add_node(num_cpus=2, resources={"trainer": 1})
+ray.init(address=cluster.address)
+cfg = load_config(experiment, overrides)
+result = {}
+thread = threading.Thread(target=lambda: result.update(
+    out=train_variant(cfg, "crop64", address=cluster.address, track=False)))
+thread.start()
+deadline = time.time() + 180
+while len(list(storage.glob("train/*/checkpoint_*/checkpoint.pt"))) < 2:
+    assert time.time() < deadline and thread.is_alive(), "no checkpoint before the node loss"
+    time.sleep(0.1)
+cluster.remove_node(node)  # the training node is lost, as a spot node would be
+print("NODE REMOVED", flush=True)
+cluster.add_node(num_cpus=2, resources={"trainer": 1})  # the autoscaler's replacement
+thread.join(300)
+print("FINAL", result["out"].metrics["iteration"], flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_lost_node_restarts_on_a_replacement(synth_root, tmp_path):
+    """A two-node local cluster (ray.cluster_utils, token auth as configured by Ray 2.60);
+    the node running the worker is removed mid-run; the run finishes on a new node."""
+    storage = tmp_path / "runs"
+    overrides = [o for o in _overrides(synth_root, storage, iters=16) if not o.startswith("train.max_failures")]
+    overrides += ["train.max_failures=3", "train.resources_per_worker={trainer: 1}"]
+    env = {**os.environ, "VSPW_RAY_SHARED_MOUNT": str(tmp_path)}  # one machine: tmp is shared
+    script = tmp_path / "node_loss.py"
+    script.write_text(NODE_LOSS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(EXPERIMENT), str(storage), *overrides],
+                          capture_output=True, text=True, timeout=420, env=env,
+                          start_new_session=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "NODE REMOVED" in output and "FINAL 16" in output
+    assert re.search(r"resuming at iteration \d+/16", output)

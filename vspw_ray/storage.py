@@ -31,8 +31,10 @@ def resolve_storage(path: str) -> str:
     return str(local)
 
 
-def check_cluster_settings(cfg: ExperimentConfig, address: str | None) -> None:
-    """With a cluster address, storage and tracking must be reachable from every node."""
+def check_cluster_settings(cfg: ExperimentConfig, address: str | None, *,
+                           track: bool = True) -> None:
+    """With a cluster address, storage (and tracking, when on) must be reachable from every
+    node."""
     if not address or address in ("local",):
         return
     path = cfg.storage.path
@@ -45,7 +47,7 @@ def check_cluster_settings(cfg: ExperimentConfig, address: str | None) -> None:
                 f"the cluster at {address}; set storage.path=s3://bucket/prefix (or gs://...), "
                 f"or a shared mount listed in {SHARED_MOUNT_ENV}")
     uri = cfg.tracking.uri
-    if uri is None or uri.startswith("sqlite:"):
+    if track and (uri is None or uri.startswith("sqlite:")):
         raise ConfigError(
             f"config key 'tracking.uri': {'unset (SQLite default)' if uri is None else uri} "
             f"cannot be shared by the cluster at {address}; set tracking.uri=http://HOST:5000 "

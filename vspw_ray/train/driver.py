@@ -71,7 +71,7 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
 
     resolved = resolve_variant(cfg, variant)
     vid = variant_id(resolved)
-    check_cluster_settings(resolved, address or os.environ.get("RAY_ADDRESS"))
+    check_cluster_settings(resolved, address or os.environ.get("RAY_ADDRESS"), track=track)
     resolved = _absolute_paths(resolved)
     # fail here, in seconds, rather than in every worker after each restart
     table = load_class_table(resolved.data.root)
