@@ -14,6 +14,7 @@ with the same weights as an uninterrupted one on the CPU.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import replace
@@ -32,6 +33,9 @@ __all__ = ["train_loop_per_worker", "validate", "save_training_state", "load_tra
            "CHECKPOINT_FILE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Progress goes through logging: Ray Train 2.60 patches print() in workers and, with a wrapped
+# stdout, shows each printed line twice; a log record reaches the driver console once.
+log = logging.getLogger("vspw_ray.train")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -155,8 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
             scaler.load_state_dict(state["scaler"])
         start = int(state["iteration"])
         if rank == 0:
-            print(f"[{config['variant_id']}] resuming at iteration {start}/{cfg.train.iters}",
-                  flush=True)
+            log.info("[%s] resuming at iteration %d/%d", config["variant_id"], start, cfg.train.iters)
 
     frames = split_frames(root, cfg.data.train_split)
     sampler = IterationSampler(len(frames), cfg.train.batch_size, rank=rank, world_size=world,
@@ -189,8 +192,8 @@ def train_loop_per_worker(config: dict) -> None:
             logged.update(lr=scheduler.get_last_lr()[0], images_per_s=window_images / elapsed)
             if rank == 0:
                 eta = format_duration((total - done) / rate) if rate > 0 else "?"
-                print(f"[{config['variant_id']}] it {done}/{total}  loss {logged['loss']:.4f}  "
-                      f"lr {logged['lr']:.2e}  {rate:.2f} it/s  ETA {eta}", flush=True)
+                log.info("[%s] it %d/%d  loss %.4f  lr %.2e  %.2f it/s  ETA %s", config["variant_id"],
+                         done, total, logged["loss"], logged["lr"], rate, eta)
                 if config.get("run_id"):
                     tracking.log_metrics(config["tracking_uri"], config["run_id"],
                                          {f"train/{k}": v for k, v in logged.items()}, done)
