@@ -54,13 +54,13 @@ def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_
 
 
 def test_interrupted_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_path):
-    cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path / "straight", iters=16))
+    cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path / "straight", iters=32))
     train_variant(cfg, "crop64", track=False)
     straight = _final_weights(tmp_path / "straight")
 
     storage = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "vspw_ray", "train", str(EXPERIMENT), "--variant", "crop64",
-           "--no-track", *_overrides(synth_root, storage, iters=16)]
+           "--no-track", *_overrides(synth_root, storage, iters=32)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 180
@@ -71,16 +71,16 @@ def test_interrupted_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-run
     proc.wait()
     killed_at = _final_weights(storage)["iteration"]
-    assert killed_at < 16
+    assert killed_at < 32
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # resumes from the latest checkpoint Ray Train had registered (the newest one on disk may
     # have been written but not yet registered when the driver died)
-    resumed_at = re.search(r"resuming at iteration (\d+)/16", rerun.stdout + rerun.stderr)
+    resumed_at = re.search(r"resuming at iteration (\d+)/32", rerun.stdout + rerun.stderr)
     assert resumed_at and 4 <= int(resumed_at.group(1)) <= killed_at
     resumed = _final_weights(storage)
-    assert resumed["iteration"] == 16
+    assert resumed["iteration"] == 32
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
@@ -152,7 +152,7 @@ def test_killed_worker_process_restarts_from_the_last_checkpoint(synth_root, tmp
     """SIGKILL the Ray Train worker mid-run; FailureConfig restarts the group from the latest
     checkpoint and the run completes. Its own Ray, in a subprocess."""
     storage = tmp_path / "runs"
-    overrides = [o for o in _overrides(synth_root, storage, iters=16) if not o.startswith("train.max_failures")]
+    overrides = [o for o in _overrides(synth_root, storage, iters=40) if not o.startswith("train.max_failures")]
     cmd = [sys.executable, "-m", "vspw_ray", "train", str(EXPERIMENT), "--variant", "crop64",
            "--no-track", *overrides, "train.max_failures=2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -172,7 +172,7 @@ def test_killed_worker_process_restarts_from_the_last_checkpoint(synth_root, tmp
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-3000:]
     assert "resuming at iteration" in output
-    assert _final_weights(storage)["iteration"] == 16
+    assert _final_weights(storage)["iteration"] == 40
 
 
 NODE_LOSS_SCRIPT = r"""
