@@ -210,7 +210,7 @@ def test_lost_node_restarts_on_a_replacement(synth_root, tmp_path):
     """A two-node local cluster (ray.cluster_utils, token auth as configured by Ray 2.60);
     the node running the worker is removed mid-run; the run finishes on a new node."""
     storage = tmp_path / "runs"
-    overrides = [o for o in _overrides(synth_root, storage, iters=16) if not o.startswith("train.max_failures")]
+    overrides = [o for o in _overrides(synth_root, storage, iters=40) if not o.startswith("train.max_failures")]
     overrides += ["train.max_failures=3", "train.resources_per_worker={trainer: 1}"]
     env = {**os.environ, "VSPW_RAY_SHARED_MOUNT": str(tmp_path)}  # one machine: tmp is shared
     script = tmp_path / "node_loss.py"
@@ -220,5 +220,13 @@ def test_lost_node_restarts_on_a_replacement(synth_root, tmp_path):
                           start_new_session=True)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    assert "NODE REMOVED" in output and "FINAL 16" in output
-    assert re.search(r"resuming at iteration \d+/16", output)
+    assert "NODE REMOVED" in output and "FINAL 40" in output
+    assert re.search(r"resuming at iteration \d+/40", output)
+
+
+def test_default_tracking_needs_a_local_storage_path():
+    from vspw_ray.tracking import resolve_tracking_uri
+
+    with pytest.raises(ValueError, match="'tracking.uri'"):
+        resolve_tracking_uri(None, "s3://bucket/runs")
+    assert resolve_tracking_uri("http://mlflow:5000", "s3://bucket/runs") == "http://mlflow:5000"

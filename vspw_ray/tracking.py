@@ -16,6 +16,10 @@ __all__ = ["resolve_tracking_uri", "flatten", "open_run", "log_metrics", "log_ar
 def resolve_tracking_uri(uri: str | None, storage_path: str) -> str:
     if uri:
         return uri
+    if "://" in storage_path:
+        raise ValueError(f"config key 'tracking.uri': storage.path is {storage_path}, where no "
+                         f"SQLite file can live; set tracking.uri=http://HOST:5000 (an MLflow "
+                         f"server) or sqlite:////abs/local/path.db")
     local = Path(storage_path).expanduser().resolve()
     local.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{local / 'mlflow.db'}"
