@@ -43,6 +43,14 @@ def synth_copy(tmp_path, synth_root) -> Path:
     return dst
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the session, with more logical CPUs than this 2-core machine
@@ -50,6 +58,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, log_to_driver=False)
+        # a free dashboard port: the default 8265 stays free for the Ray instances that the
+        # kill tests start in subprocesses
+        ray.init(num_cpus=4, log_to_driver=False, dashboard_port=free_port())
     yield ray
     ray.shutdown()

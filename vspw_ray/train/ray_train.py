@@ -44,7 +44,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_training_state(directory: str | Path, *, model, optimizer, scheduler, scaler,
                         iteration: int, cfg: ExperimentConfig, variant: str,
-                        metrics: dict | None = None) -> Path:
+                        metrics: dict | None = None, resumes: list[int] | None = None) -> Path:
     """Write ``checkpoint.pt``: the model (usable alone by infer/ensemble/teacher loading) plus
     everything a resumed run needs."""
     path = Path(directory) / CHECKPOINT_FILE
@@ -57,6 +57,7 @@ def save_training_state(directory: str | Path, *, model, optimizer, scheduler, s
         "variant_id": variant,
         "config": to_dict(cfg),
         "metrics": metrics or {},
+        "resumes": list(resumes or []),  # iterations this run was resumed at, oldest first
     }, path)
     return path
 
@@ -147,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = build_scheduler(optimizer, cfg.train)
     autocast, scaler = autocast_context(device, cfg.train.amp)
 
-    start = 0
+    start, resumes = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -158,6 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start = int(state["iteration"])
+        resumes = list(state.get("resumes", [])) + [start]
         if rank == 0:
             log.info("[%s] resuming at iteration %d/%d", config["variant_id"], start, cfg.train.iters)
 
@@ -211,6 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     save_training_state(d, model=model, optimizer=optimizer, scheduler=scheduler,
                                         scaler=scaler, iteration=done, cfg=cfg,
-                                        variant=config["variant_id"], metrics=metrics)
+                                        variant=config["variant_id"], metrics=metrics,
+                                        resumes=resumes)
                     ckpt = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=ckpt)
