@@ -25,6 +25,27 @@ def camvid_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def camvid_four_frames(camvid_root):
+    """The first four CamVid training frames at 180x240: ``images [4, 3, 180, 240]`` normalised,
+    ``masks [4, 180, 240]`` int64 reduced ids -- what the fit tests train on."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vspw_ray.config import DataConfig
+    from vspw_ray.data import label_lut, read_image, read_mask, split_frames
+    from vspw_ray.data.transforms import normalize
+
+    lut, data = label_lut(11), DataConfig()
+    frames = split_frames(camvid_root, "train")[:4]
+    images = torch.stack([normalize(np.asarray(Image.fromarray(read_image(f)).resize(
+        (240, 180), Image.BILINEAR)), data.mean, data.std) for f in frames])
+    masks = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(read_mask(f, lut)).resize(
+        (240, 180), Image.NEAREST)).astype(np.int64)) for f in frames])
+    return images, masks
+
+
+@pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A small synthetic VSPW-layout dataset, shared read-only by the session's tests."""
     root = tmp_path_factory.mktemp("synth")
