@@ -90,17 +90,46 @@ def _cmd_config_show(args) -> int:
     return 0
 
 
+def _checkpoint_path(path: str) -> str:
+    """A checkpoint folder (as Ray Train writes them) or the file inside it."""
+    from pathlib import Path
+
+    from vspw_ray.train.ray_train import CHECKPOINT_FILE
+
+    return str(Path(path) / CHECKPOINT_FILE) if Path(path).is_dir() else path
+
+
 def _cmd_train(args) -> int:
     from vspw_ray.config import load_config
     from vspw_ray.train.driver import train_variant
 
-    cfg = load_config(args.experiment, args.overrides)
+    overrides = list(args.overrides)
+    if args.from_checkpoint:
+        overrides.append(f"model.init_checkpoint={_checkpoint_path(args.from_checkpoint)}")
+    cfg = load_config(args.experiment, overrides)
     out = train_variant(cfg, args.variant, address=args.address, track=not args.no_track,
                         torch_threads=args.torch_threads)
     shown = {k: round(v, 4) for k, v in out.metrics.items()
              if k.split("/")[-1] in ("miou", "fwiou", "vc8", "vc16") and isinstance(v, float)}
     print(f"variant {out.variant_id} done: {shown}")
     print(f"best checkpoint: {out.best_checkpoint}\nlatest checkpoint: {out.latest_checkpoint}")
+    if out.run_id:
+        print(f"MLflow run: {out.run_id}")
+    return 0
+
+
+def _cmd_swa(args) -> int:
+    from vspw_ray.config import load_config
+    from vspw_ray.train.swa import format_comparison, swa_variant
+
+    cfg = load_config(args.experiment, args.overrides)
+    out = swa_variant(cfg, args.variant, from_checkpoint=args.from_checkpoint,
+                      address=args.address, track=not args.no_track,
+                      torch_threads=args.torch_threads)
+    print(f"SWA {out.variant_id} (from {out.parent_variant_id}, {out.base_checkpoint}); "
+          f"val IoU in %:")
+    print(format_comparison(out.metrics))
+    print(f"averaged checkpoint: {out.checkpoint}")
     if out.run_id:
         print(f"MLflow run: {out.run_id}")
     return 0
@@ -148,10 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--variant", help="variant name or variant_id (required when several exist)")
+    p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
+                   help="start from these weights (sets model.init_checkpoint)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("swa", help="stochastic weight averaging after training (resumes when re-run)")
+    p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--variant", help="variant name or variant_id (required when several exist)")
+    p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint folder or checkpoint.pt (default: the variant's best)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=_cmd_swa)
 
     cfg = sub.add_parser("config", help="show an experiment's resolved config")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")

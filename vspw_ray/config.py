@@ -127,6 +127,8 @@ class ModelConfig:
     backbone: str = "swin_tiny_patch4_window7_224"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None  # local .safetensors/.pth file; nothing is downloaded
+    # whole-model weights to start from (a training or SWA checkpoint.pt): `train --from`
+    init_checkpoint: str | None = None
     drop_path_rate: float = 0.3
     # UperNet
     channels: int = 512

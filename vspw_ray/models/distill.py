@@ -18,8 +18,13 @@ __all__ = ["SelfDistillation", "load_model_weights"]
 
 def load_model_weights(model: nn.Module, path: str) -> None:
     """Load a training checkpoint (``{"model": state_dict, ...}``) or a bare state dict."""
+    from pathlib import Path
+
     from vspw_ray.models.backbone import read_checkpoint_file
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (model.init_checkpoint, "
+                                f"loss.distill.teacher or --from)")
     sd = read_checkpoint_file(path)
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -49,7 +49,8 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return replace(
         cfg,
         data=replace(cfg.data, root=absolute(cfg.data.root)),
-        model=replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
+        model=replace(cfg.model, pretrained=absolute(cfg.model.pretrained),
+                      init_checkpoint=absolute(cfg.model.init_checkpoint)),
         loss=replace(cfg.loss, logit_adjust=replace(la, prior=absolute(la.prior)),
                      distill=replace(distill, teacher=absolute(distill.teacher))),
     )

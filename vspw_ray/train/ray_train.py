@@ -14,10 +14,11 @@ with the same weights as an uninterrupted one on the CPU.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,12 @@ from vspw_ray.data.datasets import EvalDataset, IterationSampler, TrainDataset, 
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
 from vspw_ray.progress import format_duration
 
-__all__ = ["train_loop_per_worker", "validate", "save_training_state", "load_training_state",
-           "CHECKPOINT_FILE"]
+__all__ = ["train_loop_per_worker", "validate", "training_state", "save_training_state",
+           "write_checkpoint", "load_training_state", "setup_worker", "train_batches", "report",
+           "CHECKPOINT_FILE", "METRICS_FILE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
 # Progress goes through logging: Ray Train 2.60 patches print() in workers and, with a wrapped
 # stdout, shows each printed line twice; a log record reaches the driver console once.
 log = logging.getLogger("vspw_ray.train")
@@ -42,13 +45,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def save_training_state(directory: str | Path, *, model, optimizer, scheduler, scaler,
-                        iteration: int, cfg: ExperimentConfig, variant: str,
-                        metrics: dict | None = None, resumes: list[int] | None = None) -> Path:
-    """Write ``checkpoint.pt``: the model (usable alone by infer/ensemble/teacher loading) plus
-    everything a resumed run needs."""
-    path = Path(directory) / CHECKPOINT_FILE
-    torch.save({
+def training_state(*, model, optimizer, scheduler, scaler, iteration: int,
+                   cfg: ExperimentConfig, variant: str, metrics: dict | None = None,
+                   resumes: list[int] | None = None, **extra) -> dict:
+    """What ``checkpoint.pt`` holds: the model (usable alone by infer/ensemble/teacher loading
+    and ``train --from``) plus everything a resumed run needs."""
+    return {
         "model": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -58,8 +60,24 @@ def save_training_state(directory: str | Path, *, model, optimizer, scheduler, s
         "config": to_dict(cfg),
         "metrics": metrics or {},
         "resumes": list(resumes or []),  # iterations this run was resumed at, oldest first
-    }, path)
+        **extra,
+    }
+
+
+def write_checkpoint(directory: str | Path, state: dict) -> Path:
+    """``checkpoint.pt`` plus ``metrics.json`` beside it (read when looking for the best
+    checkpoint without loading the weights)."""
+    path = Path(directory) / CHECKPOINT_FILE
+    torch.save(state, path)
+    summary = {"variant_id": state.get("variant_id"), "iteration": state.get("iteration"),
+               "kind": state.get("kind", "train"), "metrics": state.get("metrics", {})}
+    (Path(directory) / METRICS_FILE).write_text(json.dumps(summary, indent=1))
     return path
+
+
+def save_training_state(directory: str | Path, **kwargs) -> Path:
+    """Write a training checkpoint (see :func:`training_state`) into ``directory``."""
+    return write_checkpoint(directory, training_state(**kwargs))
 
 
 def load_training_state(path: str | Path) -> dict:
@@ -116,104 +134,171 @@ def weight_spread(model: torch.nn.Module, world: int) -> float:
     return max(float((g - gathered[0]).abs().max()) for g in gathered)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker. ``config``: ``experiment`` (resolved config dict), ``variant_id``,
-    ``tracking_uri``, ``run_id`` (MLflow run rank 0 logs to)."""
+@dataclass
+class Worker:
+    """What every Ray Train worker function of this package starts from."""
+
+    cfg: ExperimentConfig
+    rank: int
+    world: int
+    device: torch.device
+    table: Any
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    autocast: Any
+    scaler: Any
+
+
+def setup_worker(config: dict) -> Worker:
+    """Config, rank, device, class table and the prepared model (identical on every worker)."""
     import ray.train
     import ray.train.torch
 
-    from vspw_ray import tracking
     from vspw_ray.data.stats import load_prior
     from vspw_ray.models import build_model
-    from vspw_ray.train.loop import autocast_context, build_optimizer, build_scheduler, train_steps
+    from vspw_ray.models.distill import load_model_weights
+    from vspw_ray.train.loop import autocast_context
 
     cfg = config_from_dict(config["experiment"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
-    root = cfg.data.root
-    table = load_class_table(root)
+    table = load_class_table(cfg.data.root)
     prior = None
-    if cfg.loss.logit_adjust.enabled:
-        prior = load_prior(cfg.loss.logit_adjust.prior, table.names) \
-            if cfg.loss.logit_adjust.prior else None
-
+    la = cfg.loss.logit_adjust
+    if la.enabled and la.prior:
+        prior = load_prior(la.prior, table.names)
     if device.type == "cuda" and world > 1:  # SyncBatchNorm runs on GPUs only
         cfg = replace(cfg, model=replace(cfg.model, sync_bn=True))
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     model = build_model(cfg, table.num_classes, prior)
+    if cfg.model.init_checkpoint and not config.get("skip_init_checkpoint"):
+        load_model_weights(model, cfg.model.init_checkpoint)
     model = ray.train.torch.prepare_model(model)
+    autocast, scaler = autocast_context(device, cfg.train.amp)
+    return Worker(cfg, rank, world, device, table, model, autocast, scaler)
+
+
+def train_batches(w: Worker, *, seed: int, start_iter: int, num_iters: int):
+    """An iterator over this worker's share of the global batches ``start_iter..num_iters``
+    of the data stream ``seed``."""
+    frames = split_frames(w.cfg.data.root, w.cfg.data.train_split)
+    sampler = IterationSampler(len(frames), w.cfg.train.batch_size, rank=w.rank,
+                               world_size=w.world, seed=seed, start_iter=start_iter,
+                               num_iters=num_iters)
+    loader = torch.utils.data.DataLoader(
+        TrainDataset(frames, w.table.num_classes, w.cfg.data),
+        batch_size=w.cfg.train.batch_size // w.world, sampler=sampler,
+        num_workers=w.cfg.data.loader_workers, drop_last=True,
+        pin_memory=w.device.type == "cuda", persistent_workers=False)
+    return iter(loader)
+
+
+def step_seed(w: Worker, iteration: int) -> None:
+    """Dropout and drop-path draws depend on (seed, iteration, rank) only: resume-exact."""
+    torch.manual_seed(sample_seed(w.cfg.seed, iteration, 1_000_000 + w.rank))
+
+
+class ProgressLog:
+    """Averages loss terms over ``every`` iterations; rank 0 prints one line per window and
+    logs the window to MLflow (``train/...`` metrics)."""
+
+    def __init__(self, w: Worker, config: dict, *, every: int, total: int, start: int,
+                 unit: str = "it"):
+        self.w, self.config, self.every, self.total, self.unit = w, config, every, total, unit
+        self.run_start, self.run_start_iter = time.perf_counter(), start
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count, self.images, self.window_start = 0, 0, time.perf_counter()
+
+    def step(self, done: int, terms: dict[str, float], lr: float) -> None:
+        from vspw_ray import tracking
+
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.images += self.w.cfg.train.batch_size
+        if done % self.every and done != self.total:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        rate = (done - self.run_start_iter) / max(time.perf_counter() - self.run_start, 1e-9)
+        logged = {k: v / self.count for k, v in self.sums.items()}
+        logged.update(lr=lr, images_per_s=self.images / elapsed)
+        if self.w.rank == 0:
+            eta = format_duration((self.total - done) / rate) if rate > 0 else "?"
+            log.info("[%s] %s %d/%d  loss %.4f  lr %.2e  %.2f it/s  ETA %s",
+                     self.config["variant_id"], self.unit, done,
+                     self.total, logged["loss"], lr, rate, eta)
+            if self.config.get("run_id"):
+                tracking.log_metrics(self.config["tracking_uri"], self.config["run_id"],
+                                     {f"train/{k}": v for k, v in logged.items()}, done)
+        self._reset()
+
+
+def report(w: Worker, metrics: dict, state: dict | None) -> None:
+    """``ray.train.report`` (collective: every worker calls it); rank 0 attaches ``state``
+    written as ``checkpoint.pt``."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if w.rank == 0 and state is not None:
+            write_checkpoint(d, state)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker. ``config``: ``experiment`` (resolved config dict), ``variant_id``,
+    ``tracking_uri``, ``run_id`` (MLflow run rank 0 logs to)."""
+    import ray.train
+
+    from vspw_ray import tracking
+    from vspw_ray.train.loop import build_optimizer, build_scheduler, train_steps
+
+    checkpoint = ray.train.get_checkpoint()
+    w = setup_worker({**config, "skip_init_checkpoint": checkpoint is not None})
+    cfg, model = w.cfg, w.model
     optimizer = build_optimizer(_unwrap(model), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    autocast, scaler = autocast_context(device, cfg.train.amp)
 
     start, resumes = 0, []
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_training_state(Path(d) / CHECKPOINT_FILE)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        if w.scaler is not None and state.get("scaler"):
+            w.scaler.load_state_dict(state["scaler"])
         start = int(state["iteration"])
         resumes = list(state.get("resumes", [])) + [start]
-        if rank == 0:
+        if w.rank == 0:
             log.info("[%s] resuming at iteration %d/%d", config["variant_id"], start, cfg.train.iters)
 
-    frames = split_frames(root, cfg.data.train_split)
-    sampler = IterationSampler(len(frames), cfg.train.batch_size, rank=rank, world_size=world,
-                               seed=cfg.seed, start_iter=start, num_iters=cfg.train.iters)
-    loader = torch.utils.data.DataLoader(
-        TrainDataset(frames, table.num_classes, cfg.data), batch_size=cfg.train.batch_size // world,
-        sampler=sampler, num_workers=cfg.data.loader_workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=False)
-    batches = iter(loader)
-
-    log_every, val_every, total = cfg.train.log_interval, cfg.train.val_interval, cfg.train.iters
-    window_start, window_images = time.perf_counter(), 0
-    run_start, run_start_iter = time.perf_counter(), start
-    sums: dict[str, float] = {}
-    count = 0
+    total = cfg.train.iters
+    batches = train_batches(w, seed=cfg.seed, start_iter=start, num_iters=total)
+    progress = ProgressLog(w, config, every=cfg.train.log_interval, total=total, start=start)
     for it in range(start, total):
-        # dropout and drop-path draws depend on (seed, iteration, rank) only: resume-exact
-        torch.manual_seed(sample_seed(cfg.seed, it, 1_000_000 + rank))
-        terms = train_steps(model, optimizer, scheduler, batches, 1, device=device,
-                            autocast=autocast, scaler=scaler, grad_clip=cfg.train.grad_clip)
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v
-        window_images += cfg.train.batch_size
-        count += 1
+        step_seed(w, it)
+        terms = train_steps(model, optimizer, scheduler, batches, 1, device=w.device,
+                            autocast=w.autocast, scaler=w.scaler, grad_clip=cfg.train.grad_clip)
         done = it + 1
-        if done % log_every == 0 or done == total:
-            elapsed = time.perf_counter() - window_start
-            rate = (done - run_start_iter) / max(time.perf_counter() - run_start, 1e-9)
-            logged = {k: v / count for k, v in sums.items()}
-            logged.update(lr=scheduler.get_last_lr()[0], images_per_s=window_images / elapsed)
-            if rank == 0:
-                eta = format_duration((total - done) / rate) if rate > 0 else "?"
-                log.info("[%s] it %d/%d  loss %.4f  lr %.2e  %.2f it/s  ETA %s", config["variant_id"],
-                         done, total, logged["loss"], logged["lr"], rate, eta)
-                if config.get("run_id"):
-                    tracking.log_metrics(config["tracking_uri"], config["run_id"],
-                                         {f"train/{k}": v for k, v in logged.items()}, done)
-            sums, count, window_start, window_images = {}, 0, time.perf_counter(), 0
-        if done % val_every == 0 or done == total:
-            metrics = validate(model, cfg, root, table.num_classes, table.names, device, rank,
-                               world)
+        progress.step(done, terms, scheduler.get_last_lr()[0])
+        if done % cfg.train.val_interval == 0 or done == total:
+            metrics = validate(model, cfg, cfg.data.root, w.table.num_classes, w.table.names,
+                               w.device, w.rank, w.world)
             metrics["iteration"] = done
-            metrics["ddp/weight_spread"] = weight_spread(model, world)
-            if rank == 0 and config.get("run_id"):
+            metrics["ddp/weight_spread"] = weight_spread(model, w.world)
+            if w.rank == 0 and config.get("run_id"):
                 tracking.log_metrics(config["tracking_uri"], config["run_id"],
                                      {k: v for k, v in metrics.items() if k != "iteration"}, done)
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    save_training_state(d, model=model, optimizer=optimizer, scheduler=scheduler,
-                                        scaler=scaler, iteration=done, cfg=cfg,
-                                        variant=config["variant_id"], metrics=metrics,
-                                        resumes=resumes)
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=ckpt)
+            state = None
+            if w.rank == 0:
+                state = training_state(model=model, optimizer=optimizer, scheduler=scheduler,
+                                       scaler=w.scaler, iteration=done, cfg=cfg,
+                                       variant=config["variant_id"], metrics=metrics,
+                                       resumes=resumes)
+            report(w, metrics, state)

@@ -1,0 +1,433 @@
+"""`vspw-ray swa`: stochastic weight averaging (seed section 2.2, Table 2) as a Ray Train job.
+
+Training continues from a checkpoint for ``swa.extra_iters`` iterations with a cyclical
+learning rate: each cycle of ``swa.every`` iterations decays linearly from ``lr_max`` to
+``lr_min`` and restarts (torch's ``SWALR`` anneals to a constant instead). At the end of each
+cycle the weights are a snapshot, folded into a running average
+(``torch.optim.swa_utils.AveragedModel``). The average gets fresh BatchNorm statistics from
+training batches (``update_bn``) and is saved as an ordinary checkpoint with its own variant_id
+(``<base variant_id>-swa-<hash>``), so ``infer``, ``train --from`` and the ensemble use it like
+any other. The base checkpoint, the last snapshot and the average are validated side by side.
+
+Resumable like training: each snapshot is a checkpoint holding the running average and its
+count, the optimizer and the schedule; data order and random draws continue the base run's
+stream as a function of (seed, iteration, rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
+
+from vspw_ray.config import ConfigError, ExperimentConfig, SwaConfig, to_dict
+from vspw_ray.data.datasets import sample_seed
+
+__all__ = ["cyclic_lr", "swa_scheduler", "swa_steps", "recompute_bn", "has_batchnorm",
+           "swa_loop_per_worker", "swa_variant_id", "read_state", "SwaResult", "swa_variant",
+           "list_checkpoints", "best_checkpoint", "COMPARED"]
+
+log = logging.getLogger("vspw_ray.train")
+
+COMPARED = ("base", "snapshot", "swa")  # metric prefixes of the side-by-side report
+
+
+def cyclic_lr(i: int, swa: SwaConfig) -> float:
+    """Learning rate of SWA iteration ``i`` (0-based): linear from ``lr_max`` at a cycle's
+    first iteration to ``lr_min`` at its last, where the snapshot is taken, then restart."""
+    if swa.every == 1:
+        return swa.lr_min
+    t = (i % swa.every) / (swa.every - 1)
+    return (1 - t) * swa.lr_max + t * swa.lr_min
+
+
+def swa_scheduler(optimizer: torch.optim.Optimizer, swa: SwaConfig):
+    """A ``LambdaLR`` following :func:`cyclic_lr`; each group's base lr is ``lr_max`` times its
+    multiplier (the backbone's ``train.backbone_lr_mult``)."""
+    for group in optimizer.param_groups:
+        group.pop("initial_lr", None)  # a loaded optimizer state carries the old schedule's
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: cyclic_lr(i, swa) / swa.lr_max)
+
+
+def swa_steps(model: nn.Module, average: AveragedModel, optimizer, scheduler, batches: Iterator,
+              *, start: int, swa: SwaConfig, device: torch.device, autocast=None, scaler=None,
+              grad_clip: float | None = None,
+              before_step: Callable[[int], None] | None = None,
+              on_step: Callable[[int, dict, float], None] | None = None,
+              on_snapshot: Callable[[int], None] | None = None) -> None:
+    """SWA iterations ``start..swa.extra_iters``: one optimisation step each, a snapshot folded
+    into ``average`` at the end of every cycle. ``before_step(i)`` seeds the step;
+    ``on_step(done, loss_terms, lr)`` and ``on_snapshot(done)`` report."""
+    from vspw_ray.train.loop import train_steps
+
+    for i in range(start, swa.extra_iters):
+        if before_step:
+            before_step(i)
+        lr = scheduler.get_last_lr()[0]
+        terms = train_steps(model, optimizer, scheduler, batches, 1, device=device,
+                            autocast=autocast, scaler=scaler, grad_clip=grad_clip)
+        done = i + 1
+        if on_step:
+            on_step(done, terms, lr)
+        if done % swa.every == 0:
+            average.update_parameters(model.module if hasattr(model, "module") else model)
+            if on_snapshot:
+                on_snapshot(done)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class _LogProbs(nn.Module):
+    """``model.log_probs`` as ``forward``: what ``update_bn`` calls on each batch."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.log_probs(images)
+
+
+def recompute_bn(model: nn.Module, images: Iterable[torch.Tensor], device=None) -> None:
+    """Replace BatchNorm running statistics by their average over ``images`` batches in train
+    mode (torch's ``update_bn``); GroupNorm/LayerNorm models are left as they are."""
+    if has_batchnorm(model):
+        wrapper = _LogProbs(model).train(model.training)  # update_bn restores this mode
+        update_bn(images, wrapper, device=device)
+
+
+def _average_bn_buffers(model: nn.Module, world: int) -> None:
+    """Each worker saw its own share of the batches: the mean over workers equals the
+    cumulative average over all of them (equal batch counts)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            for buf in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(buf)
+                buf.div_(world)
+
+
+def swa_variant_id(parent: str, swa: SwaConfig, base_iteration: int) -> str:
+    blob = json.dumps({"swa": to_dict(swa), "from_iteration": base_iteration}, sort_keys=True)
+    return f"{parent}-swa-{hashlib.sha256(blob.encode()).hexdigest()[:6]}"
+
+
+def read_state(path: str) -> dict:
+    """A ``checkpoint.pt`` (or bare state dict) from a local path or an ``s3://``/``gs://``
+    URI, on the CPU."""
+    if "://" in path:
+        import pyarrow.fs
+
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        with fs.open_input_stream(inner) as f:
+            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _validated(metrics: dict) -> bool:
+    return "val_A/miou" in metrics and "val_B/miou" in metrics
+
+
+def swa_loop_per_worker(config: dict) -> None:
+    """Ray Train worker. ``config``: as for training plus ``base_checkpoint``,
+    ``base_iteration`` and ``parent_variant_id``."""
+    import ray.train
+
+    from vspw_ray.train.loop import build_optimizer
+    from vspw_ray.train.ray_train import (
+        CHECKPOINT_FILE, ProgressLog, _unwrap, load_training_state, report, setup_worker,
+        step_seed, train_batches, training_state, validate)
+
+    w = setup_worker({**config, "skip_init_checkpoint": True})
+    cfg, model, swa = w.cfg, w.model, w.cfg.swa
+    net = _unwrap(model)
+    base_iter, total = int(config["base_iteration"]), swa.extra_iters
+    val = lambda m: validate(m, cfg, cfg.data.root, w.table.num_classes, w.table.names,  # noqa: E731
+                             w.device, w.rank, w.world)
+
+    optimizer = build_optimizer(net, replace(cfg.train, lr=swa.lr_max))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_training_state(Path(d) / CHECKPOINT_FILE)
+        if state.get("kind") == "swa_average":
+            return  # finished; the driver normally sees that before starting workers
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler = swa_scheduler(optimizer, swa)
+        scheduler.load_state_dict(state["scheduler"])
+        average = AveragedModel(net, use_buffers=False)
+        average.module.load_state_dict(state["swa"]["average"])
+        average.n_averaged.fill_(state["swa"]["n_averaged"])
+        start, base_metrics = int(state["iteration"]), state["swa"]["base_metrics"]
+        resumes = list(state.get("resumes", [])) + [start]
+        if w.rank == 0:
+            log.info("[%s] resuming SWA at iteration %d/%d", config["variant_id"], start, total)
+    else:
+        base = read_state(config["base_checkpoint"])
+        net.load_state_dict(base["model"] if "model" in base else base)
+        if isinstance(base.get("optimizer"), dict) and len(base["optimizer"]["param_groups"]) \
+                == len(optimizer.param_groups):
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            optimizer.load_state_dict(base["optimizer"])  # Adam moments carry on
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+        scheduler = swa_scheduler(optimizer, swa)
+        average = AveragedModel(net, use_buffers=False)
+        base_metrics = base.get("metrics", {})
+        if not _validated(base_metrics):
+            base_metrics = val(model)
+        del base
+        start, resumes = 0, []
+
+    batches = train_batches(w, seed=cfg.seed, start_iter=base_iter + start,
+                            num_iters=base_iter + total)
+    progress = ProgressLog(w, config, every=cfg.train.log_interval, total=total, start=start,
+                           unit="swa it")
+
+    def state_at(done: int, **extra) -> dict | None:
+        if w.rank != 0:
+            return None
+        return training_state(
+            model=model, optimizer=optimizer, scheduler=scheduler, scaler=w.scaler,
+            iteration=done, cfg=cfg, variant=config["variant_id"], resumes=resumes,
+            kind="swa_state", parent_variant_id=config["parent_variant_id"],
+            base_checkpoint=config["base_checkpoint"],
+            swa={"average": average.module.state_dict(),
+                 "n_averaged": int(average.n_averaged), "base_metrics": base_metrics}, **extra)
+
+    def on_snapshot(done: int) -> None:
+        if w.rank == 0:
+            log.info("[%s] snapshot %d/%d at SWA iteration %d", config["variant_id"],
+                     int(average.n_averaged), total // swa.every, done)
+        report(w, {"swa_iteration": done, "snapshots": int(average.n_averaged)}, state_at(done))
+
+    swa_steps(model, average, optimizer, scheduler, batches, start=start, swa=swa,
+              device=w.device, autocast=w.autocast, scaler=w.scaler,
+              grad_clip=cfg.train.grad_clip,
+              before_step=lambda i: step_seed(w, base_iter + i),
+              on_step=lambda done, terms, lr: progress.step(done, terms, lr),
+              on_snapshot=on_snapshot)
+
+    snapshot_metrics = val(model)
+    if has_batchnorm(average.module) and swa.bn_batches:
+        torch.manual_seed(sample_seed(cfg.seed, base_iter + total, 2_000_000 + w.rank))
+        bn = train_batches(w, seed=cfg.seed + 1, start_iter=0, num_iters=swa.bn_batches)
+        recompute_bn(average.module, (b["image"] for b in bn), w.device)
+        if w.world > 1:
+            _average_bn_buffers(average.module, w.world)
+    swa_metrics = val(average.module)
+    metrics = {"swa_iteration": total, "snapshots": int(average.n_averaged), **swa_metrics}
+    for prefix, values in zip(COMPARED, (base_metrics, snapshot_metrics, swa_metrics)):
+        metrics.update({f"{prefix}/{k}": v for k, v in values.items()})
+    final = None
+    if w.rank == 0:
+        final = {**state_at(total), "kind": "swa_average",
+                 "model": average.module.state_dict(), "metrics": swa_metrics,
+                 "comparison": metrics}
+        for key in ("optimizer", "scheduler", "scaler"):  # an average is not resumed from
+            final.pop(key)
+        final["swa"] = {k: v for k, v in final["swa"].items() if k != "average"}
+    report(w, metrics, final)
+
+
+# ---------------------------------------------------------------------------------- driver side
+
+
+@dataclass(frozen=True)
+class SwaResult:
+    variant_id: str
+    parent_variant_id: str
+    base_checkpoint: str
+    checkpoint: str  # the average, an ordinary checkpoint folder
+    metrics: dict  # base/..., snapshot/..., swa/... side by side
+    run_id: str | None
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[str, dict]]:
+    """``(checkpoint folder, metrics.json summary)`` of every complete checkpoint under a Ray
+    Train run folder (local or URI). A folder without its summary (a half-written copy from a
+    killed run) is left out."""
+    import pyarrow.fs
+
+    from vspw_ray.train.ray_train import METRICS_FILE
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir
+                                               else str(Path(run_dir).resolve()))
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    except OSError:
+        return []
+    found = []
+    for info in infos:
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{METRICS_FILE}") as f:
+                summary = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        folder = info.path if "://" not in run_dir else run_dir.split("://")[0] + "://" + info.path
+        found.append((folder, summary))
+    return sorted(found, key=lambda x: x[0])
+
+
+def best_checkpoint(storage: str, vid: str, metric: str = "val_A/miou") -> str:
+    """The checkpoint folder of a trained variant with the highest ``metric``."""
+    run_dir = f"{storage.rstrip('/')}/train/{vid}"
+    scored = [(s["metrics"].get(metric, float("-inf")), s["iteration"], p)
+              for p, s in list_checkpoints(run_dir) if s.get("kind", "train") == "train"]
+    if not scored:
+        raise FileNotFoundError(
+            f"no checkpoint of variant {vid} under {run_dir}: train it first "
+            f"(vspw-ray train EXPERIMENT.yaml --variant ...) or pass --from CHECKPOINT")
+    return max(scored)[2]
+
+
+def _checkpoint_file(path: str) -> str:
+    from vspw_ray.train.ray_train import CHECKPOINT_FILE
+
+    return path if path.endswith(".pt") or path.endswith(".pth") else f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
+
+
+def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
+                from_checkpoint: str | None = None, address: str | None = None,
+                track: bool = True, torch_threads: int = 1) -> SwaResult:
+    """Run (or resume, or find finished) the SWA job of one variant."""
+    import os
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from vspw_ray import tracking
+    from vspw_ray.config import resolve_variant, variant_id
+    from vspw_ray.storage import check_cluster_settings, resolve_storage
+    from vspw_ray.train.driver import _absolute_paths, _git_commit, connect_ray
+    from vspw_ray.train.resources import check_feasible, wait_for_resources
+
+    resolved = resolve_variant(cfg, variant)
+    parent = variant_id(resolved)
+    check_cluster_settings(resolved, address or os.environ.get("RAY_ADDRESS"), track=track)
+    resolved = _absolute_paths(resolved)
+    storage = resolve_storage(resolved.storage.path)
+    if from_checkpoint and "://" not in from_checkpoint:
+        from_checkpoint = str(Path(from_checkpoint).expanduser().resolve())
+    base_dir = from_checkpoint or best_checkpoint(storage, parent)
+    base_file = _checkpoint_file(base_dir)
+    header = read_state(base_file)
+    owner = header.get("variant_id")
+    if owner and owner != parent:
+        raise ConfigError(
+            f"checkpoint {base_file} belongs to variant_id {owner}, but the experiment and "
+            f"--variant {variant or '(base)'} resolve to {parent}: pass the variant that "
+            f"trained it (vspw-ray config show EXPERIMENT.yaml lists the ids)")
+    base_iter = int(header.get("iteration", 0))
+    del header
+    vid = swa_variant_id(parent, resolved.swa, base_iter)
+    run_dir = f"{storage.rstrip('/')}/swa/{vid}"
+    uri = tracking.resolve_tracking_uri(resolved.tracking.uri, storage)
+    experiment = resolved.tracking.experiment or cfg.name
+    tags = {"variant_id": vid, "stage": "swa"}
+
+    for path, _ in [(p, s) for p, s in list_checkpoints(run_dir) if s.get("kind") == "swa_average"]:
+        try:  # finished before: nothing to run
+            comparison = read_state(_checkpoint_file(path))["comparison"]
+        except (OSError, RuntimeError, EOFError, KeyError):
+            continue  # a half-copied final checkpoint: Ray Train resumes before it
+        run_id = tracking.find_run(uri, experiment, tags) if track else None
+        return SwaResult(vid, parent, base_file, path, comparison, run_id)
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(tracking.find_run, uri, experiment, tags) if track else None
+        connect_ray(address)
+        run_id = pending.result() if pending else None
+    check_feasible(resolved)
+    wait_for_resources(resolved)
+
+    def fit(rid: str | None):
+        trainer = TorchTrainer(
+            swa_loop_per_worker,
+            train_loop_config={"experiment": to_dict(resolved), "variant_id": vid,
+                               "parent_variant_id": parent, "base_checkpoint": base_file,
+                               "base_iteration": base_iter, "tracking_uri": uri, "run_id": rid,
+                               "torch_threads": torch_threads},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=resolved.train.num_workers, use_gpu=resolved.train.use_gpu,
+                resources_per_worker=dict(resolved.train.resources_per_worker) or None),
+            run_config=ray.train.RunConfig(
+                name=vid, storage_path=f"{storage.rstrip('/')}/swa",
+                failure_config=ray.train.FailureConfig(max_failures=resolved.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        return SwaResult(vid, parent, base_file, result.checkpoint.path, dict(result.metrics),
+                         rid)
+
+    if not track:
+        return fit(None)
+    with tracking.open_run(uri, experiment, storage, run_id=run_id, run_name=vid,
+                           tags={**tags, "parent_variant_id": parent, "stage": "swa",
+                                 "family": resolved.model.family, "variant": variant or "base",
+                                 "base_checkpoint": base_file, "git_commit": _git_commit()},
+                           params=tracking.flatten(to_dict(resolved))) as rid:
+        out = fit(rid)
+        compared = {k: v for k, v in out.metrics.items()
+                    if k.split("/", 1)[0] in COMPARED and isinstance(v, float)}
+        tracking.log_metrics(uri, rid, compared, resolved.swa.extra_iters)
+        with tempfile.TemporaryDirectory() as d:
+            _write_artifacts(Path(d), resolved, out)
+            for path in sorted(Path(d).iterdir()):
+                tracking.log_artifact(uri, rid, path)
+    return out
+
+
+def comparison_rows(metrics: dict) -> list[tuple[str, dict[str, float | None]]]:
+    """``(metric, {base, snapshot, swa})`` rows for the fold metrics in ``metrics``."""
+    rows = []
+    for fold in ("A", "B"):
+        for key in ("miou", "fwiou", "vc8", "vc16"):
+            name = f"val_{fold}/{key}"
+            values = {p: metrics.get(f"{p}/{name}") for p in COMPARED}
+            if any(v is not None for v in values.values()):
+                rows.append((name, values))
+    return rows
+
+
+def format_comparison(metrics: dict) -> str:
+    lines = [f"{'metric':<14}" + "".join(f"{p:>10}" for p in COMPARED) + f"{'swa-base':>10}"]
+    for name, values in comparison_rows(metrics):
+        cells = "".join(f"{100 * v:>10.2f}" if v is not None else f"{'-':>10}"
+                        for v in values.values())
+        gain = (f"{100 * (values['swa'] - values['base']):>+10.2f}"
+                if values["swa"] is not None and values["base"] is not None else f"{'-':>10}")
+        lines.append(f"{name:<14}{cells}{gain}")
+    return "\n".join(lines)
+
+
+def _write_artifacts(folder: Path, cfg: ExperimentConfig, out: SwaResult) -> None:
+    from vspw_ray.config import dump_yaml
+    from vspw_ray.plots import lr_schedule_chart
+
+    (folder / "config.yaml").write_text(dump_yaml(cfg))
+    swa = cfg.swa
+    lr_schedule_chart([cyclic_lr(i, swa) for i in range(swa.extra_iters)],
+                      folder / "swa_lr_schedule.png",
+                      snapshots=list(range(swa.every, swa.extra_iters + 1, swa.every)),
+                      title=f"{out.variant_id}: cyclical lr, snapshot every {swa.every} it")
+    (folder / "swa_comparison.txt").write_text(format_comparison(out.metrics) + "\n")
+    (folder / "checkpoints.txt").write_text(f"base: {out.base_checkpoint}\n"
+                                            f"swa average: {out.checkpoint}\n")
