@@ -64,9 +64,20 @@ def _cmd_evaluate(args) -> int:
     from vspw_ray.evaluate import evaluate_predictions, format_report, write_report
     from vspw_ray.progress import progress_printer
 
-    report = evaluate_predictions(args.pred, args.root, args.split, fold=args.fold,
-                                  fold_seed=args.fold_seed,
-                                  progress=progress_printer("evaluating", "videos"))
+    if bool(args.pred) == bool(args.store) or (args.store and not args.variant):
+        print("error: give either --pred PRED_DIR, or --store STORE with --variant ID",
+              file=sys.stderr)
+        return 2
+    if args.store:
+        from vspw_ray.evaluate import evaluate_store
+
+        report = evaluate_store(args.store, args.variant, args.root, args.split, fold=args.fold,
+                                fold_seed=args.fold_seed,
+                                progress=progress_printer("evaluating", "videos"))
+    else:
+        report = evaluate_predictions(args.pred, args.root, args.split, fold=args.fold,
+                                      fold_seed=args.fold_seed,
+                                      progress=progress_printer("evaluating", "videos"))
     print(format_report(report))
     if args.json:
         write_report(report, args.json)
@@ -135,6 +146,50 @@ def _cmd_swa(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from vspw_ray.config import load_config
+    from vspw_ray.tune.search import run_search
+
+    cfg = load_config(args.experiment, args.overrides)
+    out = run_search(cfg, address=args.address, track=not args.no_track,
+                     torch_threads=args.torch_threads)
+    print(out.summary)
+    print(f"Optuna study '{out.study_name}' in {out.optuna_storage} "
+          f"(optuna-dashboard {out.optuna_storage})")
+    if out.run_id:
+        print(f"MLflow sweep run: {out.run_id}")
+    return 0
+
+
+def _cmd_infer(args) -> int:
+    from vspw_ray.config import load_config
+    from vspw_ray.infer.job import run_inference
+    from vspw_ray.progress import progress_printer
+
+    cfg = load_config(args.experiment, args.overrides)
+    out = run_inference(cfg, args.checkpoint, args.split, store=args.store,
+                        predictions=args.out, address=args.address, track=not args.no_track,
+                        torch_threads=args.torch_threads,
+                        progress=progress_printer("inferring", "frames"))
+    print(f"{out.variant_id} on {out.split}: {out.frames} frames written "
+          f"({out.frames_per_s:.2f} frames/s), {len(out.skipped)} skipped; store {out.store} "
+          f"({out.store_bytes / 2**20:.1f} MiB); predictions {out.predictions}")
+    for key in out.skipped:
+        print(f"  skipped {key}")
+    if out.metrics:
+        print("  " + "  ".join(f"{k} {100 * v:.2f}" for k, v in out.metrics.items()))
+    if out.run_id:
+        print(f"MLflow run: {out.run_id}")
+    return 0
+
+
+def _run_options(p: argparse.ArgumentParser, threads_help: str = "torch threads per worker") -> None:
+    """Options every command that runs on Ray takes."""
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--torch-threads", type=int, default=1, help=threads_help)
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vspw-ray",
@@ -164,8 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="Laplace smoothing in pixels")
     p.set_defaults(func=_cmd_data_stats)
 
-    p = sub.add_parser("evaluate", help="official VSPW metrics of prediction PNGs")
-    p.add_argument("--pred", required=True, help="folder of <video>/<frame>.png reduced ids")
+    p = sub.add_parser("evaluate", help="official VSPW metrics of prediction PNGs or stored scores")
+    p.add_argument("--pred", help="folder of <video>/<frame>.png reduced ids")
+    p.add_argument("--store", help="a score store written by vspw-ray infer (with --variant)")
+    p.add_argument("--variant", help="the store member (variant_id) to score")
     p.add_argument("--root", required=True, help="dataset root")
     p.add_argument("--split", default="val")
     p.add_argument("--fold", choices=["A", "B", "all"], default=None)
@@ -179,9 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="variant name or variant_id (required when several exist)")
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from these weights (sets model.init_checkpoint)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    _run_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("swa", help="stochastic weight averaging after training (resumes when re-run)")
@@ -190,10 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="variant name or variant_id (required when several exist)")
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="checkpoint folder or checkpoint.pt (default: the variant's best)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    _run_options(p)
     p.set_defaults(func=_cmd_swa)
+
+    p = sub.add_parser("infer", help="TTA inference into a Parquet score store (Ray Data; resumes)")
+    p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or checkpoint.pt")
+    p.add_argument("--split", default="val", help="val or test (any split file of data.root)")
+    p.add_argument("--store", help="score store (default: <storage.path>/scores)")
+    p.add_argument("--out", help="prediction PNG folder (default: <storage.path>/predictions/<id>/<split>)")
+    _run_options(p, "torch threads per model actor")
+    p.set_defaults(func=_cmd_infer)
+
+    p = sub.add_parser("tune", help="search tune.space with Ray Tune + Optuna (resumes when re-run)")
+    p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    _run_options(p)
+    p.set_defaults(func=_cmd_tune)
 
     cfg = sub.add_parser("config", help="show an experiment's resolved config")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -208,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from vspw_ray.config import ConfigError
     from vspw_ray.data.layout import DataError
+    from vspw_ray.infer.store import StoreError
 
     parser = build_parser()
     # overrides may follow options (`train EXP.yaml --variant v train.lr=1e-4`): argparse leaves
@@ -220,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + late
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -180,7 +180,7 @@ class OhemConfig:
 class LogitAdjustConfig:
     enabled: bool = False
     tau: float = 0.03
-    prior: str | None = None  # class_prior.json from `vspw-ray data stats`; None: computed at train time
+    prior: str | None = None  # class_prior.json from `vspw-ray data stats`; needed when enabled
     init_scale: float = 16.0
 
     def __post_init__(self) -> None:
@@ -329,10 +329,17 @@ class TuneConfig:
     seed: int = 0
     grace_period: int = 2_000
     reduction_factor: int = 3
-    gpus_per_trial: float = 1.0
     storage: str | None = None  # Optuna RDB URL; None: sqlite file in the storage path
     top_k: int = 3
+    # trials at once; None: from the cluster (GPUs / GPUs per trial, or CPUs on a CPU cluster)
+    max_concurrent_trials: int | None = None
+    # resources of each trial's driver (it runs the TorchTrainer); on a cluster add a custom
+    # resource of your on-demand nodes to keep trial drivers off spot nodes
+    driver_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     space: dict[str, SearchParam] = field(default_factory=dict)
+    # configurations to try first ({searched key: value}, e.g. the seed's known settings);
+    # Optuna's enqueue_trial (Tune's points_to_evaluate does not work with these spaces)
+    enqueue: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.num_samples > 0, "tune.num_samples", "must be positive")
@@ -340,6 +347,11 @@ class TuneConfig:
         _check(self.mode in ("max", "min"), "tune.mode", "max or min")
         _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
         _check(self.top_k > 0, "tune.top_k", "must be positive")
+        _check(self.grace_period > 0, "tune.grace_period", "must be positive")
+        _check(self.grace_period <= self.iters, "tune.grace_period",
+               f"must be <= tune.iters={self.iters}")
+        _check(self.max_concurrent_trials is None or self.max_concurrent_trials > 0,
+               "tune.max_concurrent_trials", "must be positive (or null: from the cluster)")
 
 
 @dataclass(frozen=True)
@@ -349,7 +361,9 @@ class InferConfig:
     batch_size: int = 1
     score_scale: float = 0.25  # stored score resolution relative to the frame
     top_k: int = 8
+    score_step: float = 0.03125  # nats per uint8 code of the stored log-probabilities
     on_bad_frame: Literal["fail", "skip"] = "fail"
+    actors: int | None = None  # model actors; None: one per GPU, or the CPUs left after reads
 
     def __post_init__(self) -> None:
         _check(len(self.scales) > 0 and all(s > 0 for s in self.scales), "infer.scales",
@@ -358,6 +372,8 @@ class InferConfig:
         _check(0 < self.score_scale <= 1, "infer.score_scale", "must be in (0, 1]")
         _check(self.top_k > 0, "infer.top_k", "must be positive")
         _check(self.on_bad_frame in ("fail", "skip"), "infer.on_bad_frame", "fail or skip")
+        _check(0 < self.score_step <= 1, "infer.score_step", "must be in (0, 1]")
+        _check(self.actors is None or self.actors > 0, "infer.actors", "must be positive or null")
 
 
 @dataclass(frozen=True)
@@ -682,6 +698,14 @@ def resolve_variant(cfg: ExperimentConfig, name: str | None) -> ExperimentConfig
         return cfg
     known = [v.name for v in cfg.variants] or ["(no variants: omit --variant)"]
     raise ConfigError(f"experiment '{cfg.name}' has no variant '{name}'; known: {known}")
+
+
+def check_trainable(cfg: ExperimentConfig) -> None:
+    """Rules across sections that a training run needs (single sections check themselves)."""
+    if cfg.loss.logit_adjust.enabled and not cfg.loss.logit_adjust.prior:
+        raise ConfigError("config key 'loss.logit_adjust.prior': logit adjustment is on but no "
+                          "class prior is set; run `vspw-ray data stats ROOT --out DIR` and set "
+                          "loss.logit_adjust.prior=DIR/class_prior.json")
 
 
 def variant_id(cfg: ExperimentConfig) -> str:

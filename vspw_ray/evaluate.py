@@ -25,7 +25,8 @@ from vspw_ray.data.layout import (
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
 from vspw_ray.parallel import map_videos
 
-__all__ = ["evaluate_predictions", "format_report", "read_prediction", "write_report"]
+__all__ = ["evaluate_predictions", "evaluate_store", "format_report", "read_prediction",
+           "write_report"]
 
 VC_WINDOWS = (8, 16)
 
@@ -47,13 +48,35 @@ def read_prediction(path: Path, video: str, frame: str, shape: tuple[int, int]) 
     return pred
 
 
-def _evaluate_video(frames: list[Frame], pred_dir: str, num_classes: int):
+def _store_predictions(frames: list[Frame], store: str, vid: str, split: str):
+    """Argmax at full size of a member's stored scores, frame by frame."""
+    from vspw_ray.infer.encoding import decode
+    from vspw_ray.infer.store import ScoreStore
+
+    scores = ScoreStore(store)
+    enc, num_classes = scores.encoding(vid), scores.manifest(vid)["num_classes"]
+    stored = dict(scores.read_video(vid, split, frames[0].video)) if frames else {}
+    for frame in frames:
+        if frame.name not in stored:
+            raise DataError(f"member '{vid}' has no scores for video '{frame.video}' frame "
+                            f"'{frame.name}' in {store}")
+        yield decode(stored[frame.name], num_classes, enc).argmax(0).numpy().astype(np.uint8)
+
+
+def _evaluate_video(frames: list[Frame], source: tuple, num_classes: int):
     cm, vc = ConfusionMatrix(num_classes), VideoConsistency(VC_WINDOWS)
+    stored = _store_predictions(frames, *source[1:]) if source[0] == "store" else None
     for frame in frames:
         video = frame.video
         raw = read_raw_mask(frame)
-        pred = read_prediction(Path(pred_dir) / video / f"{frame.name}.png", video, frame.name,
-                               raw.shape)
+        if stored is not None:
+            pred = next(stored)
+            if pred.shape != raw.shape:
+                raise DataError(f"stored scores of video '{video}' frame '{frame.name}' are "
+                                f"{pred.shape} but the frame is {raw.shape}")
+        else:
+            pred = read_prediction(Path(source[1]) / video / f"{frame.name}.png", video,
+                                   frame.name, raw.shape)
         try:
             cm.update(pred, raw, raw=True)
         except ValueError as err:
@@ -83,15 +106,39 @@ def evaluate_predictions(pred_dir: str | Path, root: str | Path, split: str, *,
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise DataError(f"{len(missing)} prediction frames are missing under {pred_dir}: {shown}")
+    return _evaluate(("png", str(pred_dir)), by_video, table, split, fold, processes, progress)
+
+
+def _evaluate(source: tuple, by_video: list[list[Frame]], table, split: str, fold: str | None,
+              processes: int | None, progress) -> dict:
     cm, vc = ConfusionMatrix(table.num_classes), VideoConsistency(VC_WINDOWS)
-    jobs = [(frames, str(pred_dir), table.num_classes) for frames in by_video]
+    jobs = [(frames, source, table.num_classes) for frames in by_video]
     for matrix, accs in map_videos(_evaluate_video, jobs, processes=processes, progress=progress):
         cm.matrix += matrix
         vc.merge(VideoConsistency(VC_WINDOWS, accs))
     report = summarize(cm.matrix, table.names, vc)
-    report.update(frames=sum(map(len, by_video)), videos=len(videos), split=split, fold=fold or "all",
-                  confusion=cm.matrix.tolist())
+    report.update(frames=sum(map(len, by_video)), videos=len(by_video), split=split,
+                  fold=fold or "all", confusion=cm.matrix.tolist())
     return report
+
+
+def evaluate_store(store: str | Path, variant: str, root: str | Path, split: str, *,
+                   fold: str | None = None, fold_seed: int = 0, processes: int | None = None,
+                   progress=None) -> dict:
+    """Official metrics of one member's stored scores (argmax of the decoded distributions at
+    each frame's size) on a split or one fold of it."""
+    from vspw_ray.infer.store import ScoreStore
+
+    root = Path(root)
+    table = load_class_table(root)
+    names = ScoreStore(str(store)).manifest(variant)["class_names"]
+    if list(names) != list(table.names):
+        raise DataError(f"member '{variant}' was stored with classes {names[:5]}... but {root} "
+                        f"has {table.names[:5]}...: a different class table")
+    videos = fold_videos(read_split(root, split), fold, fold_seed)
+    by_video = [list_frames(root, video, require_masks=True) for video in videos]
+    return _evaluate(("store", str(store), variant, split), by_video, table, split, fold,
+                     processes, progress)
 
 
 def _pct(x: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +25,10 @@ def map_videos(fn: Callable[..., T], jobs: Sequence[tuple], *, processes: int | 
             if progress:
                 progress(done, len(jobs))
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # forkserver, not fork: the caller may hold threads (Ray, gRPC, torch) that a fork would
+    # copy mid-lock and deadlock on
+    with ProcessPoolExecutor(max_workers=workers,
+                             mp_context=multiprocessing.get_context("forkserver")) as pool:
         futures = [pool.submit(fn, *job) for job in jobs[: 2 * workers]]
         submitted = len(futures)
         for done in range(1, len(jobs) + 1):

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["resolve_tracking_uri", "flatten", "open_run", "log_metrics", "log_artifact",
-           "find_run"]
+           "find_run", "finish_run", "PARENT_TAG"]
+
+PARENT_TAG = "mlflow.parentRunId"  # shows a run as the child of another in the MLflow UI
 
 
 def resolve_tracking_uri(uri: str | None, storage_path: str) -> str:
@@ -105,3 +107,13 @@ def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | N
     from mlflow.tracking import MlflowClient
 
     MlflowClient(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def finish_run(uri: str, run_id: str, status: str, tags: Mapping[str, str] | None = None) -> None:
+    """Set a run's final status (FINISHED, KILLED, FAILED) and tags from outside the run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)

@@ -8,13 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vspw_ray.config import ExperimentConfig, dump_yaml, resolve_variant, to_dict, variant_id
+from vspw_ray.config import (ExperimentConfig, check_trainable, dump_yaml, resolve_variant,
+                             to_dict, variant_id)
 from vspw_ray.data import load_class_table, split_frames
 from vspw_ray.data.stats import load_prior
 from vspw_ray.storage import check_cluster_settings, resolve_storage
 from vspw_ray.train.resources import check_feasible, wait_for_resources
 
-__all__ = ["TrainResult", "train_variant", "connect_ray"]
+__all__ = ["TrainResult", "train_variant", "connect_ray", "prepare_config", "build_trainer"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,10 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
 
 
-def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Workers run in other folders: make the user's relative paths absolute here."""
+def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check the cross-section rules, and make the user's relative paths absolute (workers run
+    in other folders)."""
+    check_trainable(cfg)
     def absolute(path: str | None) -> str | None:
         return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
 
@@ -73,7 +76,7 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     resolved = resolve_variant(cfg, variant)
     vid = variant_id(resolved)
     check_cluster_settings(resolved, address or os.environ.get("RAY_ADDRESS"), track=track)
-    resolved = _absolute_paths(resolved)
+    resolved = prepare_config(resolved)
     # fail here, in seconds, rather than in every worker after each restart
     table = load_class_table(resolved.data.root)
     for split in (resolved.data.train_split, resolved.data.val_split):
@@ -93,18 +96,21 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     wait_for_resources(resolved)
     family = resolved.model.family
     if not track:
-        return _result(vid, _trainer(resolved, vid, uri, None, torch_threads, storage).fit(), None)
+        return _result(vid, build_trainer(resolved, vid, uri, None, torch_threads, storage).fit(), None)
     with tracking.open_run(uri, experiment, storage, run_id=run_id, run_name=vid,
                            tags={**tags, "family": family, "variant": variant or "base",
                                  "seed": str(resolved.seed), "git_commit": _git_commit()},
                            params=tracking.flatten(to_dict(resolved))) as rid:
-        out = _result(vid, _trainer(resolved, vid, uri, rid, torch_threads, storage).fit(), rid)
+        out = _result(vid, build_trainer(resolved, vid, uri, rid, torch_threads, storage).fit(), rid)
         _log_summary(uri, rid, resolved, out, storage)
     return out
 
 
-def _trainer(cfg: ExperimentConfig, vid: str, uri: str, run_id: str | None, torch_threads: int,
-             storage: str):
+def build_trainer(cfg: ExperimentConfig, vid: str, uri: str, run_id: str | None, torch_threads: int,
+             storage: str, *, name: str | None = None, storage_path: str | None = None,
+             callbacks: list | None = None):
+    """The TorchTrainer of one training run, named ``name`` (default: the variant_id) under
+    ``storage_path`` (default: ``<storage>/train``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -118,7 +124,8 @@ def _trainer(cfg: ExperimentConfig, vid: str, uri: str, run_id: str | None, torc
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker=dict(cfg.train.resources_per_worker) or None),
         run_config=ray.train.RunConfig(
-            name=vid, storage_path=f"{storage.rstrip('/')}/train",
+            name=name or vid, storage_path=storage_path or f"{storage.rstrip('/')}/train",
+            callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_A/miou",

@@ -29,13 +29,12 @@ from vspw_ray.data import fold_videos, load_class_table, read_split, split_frame
 from vspw_ray.data.datasets import EvalDataset, IterationSampler, TrainDataset, sample_seed
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
 from vspw_ray.progress import format_duration
+from vspw_ray.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE
 
 __all__ = ["train_loop_per_worker", "validate", "training_state", "save_training_state",
            "write_checkpoint", "load_training_state", "setup_worker", "train_batches", "report",
            "CHECKPOINT_FILE", "METRICS_FILE"]
 
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.json"
 # Progress goes through logging: Ray Train 2.60 patches print() in workers and, with a wrapped
 # stdout, shows each printed line twice; a log record reaches the driver console once.
 log = logging.getLogger("vspw_ray.train")
@@ -258,6 +257,7 @@ def train_loop_per_worker(config: dict) -> None:
     from vspw_ray import tracking
     from vspw_ray.train.loop import build_optimizer, build_scheduler, train_steps
 
+    started = time.perf_counter()
     checkpoint = ray.train.get_checkpoint()
     w = setup_worker({**config, "skip_init_checkpoint": checkpoint is not None})
     cfg, model = w.cfg, w.model
@@ -292,6 +292,7 @@ def train_loop_per_worker(config: dict) -> None:
                                w.device, w.rank, w.world)
             metrics["iteration"] = done
             metrics["ddp/weight_spread"] = weight_spread(model, w.world)
+            metrics["time/worker_s"] = time.perf_counter() - started  # since this worker began
             if w.rank == 0 and config.get("run_id"):
                 tracking.log_metrics(config["tracking_uri"], config["run_id"],
                                      {k: v for k, v in metrics.items() if k != "iteration"}, done)

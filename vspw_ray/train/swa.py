@@ -17,7 +17,6 @@ stream as a function of (seed, iteration, rank).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -30,10 +29,10 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from vspw_ray.config import ConfigError, ExperimentConfig, SwaConfig, to_dict
 from vspw_ray.data.datasets import sample_seed
+from vspw_ray.train.checkpoints import best_checkpoint, checkpoint_file, list_checkpoints, read_state
 
 __all__ = ["cyclic_lr", "swa_scheduler", "swa_steps", "recompute_bn", "has_batchnorm",
-           "swa_loop_per_worker", "swa_variant_id", "read_state", "SwaResult", "swa_variant",
-           "list_checkpoints", "best_checkpoint", "COMPARED"]
+           "swa_loop_per_worker", "swa_variant_id", "SwaResult", "swa_variant", "COMPARED"]
 
 log = logging.getLogger("vspw_ray.train")
 
@@ -119,20 +118,6 @@ def _average_bn_buffers(model: nn.Module, world: int) -> None:
 def swa_variant_id(parent: str, swa: SwaConfig, base_iteration: int) -> str:
     blob = json.dumps({"swa": to_dict(swa), "from_iteration": base_iteration}, sort_keys=True)
     return f"{parent}-swa-{hashlib.sha256(blob.encode()).hexdigest()[:6]}"
-
-
-def read_state(path: str) -> dict:
-    """A ``checkpoint.pt`` (or bare state dict) from a local path or an ``s3://``/``gs://``
-    URI, on the CPU."""
-    if "://" in path:
-        import pyarrow.fs
-
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        with fs.open_input_stream(inner) as f:
-            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def _validated(metrics: dict) -> bool:
@@ -255,52 +240,6 @@ class SwaResult:
     run_id: str | None
 
 
-def list_checkpoints(run_dir: str) -> list[tuple[str, dict]]:
-    """``(checkpoint folder, metrics.json summary)`` of every complete checkpoint under a Ray
-    Train run folder (local or URI). A folder without its summary (a half-written copy from a
-    killed run) is left out."""
-    import pyarrow.fs
-
-    from vspw_ray.train.ray_train import METRICS_FILE
-
-    fs, inner = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir
-                                               else str(Path(run_dir).resolve()))
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
-    except OSError:
-        return []
-    found = []
-    for info in infos:
-        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-            continue
-        try:
-            with fs.open_input_stream(f"{info.path}/{METRICS_FILE}") as f:
-                summary = json.loads(f.read())
-        except (OSError, ValueError):
-            continue
-        folder = info.path if "://" not in run_dir else run_dir.split("://")[0] + "://" + info.path
-        found.append((folder, summary))
-    return sorted(found, key=lambda x: x[0])
-
-
-def best_checkpoint(storage: str, vid: str, metric: str = "val_A/miou") -> str:
-    """The checkpoint folder of a trained variant with the highest ``metric``."""
-    run_dir = f"{storage.rstrip('/')}/train/{vid}"
-    scored = [(s["metrics"].get(metric, float("-inf")), s["iteration"], p)
-              for p, s in list_checkpoints(run_dir) if s.get("kind", "train") == "train"]
-    if not scored:
-        raise FileNotFoundError(
-            f"no checkpoint of variant {vid} under {run_dir}: train it first "
-            f"(vspw-ray train EXPERIMENT.yaml --variant ...) or pass --from CHECKPOINT")
-    return max(scored)[2]
-
-
-def _checkpoint_file(path: str) -> str:
-    from vspw_ray.train.ray_train import CHECKPOINT_FILE
-
-    return path if path.endswith(".pt") or path.endswith(".pth") else f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
-
-
 def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                 from_checkpoint: str | None = None, address: str | None = None,
                 track: bool = True, torch_threads: int = 1) -> SwaResult:
@@ -315,18 +254,18 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     from vspw_ray import tracking
     from vspw_ray.config import resolve_variant, variant_id
     from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.driver import _absolute_paths, _git_commit, connect_ray
+    from vspw_ray.train.driver import prepare_config, _git_commit, connect_ray
     from vspw_ray.train.resources import check_feasible, wait_for_resources
 
     resolved = resolve_variant(cfg, variant)
     parent = variant_id(resolved)
     check_cluster_settings(resolved, address or os.environ.get("RAY_ADDRESS"), track=track)
-    resolved = _absolute_paths(resolved)
+    resolved = prepare_config(resolved)
     storage = resolve_storage(resolved.storage.path)
     if from_checkpoint and "://" not in from_checkpoint:
         from_checkpoint = str(Path(from_checkpoint).expanduser().resolve())
     base_dir = from_checkpoint or best_checkpoint(storage, parent)
-    base_file = _checkpoint_file(base_dir)
+    base_file = checkpoint_file(base_dir)
     header = read_state(base_file)
     owner = header.get("variant_id")
     if owner and owner != parent:
@@ -344,7 +283,7 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
 
     for path, _ in [(p, s) for p, s in list_checkpoints(run_dir) if s.get("kind") == "swa_average"]:
         try:  # finished before: nothing to run
-            comparison = read_state(_checkpoint_file(path))["comparison"]
+            comparison = read_state(checkpoint_file(path))["comparison"]
         except (OSError, RuntimeError, EOFError, KeyError):
             continue  # a half-copied final checkpoint: Ray Train resumes before it
         run_id = tracking.find_run(uri, experiment, tags) if track else None

@@ -1,0 +1,295 @@
+"""What a finished sweep leaves: the trial table (Tune, Optuna and MLflow joined trial by
+trial), the selection-optimism report, Optuna's plots and the best configurations as complete
+experiment YAMLs with the full-length schedule."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vspw_ray.config import ExperimentConfig
+
+__all__ = ["TrialRow", "selection_optimism", "format_trials", "finish_sweep", "metric_value"]
+
+CAVEAT = ("Folds A and B are two halves of val (split by video): the best trial was chosen on A, "
+          "so its lead on B shows how much of that lead was selection luck within val. It "
+          "cannot detect a shift between val and test.")
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    number: int  # Optuna trial number
+    tune_trial_id: str | None
+    state: str  # complete | pruned | error | lost
+    params: dict[str, Any]
+    iteration: int | None
+    val_a: float | None
+    val_b: float | None
+    optuna_state: str
+    variant_id: str | None = None
+    run_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def metric_value(metrics: Mapping[str, Any] | None, key: str) -> Any:
+    """A reported metric by its slash name, whether Tune kept it flat or nested it."""
+    if not metrics:
+        return None
+    if key in metrics:
+        return metrics[key]
+    node: Any = metrics
+    for part in key.split("/"):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def selection_optimism(rows: Sequence[TrialRow], mode: str = "max") -> dict[str, Any]:
+    """The best-on-A trial's lead over the runner-up on fold A against the same lead on fold B.
+
+    ``holds``: the lead stays positive on B; ``shrinks``: it keeps less than half of its size.
+    ``excess_gap``: the best trial's A-B gap minus the mean A-B gap of all complete trials (the
+    part of its A score that looks like luck, after the folds' own difference).
+    """
+    from scipy.stats import spearmanr
+
+    done = [r for r in rows if r.state == "complete" and r.val_a is not None
+            and r.val_b is not None]
+    out: dict[str, Any] = {"complete": len(done), "caveat": CAVEAT}
+    if len(done) < 2:
+        out["verdict"] = "needs at least two complete trials"
+        return out
+    sign = 1.0 if mode == "max" else -1.0
+    ranked = sorted(done, key=lambda r: -sign * r.val_a)
+    best, runner = ranked[0], ranked[1]
+    lead_a = sign * (best.val_a - runner.val_a)
+    lead_b = sign * (best.val_b - runner.val_b)
+    gaps = [r.val_a - r.val_b for r in done]
+    out.update(
+        best=best.number, runner_up=runner.number, lead_a=lead_a, lead_b=lead_b,
+        best_rank_on_b=1 + sum(sign * r.val_b > sign * best.val_b for r in done),
+        excess_gap=(best.val_a - best.val_b) - sum(gaps) / len(gaps),
+        spearman_a_b=float(spearmanr([r.val_a for r in done], [r.val_b for r in done])[0])
+        if len(done) > 2 else None,
+    )
+    if lead_b <= 0:
+        out["verdict"] = "does not hold: the runner-up is as good or better on fold B"
+    elif lead_b < 0.5 * lead_a:
+        out["verdict"] = "shrinks: fold B keeps less than half of the lead"
+    else:
+        out["verdict"] = "holds"
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return f"{100 * v:.2f}" if v is not None else "-"
+
+
+def format_trials(rows: Sequence[TrialRow], optimism: Mapping[str, Any], mode: str = "max") -> str:
+    sign = 1.0 if mode == "max" else -1.0
+    done = [r for r in rows if r.state == "complete" and r.val_a is not None]
+    rank_a = {r.number: i + 1 for i, r in enumerate(sorted(done, key=lambda r: -sign * r.val_a))}
+    rank_b = {r.number: i + 1 for i, r in enumerate(
+        sorted([r for r in done if r.val_b is not None], key=lambda r: -sign * r.val_b))}
+    lines = [f"{'#':>4} {'state':<9} {'iter':>6} {'val_A':>7} {'val_B':>7} {'rankA':>5} "
+             f"{'rankB':>5}  params"]
+    for r in sorted(rows, key=lambda r: (rank_a.get(r.number, 10**6), r.number)):
+        params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(r.params.items()))
+        lines.append(f"{r.number:>4} {r.state:<9} {r.iteration or '-':>6} {_pct(r.val_a):>7} "
+                     f"{_pct(r.val_b):>7} {rank_a.get(r.number, '-'):>5} "
+                     f"{rank_b.get(r.number, '-'):>5}  {params}")
+    lines.append("")
+    lines.append("selection optimism (mIoU points, ranked on fold A, checked on fold B):")
+    if "lead_a" in optimism:
+        lines.append(
+            f"  best trial #{optimism['best']} leads runner-up #{optimism['runner_up']} by "
+            f"{100 * optimism['lead_a']:+.2f} on A and {100 * optimism['lead_b']:+.2f} on B "
+            f"(rank {optimism['best_rank_on_b']} on B): {optimism['verdict']}")
+        lines.append(f"  its A-B gap exceeds the trials' mean gap by "
+                     f"{100 * optimism['excess_gap']:+.2f}" + (
+                         f"; Spearman(A, B) over complete trials = {optimism['spearman_a_b']:.2f}"
+                         if optimism.get("spearman_a_b") is not None else ""))
+    else:
+        lines.append(f"  {optimism['verdict']}")
+    lines.append(f"  note: {optimism['caveat']}")
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _plots(study, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    paths = []
+    for name, plot in (("optuna_history.png", ovm.plot_optimization_history),
+                       ("optuna_param_importances.png", ovm.plot_param_importances)):
+        try:
+            ax = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:  # too few trials
+            (folder / name.replace(".png", ".txt")).write_text(f"not drawn: {err}\n")
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+        fig.set_size_inches(7, 4)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)
+        paths.append(folder / name)
+    return paths
+
+
+def _rows(cfg: ExperimentConfig, grid, study, sweep: Mapping[str, Any]) -> list[TrialRow]:
+    import optuna
+
+    from vspw_ray import tracking
+    from vspw_ray.config import variant_id
+    from vspw_ray.tune.space import trial_config
+
+    ot = {t.number: t for t in study.trials}
+    rows, seen = [], set()
+    for result in grid:
+        config = dict(result.config or {})
+        if "optuna_trial" not in config:
+            continue
+        number = int(config.pop("optuna_trial"))
+        seen.add(number)
+        it = metric_value(result.metrics, "iteration")
+        if result.error is not None:
+            state = "error"
+        elif it is not None and int(it) >= cfg.tune.iters:
+            state = "complete"
+        else:
+            state = "pruned"
+        trial = ot.get(number)
+        rows.append(TrialRow(
+            number=number, tune_trial_id=metric_value(result.metrics, "trial_id"), state=state,
+            params=config, iteration=int(it) if it is not None else None,
+            val_a=metric_value(result.metrics, "val_A/miou"),
+            val_b=metric_value(result.metrics, "val_B/miou"),
+            optuna_state=trial.state.name if trial else "MISSING",
+            extra={"trial_s": metric_value(result.metrics, "time_total_s"),
+                   "worker_s": metric_value(result.metrics, "time/worker_s")},
+            variant_id=variant_id(trial_config(cfg, config, iters=cfg.tune.iters))))
+    for number, trial in ot.items():  # asked by a driver that died before Tune recorded it
+        if number not in seen and trial.state == optuna.trial.TrialState.RUNNING:
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+            study.set_user_attr(f"lost_trial_{number}", "asked before an interrupted driver "
+                                "saved the Tune state; never run")
+    if sweep.get("parent_run_id"):
+        out = []
+        for row in rows:
+            tags = {"sweep_id": sweep["id"], "tune_trial_id": row.tune_trial_id}
+            run_id = _child_run(sweep, tags)
+            if run_id:
+                status = {"complete": "FINISHED", "pruned": "KILLED"}.get(row.state, "FAILED")
+                tracking.finish_run(sweep["tracking_uri"], run_id, status,
+                                    {"outcome": row.state, "optuna_state": row.optuna_state})
+            out.append(TrialRow(**{**row.__dict__, "run_id": run_id}))
+        rows = out
+    return sorted(rows, key=lambda r: r.number)
+
+
+def _child_run(sweep: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
+    import mlflow
+
+    mlflow.set_tracking_uri(sweep["tracking_uri"])
+    exp = mlflow.get_experiment_by_name(sweep["experiment"])
+    if exp is None:
+        return None
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=query, output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+def _write_best(cfg: ExperimentConfig, rows: Sequence[TrialRow], folder: Path) -> list[str]:
+    from vspw_ray.config import config_from_dict, dump_yaml, to_dict
+    from vspw_ray.tune.space import trial_config
+
+    sign = 1.0 if cfg.tune.mode == "max" else -1.0
+    done = sorted([r for r in rows if r.state == "complete" and r.val_a is not None],
+                  key=lambda r: -sign * r.val_a)[: cfg.tune.top_k]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for rank, row in enumerate(done, 1):
+        full = trial_config(cfg, row.params)  # the full-length schedule of the experiment
+        data_name = f"{cfg.name}_best{rank}"
+        full = config_from_dict({**to_dict(full), "name": data_name})
+        path = folder / f"{data_name}.yaml"
+        header = (f"# Best {rank} of sweep on fold A of val: trial #{row.number}, val_A mIoU "
+                  f"{_pct(row.val_a)}, val_B mIoU {_pct(row.val_b)} after {row.iteration} "
+                  f"iterations.\n# Train with: vspw-ray train {path}\n")
+        path.write_text(header + dump_yaml(full))
+        paths.append(str(path))
+    return paths
+
+
+def _write_csv(rows: Sequence[TrialRow], path: Path) -> None:
+    keys = sorted({k for r in rows for k in r.params})
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["optuna_trial", "tune_trial_id", "state", "optuna_state", "iteration",
+                         "val_A/miou", "val_B/miou", "variant_id", "mlflow_run_id", "trial_s",
+                         "worker_s", *keys])
+        for r in rows:
+            writer.writerow([r.number, r.tune_trial_id, r.state, r.optuna_state, r.iteration,
+                             r.val_a, r.val_b, r.variant_id, r.run_id, r.extra.get("trial_s"),
+                             r.extra.get("worker_s"),
+                             *[json.dumps(r.params[k]) if k in r.params else "" for k in keys]])
+
+
+def finish_sweep(cfg: ExperimentConfig, grid, sweep: Mapping[str, Any], *, study_name: str,
+                 optuna_url: str):
+    """Join Tune's results, the Optuna study and the MLflow runs; write and log the report."""
+    import optuna
+
+    from vspw_ray import tracking
+    from vspw_ray.tune.search import SearchResult
+
+    study = optuna.load_study(study_name=study_name, storage=optuna_url)
+    rows = _rows(cfg, grid, study, sweep)
+    optimism = selection_optimism(rows, cfg.tune.mode)
+    summary = format_trials(rows, optimism, cfg.tune.mode)
+    path = sweep["path"]
+    local = Path(path) if "://" not in path else Path.cwd() / Path(path).name
+    best = _write_best(cfg, rows, local / "best")
+    summary += "\n\nbest configurations (full-length schedule):\n" + "\n".join(
+        f"  {p}" for p in best)
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        _write_csv(rows, folder / "trials.csv")
+        (folder / "summary.txt").write_text(summary + "\n")
+        (folder / "selection_optimism.json").write_text(json.dumps(optimism, indent=1))
+        _plots(study, folder)
+        for f in folder.iterdir():
+            (local / f.name).write_bytes(f.read_bytes())
+        if sweep.get("parent_run_id"):
+            uri, rid = sweep["tracking_uri"], sweep["parent_run_id"]
+            for f in sorted(folder.iterdir()):
+                tracking.log_artifact(uri, rid, f)
+            for p in best:
+                tracking.log_artifact(uri, rid, p, "best_configs")
+            numbers = {k: v for k, v in optimism.items()
+                       if k in ("lead_a", "lead_b", "excess_gap", "spearman_a_b")
+                       and v is not None}
+            done = [r for r in rows if r.state == "complete" and r.val_a is not None]
+            if done:
+                pick = max if cfg.tune.mode == "max" else min
+                top = pick(done, key=lambda r: r.val_a)
+                numbers.update({"best/val_A/miou": top.val_a, "best/val_B/miou": top.val_b or 0.0})
+            numbers.update(trials_complete=sum(r.state == "complete" for r in rows),
+                           trials_pruned=sum(r.state == "pruned" for r in rows),
+                           trials_error=sum(r.state == "error" for r in rows))
+            tracking.log_metrics(uri, rid, numbers, 0)
+    return SearchResult(sweep["id"], path, study_name, optuna_url, rows, best, summary,
+                        sweep.get("parent_run_id"))
