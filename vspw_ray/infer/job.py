@@ -245,7 +245,7 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
     experiment = cfg.tracking.experiment or cfg.name
     run_id = None
     skipped: dict[str, list[str]] = {v: list(n) for v, n in skipped_before.items()}
-    written, start, first = 0, time.perf_counter(), None
+    written, start, first, first_count = 0, time.perf_counter(), None, 0
     if todo:
         connect_ray(address)
         n, resources = num_actors(cfg, ray.cluster_resources(), torch_threads,
@@ -257,7 +257,9 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False  # one progress line of ours instead
-        ds = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 8 * n)))
+        # small blocks (a frame or a few each): results stream back frame by frame, not in
+        # chunks that hold the first output back
+        ds = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000 * n)))
               .map_batches(decode_frames, batch_size=cfg.infer.batch_size, batch_format="numpy",
                            fn_kwargs={"on_bad_frame": cfg.infer.on_bad_frame}, num_cpus=1)
               .map_batches(TTAPredictor, batch_size=cfg.infer.batch_size, batch_format="numpy",
@@ -271,7 +273,8 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
         seen: dict[str, int] = defaultdict(int)
         total = len(items)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            first = first or time.perf_counter()
+            if first is None:
+                first, first_count = time.perf_counter(), len(batch["frame"])
             for i in range(len(batch["frame"])):
                 video, name = str(batch["video"][i]), str(batch["frame"][i])
                 seen[video] += 1
@@ -318,8 +321,8 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
                                ) as rid:
             numbers = {"frames": written, "frames_per_s": fps, "store_bytes": store_bytes,
                        "store_bytes_per_frame": store_bytes / max(1, manifest["splits"][split]["frames"])}
-            if steady > 0 and written > 1:
-                numbers["frames_per_s_steady"] = (written - 1) / steady
+            if steady > 0 and written > first_count:
+                numbers["frames_per_s_steady"] = (written - first_count) / steady
             if metrics:
                 numbers.update({f"{split}/{k}": v for k, v in metrics.items()
                                 if isinstance(v, float)})
@@ -329,7 +332,8 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
     scores.write_manifest(vid, manifest)
     return InferResult(vid, split, store_uri, str(pred_dir), written,
                        [f"{v}/{n}" for v, ns in skipped.items() for n in ns], fps,
-                       (written - 1) / steady if steady > 0 and written > 1 else fps,
+                       (written - first_count) / steady if steady > 0 and written > first_count
+                       else fps,
                        store_bytes, metrics, run_id)
 
 
