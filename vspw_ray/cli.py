@@ -183,6 +183,14 @@ def _cmd_infer(args) -> int:
     return 0
 
 
+def _experiment_args(p: argparse.ArgumentParser, *, variant: bool = False) -> None:
+    p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    if variant:
+        p.add_argument("--variant",
+                       help="variant name or variant_id (required when several exist)")
+
+
 def _run_options(p: argparse.ArgumentParser, threads_help: str = "torch threads per worker") -> None:
     """Options every command that runs on Ray takes."""
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
@@ -231,26 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("train", help="train one variant on Ray Train (resumes when re-run)")
-    p.add_argument("experiment")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--variant", help="variant name or variant_id (required when several exist)")
+    _experiment_args(p, variant=True)
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="start from these weights (sets model.init_checkpoint)")
     _run_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("swa", help="stochastic weight averaging after training (resumes when re-run)")
-    p.add_argument("experiment")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--variant", help="variant name or variant_id (required when several exist)")
+    _experiment_args(p, variant=True)
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
                    help="checkpoint folder or checkpoint.pt (default: the variant's best)")
     _run_options(p)
     p.set_defaults(func=_cmd_swa)
 
     p = sub.add_parser("infer", help="TTA inference into a Parquet score store (Ray Data; resumes)")
-    p.add_argument("experiment")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    _experiment_args(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or checkpoint.pt")
     p.add_argument("--split", default="val", help="val or test (any split file of data.root)")
     p.add_argument("--store", help="score store (default: <storage.path>/scores)")
@@ -259,16 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_infer)
 
     p = sub.add_parser("tune", help="search tune.space with Ray Tune + Optuna (resumes when re-run)")
-    p.add_argument("experiment")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    _experiment_args(p)
     _run_options(p)
     p.set_defaults(func=_cmd_tune)
 
     cfg = sub.add_parser("config", help="show an experiment's resolved config")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     p = csub.add_parser("show", help="print the resolved YAML and variant ids")
-    p.add_argument("experiment")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    _experiment_args(p)
     p.add_argument("--variant")
     p.set_defaults(func=_cmd_config_show)
     return parser

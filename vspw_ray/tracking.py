@@ -48,8 +48,10 @@ def _experiment_id(mlflow, name: str, storage_path: str) -> str:
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 
-def find_run(uri: str, experiment: str, tags: Mapping[str, str]) -> str | None:
-    """The newest unfinished run of ``experiment`` with these tags (to resume), or None."""
+def find_run(uri: str, experiment: str, tags: Mapping[str, str], *,
+             unfinished: bool = True) -> str | None:
+    """The newest run of ``experiment`` with these tags that is unfinished (to resume; any run
+    with ``unfinished=False``), or None."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -60,7 +62,7 @@ def find_run(uri: str, experiment: str, tags: Mapping[str, str]) -> str | None:
     runs = mlflow.search_runs([exp.experiment_id], filter_string=query, output_format="list",
                               order_by=["attributes.start_time DESC"])
     for run in runs:
-        if run.info.status != "FINISHED":
+        if not unfinished or run.info.status != "FINISHED":
             return run.info.run_id
     return None
 

@@ -188,7 +188,7 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
     from vspw_ray.data import load_class_table, read_split, split_frames
     from vspw_ray.infer.store import ScoreStore
     from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.checkpoints import checkpoint_file, read_state
+    from vspw_ray.train.checkpoints import checkpoint_file, read_summary
     from vspw_ray.train.driver import connect_ray, prepare_config
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -197,12 +197,11 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
     storage = resolve_storage(cfg.storage.path)
     checkpoint = checkpoint_file(checkpoint if "://" in checkpoint
                                  else str(Path(checkpoint).expanduser().resolve()))
-    state = read_state(checkpoint)
-    vid = state.get("variant_id")
+    header = read_summary(checkpoint)
+    vid = header.get("variant_id")
     if not vid:
         raise ValueError(f"{checkpoint} records no variant_id; infer needs a vspw_ray checkpoint")
-    parent = state.get("parent_variant_id")
-    del state
+    parent = header.get("parent_variant_id")
     root = cfg.data.root
     table = load_class_table(root)
     videos = read_split(root, split)
@@ -338,7 +337,8 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
 
 
 def _has_masks(frames: list[Frame]) -> bool:
-    return bool(frames) and all(f.mask is not None and Path(f.mask).is_file() for f in frames[:1])
+    """Whether the split has ground truth (val does, test does not): its first frame tells."""
+    return bool(frames) and frames[0].mask is not None and Path(frames[0].mask).is_file()
 
 
 def _store_metrics(scores, vid: str, root: str, split: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "read_state", "list_checkpoints",
+__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "read_state", "read_summary", "list_checkpoints",
            "best_checkpoint", "checkpoint_file"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -28,6 +28,24 @@ def read_state(path: str) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def read_summary(checkpoint: str) -> dict:
+    """variant_id, iteration, kind, metrics and parent of a ``checkpoint.pt``: from the
+    ``metrics.json`` beside it when there is one (no weights read, nothing downloaded), else
+    from the checkpoint itself."""
+    import pyarrow.fs
+
+    folder = checkpoint.rsplit("/", 1)[0]
+    fs, inner = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder
+                                               else str(Path(folder).resolve()))
+    try:
+        with fs.open_input_stream(f"{inner}/{METRICS_FILE}") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        state = read_state(checkpoint)
+        return {k: state.get(k) for k in ("variant_id", "iteration", "kind", "metrics",
+                                          "parent_variant_id")}
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[str, dict]]:

@@ -15,7 +15,8 @@ from vspw_ray.data.stats import load_prior
 from vspw_ray.storage import check_cluster_settings, resolve_storage
 from vspw_ray.train.resources import check_feasible, wait_for_resources
 
-__all__ = ["TrainResult", "train_variant", "connect_ray", "prepare_config", "build_trainer"]
+__all__ = ["TrainResult", "train_variant", "connect_ray", "connect_and_find_run", "prepare_config",
+           "build_trainer"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,18 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
+
+
+def connect_and_find_run(address: str | None, uri: str, experiment: str,
+                         tags: dict[str, str], track: bool) -> str | None:
+    """Connect to Ray and look up the unfinished MLflow run to resume, overlapped: the first use
+    of a SQLite store creates its tables (seconds) while Ray starts."""
+    from vspw_ray import tracking
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(tracking.find_run, uri, experiment, tags) if track else None
+        connect_ray(address)
+        return pending.result() if pending else None
 
 
 def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -87,11 +100,7 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     uri = tracking.resolve_tracking_uri(resolved.tracking.uri, storage)
     experiment = resolved.tracking.experiment or cfg.name
     tags = {"variant_id": vid, "stage": "train"}
-    # the first use of a SQLite store creates its tables (seconds): overlap it with Ray's start
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(tracking.find_run, uri, experiment, tags) if track else None
-        connect_ray(address)
-        run_id = pending.result() if pending else None
+    run_id = connect_and_find_run(address, uri, experiment, tags, track)
     check_feasible(resolved)
     wait_for_resources(resolved)
     family = resolved.model.family

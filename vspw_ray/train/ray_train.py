@@ -69,7 +69,8 @@ def write_checkpoint(directory: str | Path, state: dict) -> Path:
     path = Path(directory) / CHECKPOINT_FILE
     torch.save(state, path)
     summary = {"variant_id": state.get("variant_id"), "iteration": state.get("iteration"),
-               "kind": state.get("kind", "train"), "metrics": state.get("metrics", {})}
+               "kind": state.get("kind", "train"), "metrics": state.get("metrics", {}),
+               "parent_variant_id": state.get("parent_variant_id")}
     (Path(directory) / METRICS_FILE).write_text(json.dumps(summary, indent=1))
     return path
 

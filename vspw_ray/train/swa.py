@@ -29,7 +29,8 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from vspw_ray.config import ConfigError, ExperimentConfig, SwaConfig, to_dict
 from vspw_ray.data.datasets import sample_seed
-from vspw_ray.train.checkpoints import best_checkpoint, checkpoint_file, list_checkpoints, read_state
+from vspw_ray.train.checkpoints import (best_checkpoint, checkpoint_file, list_checkpoints,
+                                        read_state, read_summary)
 
 __all__ = ["cyclic_lr", "swa_scheduler", "swa_steps", "recompute_bn", "has_batchnorm",
            "swa_loop_per_worker", "swa_variant_id", "SwaResult", "swa_variant", "COMPARED"]
@@ -246,15 +247,13 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     """Run (or resume, or find finished) the SWA job of one variant."""
     import os
     import tempfile
-    from concurrent.futures import ThreadPoolExecutor
-
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from vspw_ray import tracking
     from vspw_ray.config import resolve_variant, variant_id
     from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.driver import prepare_config, _git_commit, connect_ray
+    from vspw_ray.train.driver import _git_commit, connect_and_find_run, prepare_config
     from vspw_ray.train.resources import check_feasible, wait_for_resources
 
     resolved = resolve_variant(cfg, variant)
@@ -266,15 +265,14 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
         from_checkpoint = str(Path(from_checkpoint).expanduser().resolve())
     base_dir = from_checkpoint or best_checkpoint(storage, parent)
     base_file = checkpoint_file(base_dir)
-    header = read_state(base_file)
+    header = read_summary(base_file)
     owner = header.get("variant_id")
     if owner and owner != parent:
         raise ConfigError(
             f"checkpoint {base_file} belongs to variant_id {owner}, but the experiment and "
             f"--variant {variant or '(base)'} resolve to {parent}: pass the variant that "
             f"trained it (vspw-ray config show EXPERIMENT.yaml lists the ids)")
-    base_iter = int(header.get("iteration", 0))
-    del header
+    base_iter = int(header.get("iteration") or 0)
     vid = swa_variant_id(parent, resolved.swa, base_iter)
     run_dir = f"{storage.rstrip('/')}/swa/{vid}"
     uri = tracking.resolve_tracking_uri(resolved.tracking.uri, storage)
@@ -289,10 +287,7 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
         run_id = tracking.find_run(uri, experiment, tags) if track else None
         return SwaResult(vid, parent, base_file, path, comparison, run_id)
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(tracking.find_run, uri, experiment, tags) if track else None
-        connect_ray(address)
-        run_id = pending.result() if pending else None
+    run_id = connect_and_find_run(address, uri, experiment, tags, track)
     check_feasible(resolved)
     wait_for_resources(resolved)
 

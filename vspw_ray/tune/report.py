@@ -190,7 +190,8 @@ def _rows(cfg: ExperimentConfig, grid, study, sweep: Mapping[str, Any]) -> list[
         out = []
         for row in rows:
             tags = {"sweep_id": sweep["id"], "tune_trial_id": row.tune_trial_id}
-            run_id = _child_run(sweep, tags)
+            run_id = tracking.find_run(sweep["tracking_uri"], sweep["experiment"], tags,
+                                       unfinished=False)
             if run_id:
                 status = {"complete": "FINISHED", "pruned": "KILLED"}.get(row.state, "FAILED")
                 tracking.finish_run(sweep["tracking_uri"], run_id, status,
@@ -198,18 +199,6 @@ def _rows(cfg: ExperimentConfig, grid, study, sweep: Mapping[str, Any]) -> list[
             out.append(TrialRow(**{**row.__dict__, "run_id": run_id}))
         rows = out
     return sorted(rows, key=lambda r: r.number)
-
-
-def _child_run(sweep: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
-    import mlflow
-
-    mlflow.set_tracking_uri(sweep["tracking_uri"])
-    exp = mlflow.get_experiment_by_name(sweep["experiment"])
-    if exp is None:
-        return None
-    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=query, output_format="list")
-    return runs[0].info.run_id if runs else None
 
 
 def _write_best(cfg: ExperimentConfig, rows: Sequence[TrialRow], folder: Path) -> list[str]:

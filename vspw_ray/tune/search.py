@@ -283,8 +283,6 @@ def enqueue_points(cfg: ExperimentConfig, params: list[SearchParam]) -> list[dic
 def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool = True,
                torch_threads: int = 1) -> SearchResult:
     """Run (or resume) the sweep of ``cfg.tune`` and write its report and best configs."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import optuna
     import ray
     import ray.tune
@@ -292,7 +290,7 @@ def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool
 
     from vspw_ray import tracking
     from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.driver import _git_commit, connect_ray, prepare_config
+    from vspw_ray.train.driver import _git_commit, connect_and_find_run, prepare_config
     from vspw_ray.train.resources import check_feasible
     from vspw_ray.tune.report import finish_sweep
 
@@ -311,10 +309,7 @@ def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool
     experiment = cfg.tracking.experiment or cfg.name
     tags = {"sweep_id": sid, "stage": "tune"}
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(tracking.find_run, uri, experiment, tags) if track else None
-        connect_ray(address)
-        parent_run = pending.result() if pending else None
+    parent_run = connect_and_find_run(address, uri, experiment, tags, track)
     check_feasible(cfg)
     concurrent, why = max_concurrent(cfg, ray.cluster_resources())
     print(f"sweep {sid}: {cfg.tune.num_samples} trials of {cfg.tune.iters} iterations, up to "
