@@ -5,6 +5,7 @@ the time from `vspw-ray train` to its first iteration. Prints JSON lines last.""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -55,25 +56,42 @@ def plain_step_seconds(root: Path) -> float:
     return sum(steady) / len(steady)
 
 
-def ray_run(root: Path, storage: Path) -> tuple[float, float]:
-    """(seconds per step after the first log interval, seconds to the first iteration)."""
+# where the start-up goes: the first line of each phase in `vspw-ray train`'s output
+PHASES = [("ray_started", "local Ray instance"), ("controller_up", "Requesting resources"),
+          ("worker_group_starting", "Attempting to start"),
+          ("worker_process_up", "Setting up process group"), ("first_iteration", "] it 1/")]
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (every process, every core), from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def ray_run(root: Path, storage: Path) -> tuple[float, dict[str, float], float]:
+    """(seconds per step after the first log interval, seconds to each start-up phase, CPU
+    seconds the machine spent until the first iteration)."""
     cmd = [sys.executable, "-m", "vspw_ray", "train", str(EXPERIMENT), "--variant", "crop96",
            "--torch-threads", str(THREADS), *_overrides(root, storage, log=1)]
-    start = time.perf_counter()
+    cpu0, start = _busy_cpu_seconds(), time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
-    first, stamps = None, {}
+    phases, stamps, cpu = {}, {}, float("nan")
     for line in proc.stdout:
+        now = time.perf_counter() - start
+        for name, pattern in PHASES:
+            if pattern in line and name not in phases:
+                phases[name] = now
+                if name == "first_iteration":
+                    cpu = _busy_cpu_seconds() - cpu0
         m = re.search(r"\] it (\d+)/\d+ ", line)
         if m:
-            it = int(m.group(1))
-            now = time.perf_counter() - start
-            first = first if first is not None else now
-            stamps.setdefault(it, now)
+            stamps.setdefault(int(m.group(1)), now)
     if proc.wait() != 0:
         raise RuntimeError("vspw-ray train failed")
     step = (stamps[ITERS] - stamps[LOG]) / (ITERS - LOG)
-    return step, first
+    return step, phases, cpu
 
 
 def main() -> None:
@@ -83,16 +101,22 @@ def main() -> None:
         root = Path(tmp) / "synth"
         synthesize(root, SynthSpec(videos=8, frames=8, classes=8, height=120, width=160))
         plain = plain_step_seconds(root)
-        ray_step, first = ray_run(root, Path(tmp) / "runs")
+        ray_step, phases, cpu = ray_run(root, Path(tmp) / "runs")
         plain_again = plain_step_seconds(root)  # bracket the Ray run: the machine is shared
     plain = min(plain, plain_again)
+    first = phases["first_iteration"]
     print(f"torch threads {THREADS}, batch 4, tiny UperNet crop 96x128, {ITERS} iterations")
     print(f"plain loop {plain * 1000:.1f} ms/step; Ray Train loop {ray_step * 1000:.1f} ms/step; "
           f"first iteration after {first:.1f} s")
+    print("start-up phases (s since the command): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    print(f"the machine's {os.cpu_count()} cores were busy for {cpu:.1f} CPU-s until the first "
+          f"iteration ({cpu / first / (os.cpu_count() or 1):.0%} of their capacity)")
     for metric, value, target, unit in [
         ("plain_step_ms", plain * 1000, None, "ms"),
         ("ray_train_step_ms", ray_step * 1000, None, "ms"),
         ("ray_vs_plain_step_ratio", ray_step / plain, 1.05, "ratio"),
+        ("cpu_seconds_to_first_iteration", cpu, None, "s"),
         ("time_to_first_iteration", first, 15.0, "s"),
     ]:
         print(json.dumps({"metric": metric, "value": round(value, 3), "target": target, "unit": unit}))

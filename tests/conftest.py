@@ -79,8 +79,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # a free dashboard port: the default 8265 stays free for the Ray instances that the
-        # kill tests start in subprocesses
-        ray.init(num_cpus=4, log_to_driver=False, dashboard_port=free_port())
+        # no dashboard, as the CLI's local instances: its processes only take CPU from the tests
+        ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
     yield ray
     ray.shutdown()

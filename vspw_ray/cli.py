@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -196,6 +197,9 @@ def _run_options(p: argparse.ArgumentParser, threads_help: str = "torch threads 
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--torch-threads", type=int, default=1, help=threads_help)
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start the Ray dashboard with a local Ray instance (off by default: it "
+                        "costs seconds of start-up; a cluster has its own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,9 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vspw_ray.config import ConfigError
-    from vspw_ray.data.layout import DataError
-    from vspw_ray.infer.store import StoreError
+    from vspw_ray.errors import UserError
 
     parser = build_parser()
     # overrides may follow options (`train EXP.yaml --variant v train.lr=1e-4`): argparse leaves
@@ -289,11 +291,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in late) or ' '.join(late)}")
     if late:
         args.overrides = list(args.overrides) + late
+    if getattr(args, "dashboard", False):
+        from vspw_ray.train.driver import DASHBOARD_ENV
+
+        os.environ[DASHBOARD_ENV] = "1"
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, FileNotFoundError, StoreError) as err:
+    except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vspw-ray config show ... | head`: the reader is gone, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

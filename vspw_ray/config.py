@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vspw_ray.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -51,10 +53,6 @@ __all__ = [
     "to_dict",
     "dump_yaml",
 ]
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
 
 
 def _check(cond: bool, key: str, message: str) -> None:

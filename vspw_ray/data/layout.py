@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vspw_ray.errors import DataError
+
 IGNORE_INDEX = 255
 CLASS_TABLE_FILE = "label_num_dic_final.json"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -43,10 +45,6 @@ __all__ = [
     "read_mask",
     "check_same_size",
 ]
-
-
-class DataError(ValueError):
-    """A problem with the dataset on disk; the message names the file, video or frame."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
 
+from vspw_ray.errors import StoreError
 from vspw_ray.infer.encoding import EncodedScores, ScoreEncoding
 
 __all__ = ["ScoreStore", "SCHEMA", "AlignedBatch", "StoreError"]
@@ -40,10 +41,6 @@ SCHEMA = pa.schema([
     ("classes", pa.binary()), ("codes", pa.binary()),
 ])
 TMP_PREFIX = ".tmp-"
-
-
-class StoreError(ValueError):
-    """A store that is missing a member, a split or frames, or disagrees between members."""
 
 
 @dataclass(frozen=True)

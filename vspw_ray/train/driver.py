@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,8 +16,8 @@ from vspw_ray.data.stats import load_prior
 from vspw_ray.storage import check_cluster_settings, resolve_storage
 from vspw_ray.train.resources import check_feasible, wait_for_resources
 
-__all__ = ["TrainResult", "train_variant", "connect_ray", "connect_and_find_run", "prepare_config",
-           "build_trainer"]
+__all__ = ["TrainResult", "train_variant", "connect_ray", "connect_and_find_run",
+           "DASHBOARD_ENV", "prepare_config", "build_trainer"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,17 @@ class TrainResult:
     run_id: str | None
 
 
+DASHBOARD_ENV = "VSPW_RAY_DASHBOARD"  # "1": start the dashboard with a local Ray instance
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or RAY_ADDRESS), or start a local Ray instance with
-    enough logical CPUs for a driver plus the workers on a small machine."""
+    enough logical CPUs for a driver plus the workers on a small machine.
+
+    The local instance starts without the dashboard unless ``VSPW_RAY_DASHBOARD=1``
+    (``--dashboard``): its processes cost seconds of start-up on a small machine. Ray Train's
+    preemption watcher (an actor per run polling the nodes' drain state) is left off there too:
+    a single local node is never drained. A cluster keeps Ray's settings."""
     import ray
 
     if ray.is_initialized():
@@ -38,8 +47,14 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # inherited by Ray's processes
+    dashboard = os.environ.get(DASHBOARD_ENV, "0") not in ("", "0")
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=dashboard,
+             log_to_driver=True)
+    if not dashboard:
+        print("local Ray instance started without its dashboard (--dashboard to have one)",
+              file=sys.stderr, flush=True)
 
 
 def connect_and_find_run(address: str | None, uri: str, experiment: str,

@@ -1,0 +1,49 @@
+"""The command line: bad input is one `error:` line naming the key, file or store member (exit
+status 2, no traceback), and commands that need no model start without loading torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from vspw_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "experiments" / "tiny_synth.yaml"
+
+
+def test_unknown_config_key_is_one_error_line(capsys):
+    assert main(["config", "show", str(EXPERIMENT), "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown config key 'train.lrr'" in err
+    assert "lr" in err.split("known keys here:")[1]  # says what the valid keys are
+    assert "Traceback" not in err
+
+
+def test_missing_store_member_is_one_error_line(tmp_path, capsys, synth_root):
+    store = tmp_path / "scores"
+    store.mkdir()
+    assert main(["evaluate", "--store", str(store), "--variant", "up-nothere", "--root",
+                 str(synth_root), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no member 'up-nothere'" in err
+    assert "vspw-ray infer" in err  # what to do
+
+
+def test_config_show_starts_without_torch():
+    code = ("import sys; from vspw_ray.cli import main; rc = main(['config', 'show', "
+            f"{str(EXPERIMENT)!r}]); print('TORCH', 'torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert "name: tiny_synth" in out  # the resolved YAML was printed
+    assert out.strip().splitlines()[-1] == "TORCH False 0"
+
+
+def test_closed_pipe_is_not_an_error():
+    """`vspw-ray config show ... | head -1`: the reader is gone before the YAML is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "vspw_ray", "config", "show", str(EXPERIMENT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc.stdout.close()  # long before the interpreter has started and printed anything
+    err = proc.stderr.read()
+    assert proc.wait() == 0 and "Traceback" not in err, err
