@@ -177,14 +177,29 @@ def _write_png(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class _Throughput:
+    written: int = 0  # frames this run wrote (stored or skipped)
+    first_count: int = 0  # frames in the first batch out
+    elapsed: float = 0.0  # seconds from the start, Ray start and actor set-up included
+    steady: float = 0.0  # seconds from the first batch out to the last
+
+    @property
+    def fps(self) -> float:
+        return self.written / self.elapsed if self.written else 0.0
+
+    @property
+    def fps_steady(self) -> float:
+        later = self.written - self.first_count
+        return later / self.steady if self.steady > 0 and later > 0 else self.fps
+
+
 def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
                   store: str | None = None, predictions: str | None = None,
                   address: str | None = None, track: bool = True,
                   torch_threads: int = 1, progress=None) -> InferResult:
-    import ray
-    import ray.data
-
-    from vspw_ray import tracking
+    """Infer ``checkpoint`` over ``split`` into the score store and prediction PNGs; videos
+    already stored are skipped. Metrics from the stored scores when the split has masks."""
     from vspw_ray.data import load_class_table, read_split, split_frames
     from vspw_ray.infer.store import ScoreStore
     from vspw_ray.storage import check_cluster_settings, resolve_storage
@@ -201,7 +216,6 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
     vid = header.get("variant_id")
     if not vid:
         raise ValueError(f"{checkpoint} records no variant_id; infer needs a vspw_ray checkpoint")
-    parent = header.get("parent_variant_id")
     root = cfg.data.root
     table = load_class_table(root)
     videos = read_split(root, split)
@@ -213,88 +227,28 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
     scores = ScoreStore(store_uri)
     pred_dir = Path(predictions or f"{storage}/predictions/{vid}/{split}")
     try:
-        manifest = scores.manifest(vid)
+        previous = scores.manifest(vid)
     except ValueError:
-        manifest = {}
-    skipped_before = manifest.get("splits", {}).get(split, {}).get("skipped", {})
+        previous = {}
+    skipped_before = previous.get("splits", {}).get(split, {}).get("skipped", {})
     expected = {v: len(by_video[v]) - len(skipped_before.get(v, [])) for v in videos}
-    done = scores.done_videos(vid, split, expected)
-    done = {v for v in done
+    done = {v for v in scores.done_videos(vid, split, expected)
             if all((pred_dir / v / f"{f.name}.png").is_file() for f in by_video[v]
                    if f.name not in skipped_before.get(v, []))}
     todo = [v for v in videos if v not in done]
-    encoding = {"scale": cfg.infer.score_scale, "top_k": cfg.infer.top_k,
-                "step": cfg.infer.score_step}
-    manifest = {
-        "variant_id": vid, "parent_variant_id": parent, "checkpoint": checkpoint,
-        "class_names": table.names, "num_classes": table.num_classes,
-        "tta": {"scales": list(cfg.infer.scales), "flip": cfg.infer.flip},
-        "encoding": {"name": "topk-logq-u8", "params": encoding,
-                     "doc": "classes/codes: uint8 [top_k, score_height, score_width]; "
-                            "p = exp(-code * step); the remaining mass is spread evenly over "
-                            "the other classes; resize bilinearly to height x width"},
-        "schema": "video, frame, height, width, score_height, score_width, classes, codes",
-        "splits": {**manifest.get("splits", {})},
-        "mlflow_run_id": manifest.get("mlflow_run_id"),
-    }
+    manifest = _manifest(cfg, vid, header.get("parent_variant_id"), checkpoint, table, previous)
     print(f"infer {vid} on {split}: {len(videos)} videos, {len(done)} already stored, "
           f"{len(todo)} to run", flush=True)
 
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, storage) if track else None
-    experiment = cfg.tracking.experiment or cfg.name
-    run_id = None
     skipped: dict[str, list[str]] = {v: list(n) for v, n in skipped_before.items()}
-    written, start, first, first_count = 0, time.perf_counter(), None, 0
+    rate = _Throughput()
+    start = time.perf_counter()
     if todo:
         connect_ray(address)
-        n, resources = num_actors(cfg, ray.cluster_resources(), torch_threads,
-                                  None if address else os.cpu_count())
-        print(f"{n} model actor(s) ({resources}), TTA scales {list(cfg.infer.scales)} "
-              f"flip={cfg.infer.flip}", flush=True)
-        items = [{"video": f.video, "frame": f.name, "image_path": str(f.image), "index": i}
-                 for i, f in enumerate(f for v in todo for f in by_video[v])]
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False  # one progress line of ours instead
-        # small blocks (a frame or a few each): results stream back frame by frame, not in
-        # chunks that hold the first output back
-        ds = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000 * n)))
-              .map_batches(decode_frames, batch_size=cfg.infer.batch_size, batch_format="numpy",
-                           fn_kwargs={"on_bad_frame": cfg.infer.on_bad_frame}, num_cpus=1)
-              .map_batches(TTAPredictor, batch_size=cfg.infer.batch_size, batch_format="numpy",
-                           compute=ray.data.ActorPoolStrategy(size=n),
-                           fn_constructor_kwargs={
-                               "checkpoint": checkpoint, "num_classes": table.num_classes,
-                               "infer": to_dict(cfg.infer), "mean": list(cfg.data.mean),
-                               "std": list(cfg.data.std), "torch_threads": torch_threads},
-                           **resources))
-        pending: dict[str, list[dict]] = defaultdict(list)
-        seen: dict[str, int] = defaultdict(int)
-        total = len(items)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if first is None:
-                first, first_count = time.perf_counter(), len(batch["frame"])
-            for i in range(len(batch["frame"])):
-                video, name = str(batch["video"][i]), str(batch["frame"][i])
-                seen[video] += 1
-                if batch["error"][i]:
-                    print(f"skipped: {batch['error'][i]}", flush=True)
-                    skipped.setdefault(video, []).append(name)
-                else:
-                    _write_png(pred_dir / video / f"{name}.png", bytes(batch["png"][i]))
-                    pending[video].append({
-                        "video": video, "frame": name, "height": int(batch["height"][i]),
-                        "width": int(batch["width"][i]),
-                        "score_height": int(batch["score_height"][i]),
-                        "score_width": int(batch["score_width"][i]),
-                        "classes": bytes(batch["classes"][i]), "codes": bytes(batch["codes"][i])})
-                written += 1
-                if seen[video] == len(by_video[video]):  # the video is complete
-                    scores.write_video(vid, split, video, pending.pop(video))
-                if progress:
-                    progress(written, total)
-    elapsed = time.perf_counter() - start
-    steady = time.perf_counter() - first if first else 0.0
+        batches = _pipeline(cfg, [f for v in todo for f in by_video[v]], checkpoint,
+                            table.num_classes, address, torch_threads)
+        rate = _write_stream(batches, scores, vid, split, pred_dir,
+                             {v: len(by_video[v]) for v in todo}, skipped, progress, start)
     manifest["splits"][split] = {
         "videos": len(videos), "frames": sum(len(by_video[v]) for v in videos),
         "skipped": {v: n for v, n in skipped.items() if n}}
@@ -307,33 +261,130 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
         print(f"no {split} metrics: {n_skipped} frames were skipped", flush=True)
     manifest["splits"][split]["metrics"] = metrics
     store_bytes = scores.size_bytes(vid, split)
-    fps = written / elapsed if written else 0.0
+    run_id = None
     if track:
-        tags = {"variant_id": vid, "stage": "infer", "split": split}
-        with tracking.open_run(uri, experiment, storage,
-                               run_id=tracking.find_run(uri, experiment, tags),
-                               run_name=f"{vid}-infer-{split}", tags=tags,
-                               params={"checkpoint": checkpoint, "store": store_uri,
-                                       "tta.scales": str(list(cfg.infer.scales)),
-                                       "tta.flip": str(cfg.infer.flip),
-                                       **{f"encoding.{k}": str(v) for k, v in encoding.items()}}
-                               ) as rid:
-            numbers = {"frames": written, "frames_per_s": fps, "store_bytes": store_bytes,
-                       "store_bytes_per_frame": store_bytes / max(1, manifest["splits"][split]["frames"])}
-            if steady > 0 and written > first_count:
-                numbers["frames_per_s_steady"] = (written - first_count) / steady
-            if metrics:
-                numbers.update({f"{split}/{k}": v for k, v in metrics.items()
-                                if isinstance(v, float)})
-            tracking.log_metrics(uri, rid, numbers, 0)
-            run_id = rid
+        run_id = _log_run(cfg, storage, vid, split, checkpoint, store_uri, rate, store_bytes,
+                          manifest["splits"][split]["frames"], metrics)
         manifest["mlflow_run_id"] = run_id
     scores.write_manifest(vid, manifest)
-    return InferResult(vid, split, store_uri, str(pred_dir), written,
-                       [f"{v}/{n}" for v, ns in skipped.items() for n in ns], fps,
-                       (written - first_count) / steady if steady > 0 and written > first_count
-                       else fps,
-                       store_bytes, metrics, run_id)
+    return InferResult(vid, split, store_uri, str(pred_dir), rate.written,
+                       [f"{v}/{n}" for v, ns in skipped.items() for n in ns], rate.fps,
+                       rate.fps_steady, store_bytes, metrics, run_id)
+
+
+def _encoding_params(cfg: ExperimentConfig) -> dict[str, float]:
+    return {"scale": cfg.infer.score_scale, "top_k": cfg.infer.top_k, "step": cfg.infer.score_step}
+
+
+def _manifest(cfg: ExperimentConfig, vid: str, parent: str | None, checkpoint: str, table,
+              previous: dict) -> dict[str, Any]:
+    """The member's manifest: what produced its scores and how to read them; the other
+    splits' entries and the MLflow run are carried over from ``previous``."""
+    return {
+        "variant_id": vid, "parent_variant_id": parent, "checkpoint": checkpoint,
+        "class_names": table.names, "num_classes": table.num_classes,
+        "tta": {"scales": list(cfg.infer.scales), "flip": cfg.infer.flip},
+        "encoding": {"name": "topk-logq-u8", "params": _encoding_params(cfg),
+                     "doc": "classes/codes: uint8 [top_k, score_height, score_width]; "
+                            "p = exp(-code * step); the remaining mass is spread evenly over "
+                            "the other classes; resize bilinearly to height x width"},
+        "schema": "video, frame, height, width, score_height, score_width, classes, codes",
+        "splits": {**previous.get("splits", {})},
+        "mlflow_run_id": previous.get("mlflow_run_id"),
+    }
+
+
+def _pipeline(cfg: ExperimentConfig, frames: list[Frame], checkpoint: str, num_classes: int,
+              address: str | None, torch_threads: int):
+    """The Ray Data job over ``frames``, in order: decode tasks, then the TTA actor pool; an
+    iterator over its output batches."""
+    import ray
+    import ray.data
+
+    n, resources = num_actors(cfg, ray.cluster_resources(), torch_threads,
+                              None if address else os.cpu_count())
+    print(f"{n} model actor(s) ({resources}), TTA scales {list(cfg.infer.scales)} "
+          f"flip={cfg.infer.flip}", flush=True)
+    items = [{"video": f.video, "frame": f.name, "image_path": str(f.image), "index": i}
+             for i, f in enumerate(frames)]
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # one progress line of ours instead
+    # small blocks (a frame or a few each): results stream back frame by frame, not in chunks
+    # that hold the first output back
+    ds = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000 * n)))
+          .map_batches(decode_frames, batch_size=cfg.infer.batch_size, batch_format="numpy",
+                       fn_kwargs={"on_bad_frame": cfg.infer.on_bad_frame}, num_cpus=1)
+          .map_batches(TTAPredictor, batch_size=cfg.infer.batch_size, batch_format="numpy",
+                       compute=ray.data.ActorPoolStrategy(size=n),
+                       fn_constructor_kwargs={
+                           "checkpoint": checkpoint, "num_classes": num_classes,
+                           "infer": to_dict(cfg.infer), "mean": list(cfg.data.mean),
+                           "std": list(cfg.data.std), "torch_threads": torch_threads},
+                       **resources))
+    return ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _write_stream(batches, scores, vid: str, split: str, pred_dir: Path,
+                  video_frames: dict[str, int], skipped: dict[str, list[str]], progress,
+                  start: float) -> _Throughput:
+    """Write each frame's PNG as it arrives and each video's Parquet file once all its frames
+    have (the stream is ordered); bad frames are added to ``skipped``."""
+    rate = _Throughput()
+    first = None
+    pending: dict[str, list[dict]] = defaultdict(list)
+    seen: dict[str, int] = defaultdict(int)
+    total = sum(video_frames.values())
+    for batch in batches:
+        if first is None:
+            first, rate.first_count = time.perf_counter(), len(batch["frame"])
+        for i in range(len(batch["frame"])):
+            video, name = str(batch["video"][i]), str(batch["frame"][i])
+            seen[video] += 1
+            if batch["error"][i]:
+                print(f"skipped: {batch['error'][i]}", flush=True)
+                skipped.setdefault(video, []).append(name)
+            else:
+                _write_png(pred_dir / video / f"{name}.png", bytes(batch["png"][i]))
+                pending[video].append({
+                    "video": video, "frame": name, "height": int(batch["height"][i]),
+                    "width": int(batch["width"][i]),
+                    "score_height": int(batch["score_height"][i]),
+                    "score_width": int(batch["score_width"][i]),
+                    "classes": bytes(batch["classes"][i]), "codes": bytes(batch["codes"][i])})
+            rate.written += 1
+            if seen[video] == video_frames[video]:  # the video is complete
+                scores.write_video(vid, split, video, pending.pop(video))
+            if progress:
+                progress(rate.written, total)
+    now = time.perf_counter()
+    rate.elapsed, rate.steady = now - start, (now - first if first else 0.0)
+    return rate
+
+
+def _log_run(cfg: ExperimentConfig, storage: str, vid: str, split: str, checkpoint: str,
+             store_uri: str, rate: _Throughput, store_bytes: int, frames: int,
+             metrics: dict | None) -> str:
+    """One MLflow run per member and split (resumed when re-run): throughput, store size,
+    metrics from the stored scores."""
+    from vspw_ray import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, storage)
+    experiment = cfg.tracking.experiment or cfg.name
+    tags = {"variant_id": vid, "stage": "infer", "split": split}
+    params = {"checkpoint": checkpoint, "store": store_uri,
+              "tta.scales": str(list(cfg.infer.scales)), "tta.flip": str(cfg.infer.flip),
+              **{f"encoding.{k}": str(v) for k, v in _encoding_params(cfg).items()}}
+    with tracking.open_run(uri, experiment, storage, run_id=tracking.find_run(uri, experiment, tags),
+                           run_name=f"{vid}-infer-{split}", tags=tags, params=params) as rid:
+        numbers = {"frames": rate.written, "frames_per_s": rate.fps, "store_bytes": store_bytes,
+                   "store_bytes_per_frame": store_bytes / max(1, frames)}
+        if rate.steady > 0 and rate.written > rate.first_count:
+            numbers["frames_per_s_steady"] = rate.fps_steady
+        if metrics:
+            numbers.update({f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        tracking.log_metrics(uri, rid, numbers, 0)
+    return rid
 
 
 def _has_masks(frames: list[Frame]) -> bool:

@@ -131,19 +131,27 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
 
 
 def build_trainer(cfg: ExperimentConfig, vid: str, uri: str, run_id: str | None, torch_threads: int,
-             storage: str, *, name: str | None = None, storage_path: str | None = None,
-             callbacks: list | None = None):
-    """The TorchTrainer of one training run, named ``name`` (default: the variant_id) under
-    ``storage_path`` (default: ``<storage>/train``)."""
+                  storage: str, *, name: str | None = None, storage_path: str | None = None,
+                  callbacks: list | None = None, train_fn=None, extra_config: dict | None = None,
+                  best_by: str | None = "val_A/miou"):
+    """The TorchTrainer of one run on ``cfg``'s workers, named ``name`` (default: the
+    variant_id) under ``storage_path`` (default: ``<storage>/train``). ``train_fn`` (default:
+    training) gets the loop config plus ``extra_config``; Ray Train keeps two checkpoints, the
+    best by ``best_by`` and the latest (``best_by=None``: the two latest)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from vspw_ray.train.ray_train import train_loop_per_worker
 
+    keep = ray.train.CheckpointConfig(num_to_keep=2)
+    if best_by:
+        keep = ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=best_by,
+                                          checkpoint_score_order="max")
     return TorchTrainer(
-        train_loop_per_worker,
+        train_fn or train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "variant_id": vid, "tracking_uri": uri,
-                           "run_id": run_id, "torch_threads": torch_threads},
+                           "run_id": run_id, "torch_threads": torch_threads,
+                           **(extra_config or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker=dict(cfg.train.resources_per_worker) or None),
@@ -151,9 +159,7 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str, run_id: str | None,
             name=name or vid, storage_path=storage_path or f"{storage.rstrip('/')}/train",
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_A/miou",
-                checkpoint_score_order="max"),
+            checkpoint_config=keep,
         ),
     )
 

@@ -247,13 +247,12 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     """Run (or resume, or find finished) the SWA job of one variant."""
     import os
     import tempfile
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from vspw_ray import tracking
     from vspw_ray.config import resolve_variant, variant_id
     from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.driver import _git_commit, connect_and_find_run, prepare_config
+    from vspw_ray.train.driver import (_git_commit, build_trainer, connect_and_find_run,
+                                       prepare_config)
     from vspw_ray.train.resources import check_feasible, wait_for_resources
 
     resolved = resolve_variant(cfg, variant)
@@ -292,19 +291,11 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     wait_for_resources(resolved)
 
     def fit(rid: str | None):
-        trainer = TorchTrainer(
-            swa_loop_per_worker,
-            train_loop_config={"experiment": to_dict(resolved), "variant_id": vid,
-                               "parent_variant_id": parent, "base_checkpoint": base_file,
-                               "base_iteration": base_iter, "tracking_uri": uri, "run_id": rid,
-                               "torch_threads": torch_threads},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=resolved.train.num_workers, use_gpu=resolved.train.use_gpu,
-                resources_per_worker=dict(resolved.train.resources_per_worker) or None),
-            run_config=ray.train.RunConfig(
-                name=vid, storage_path=f"{storage.rstrip('/')}/swa",
-                failure_config=ray.train.FailureConfig(max_failures=resolved.train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+        trainer = build_trainer(
+            resolved, vid, uri, rid, torch_threads, storage,
+            storage_path=f"{storage.rstrip('/')}/swa", train_fn=swa_loop_per_worker, best_by=None,
+            extra_config={"parent_variant_id": parent, "base_checkpoint": base_file,
+                          "base_iteration": base_iter})
         result = trainer.fit()
         if result.error:
             raise result.error

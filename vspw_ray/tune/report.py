@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vspw_ray.config import ExperimentConfig
+from vspw_ray.tune.space import lookup
 
 __all__ = ["TrialRow", "selection_optimism", "format_trials", "finish_sweep", "metric_value"]
 
@@ -40,14 +41,7 @@ def metric_value(metrics: Mapping[str, Any] | None, key: str) -> Any:
     """A reported metric by its slash name, whether Tune kept it flat or nested it."""
     if not metrics:
         return None
-    if key in metrics:
-        return metrics[key]
-    node: Any = metrics
-    for part in key.split("/"):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
+    return metrics[key] if key in metrics else lookup(metrics, key, sep="/", default=None)
 
 
 def selection_optimism(rows: Sequence[TrialRow], mode: str = "max") -> dict[str, Any]:

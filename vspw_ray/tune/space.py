@@ -20,12 +20,13 @@ __all__ = ["ordered_params", "validate_space", "sample", "trial_config", "lookup
 _MISSING = object()
 
 
-def lookup(data: Mapping[str, Any], key: str) -> Any:
-    """The value at a dotted key of a plain config dict, or ``_MISSING``."""
+def lookup(data: Mapping[str, Any], key: str, *, sep: str = ".", default: Any = _MISSING) -> Any:
+    """The value at a nested key (``"model.family"``; ``sep="/"`` for ``"val_A/miou"``) of a
+    plain dict, or ``default``."""
     node: Any = data
-    for part in key.split("."):
+    for part in key.split(sep):
         if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
+            return default
         node = node[part]
     return node
 
