@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,16 +94,12 @@ def open_run(uri: str, experiment: str, storage_path: str, *, run_id: str | None
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    import time
-
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
-                                      if v is not None])
+    MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step)
+                                                 for k, v in metrics.items() if v is not None])
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
