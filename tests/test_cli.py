@@ -3,6 +3,7 @@ status 2, no traceback), and commands that need no model start without loading t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,17 @@ def test_closed_pipe_is_not_an_error():
     proc.stdout.close()  # long before the interpreter has started and printed anything
     err = proc.stderr.read()
     assert proc.wait() == 0 and "Traceback" not in err, err
+
+
+def test_local_ray_has_a_dashboard_only_when_asked():
+    """`--dashboard` (VSPW_RAY_DASHBOARD=1) starts it with the local instance; by default the
+    instance starts lean (no dashboard, no preemption watcher for its one node)."""
+    code = ("import os, ray; from vspw_ray.train.driver import connect_ray; connect_ray(None); "
+            "print('URL', ray.get_runtime_context().worker.node.address_info.get('webui_url') "
+            "or '-', os.environ.get('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'))")
+    for asked, expect in (("1", True), ("0", False)):
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=ROOT, env={**env, "VSPW_RAY_DASHBOARD": asked}, check=True).stdout
+        url, watcher = out.strip().splitlines()[-1].split()[1:]
+        assert (url != "-") is expect and watcher == "0", out
