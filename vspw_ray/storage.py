@@ -13,13 +13,23 @@ from pathlib import Path
 
 from vspw_ray.config import ConfigError, ExperimentConfig
 
-__all__ = ["is_uri", "resolve_storage", "check_cluster_settings", "SHARED_MOUNT_ENV"]
+__all__ = ["is_uri", "resolve_storage", "filesystem", "check_cluster_settings",
+           "SHARED_MOUNT_ENV"]
 
 SHARED_MOUNT_ENV = "VSPW_RAY_SHARED_MOUNT"  # comma-separated mount points known to be shared
 
 
 def is_uri(path: str) -> bool:
     return "://" in path
+
+
+def filesystem(path: str):
+    """``(pyarrow filesystem, path inside it)`` of a local path or an ``s3://``/``gs://`` URI."""
+    import pyarrow.fs
+
+    if is_uri(path):
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
 
 def resolve_storage(path: str) -> str:

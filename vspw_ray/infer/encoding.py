@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vspw_ray.infer.tta import scaled_size
+
 __all__ = ["ScoreEncoding", "EncodedScores", "encode", "decode"]
 
 
@@ -45,10 +47,6 @@ class EncodedScores:
     width: int
 
 
-def _pooled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
-
-
 @torch.no_grad()
 def encode(probs: torch.Tensor, enc: ScoreEncoding) -> EncodedScores:
     """``probs [C, H, W]`` (each pixel sums to one) -> :class:`EncodedScores`."""
@@ -56,7 +54,7 @@ def encode(probs: torch.Tensor, enc: ScoreEncoding) -> EncodedScores:
     if c > 256:
         raise ValueError(f"{c} classes do not fit uint8 class ids")
     pooled = probs.float()
-    size = _pooled_size(h, w, enc.scale)
+    size = scaled_size(h, w, enc.scale)
     if size != (h, w):
         pooled = F.interpolate(pooled[None], size=size, mode="area")[0]
     k = min(enc.top_k, c)

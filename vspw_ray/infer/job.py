@@ -90,14 +90,13 @@ class TTAPredictor:
         import torch
 
         from vspw_ray.config import InferConfig
-        from vspw_ray.infer.encoding import ScoreEncoding
         from vspw_ray.train.loop import autocast_context
 
         torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, _ = load_inference_model(checkpoint, num_classes, str(self.device))
         self.infer = InferConfig(**{**infer, "scales": tuple(infer["scales"])})
-        self.enc = ScoreEncoding(self.infer.score_scale, self.infer.top_k, self.infer.score_step)
+        self.enc = score_encoding(self.infer)
         self.mean, self.std = mean, std
         self.autocast, _ = autocast_context(self.device, "auto")
 
@@ -272,8 +271,12 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
                        rate.fps_steady, store_bytes, metrics, run_id)
 
 
-def _encoding_params(cfg: ExperimentConfig) -> dict[str, float]:
-    return {"scale": cfg.infer.score_scale, "top_k": cfg.infer.top_k, "step": cfg.infer.score_step}
+def score_encoding(infer):
+    """The store encoding (:class:`~vspw_ray.infer.encoding.ScoreEncoding`) that an
+    ``InferConfig`` asks for."""
+    from vspw_ray.infer.encoding import ScoreEncoding
+
+    return ScoreEncoding(infer.score_scale, infer.top_k, infer.score_step)
 
 
 def _manifest(cfg: ExperimentConfig, vid: str, parent: str | None, checkpoint: str, table,
@@ -284,7 +287,7 @@ def _manifest(cfg: ExperimentConfig, vid: str, parent: str | None, checkpoint: s
         "variant_id": vid, "parent_variant_id": parent, "checkpoint": checkpoint,
         "class_names": table.names, "num_classes": table.num_classes,
         "tta": {"scales": list(cfg.infer.scales), "flip": cfg.infer.flip},
-        "encoding": {"name": "topk-logq-u8", "params": _encoding_params(cfg),
+        "encoding": {"name": "topk-logq-u8", "params": score_encoding(cfg.infer).to_dict(),
                      "doc": "classes/codes: uint8 [top_k, score_height, score_width]; "
                             "p = exp(-code * step); the remaining mass is spread evenly over "
                             "the other classes; resize bilinearly to height x width"},
@@ -374,7 +377,7 @@ def _log_run(cfg: ExperimentConfig, storage: str, vid: str, split: str, checkpoi
     tags = {"variant_id": vid, "stage": "infer", "split": split}
     params = {"checkpoint": checkpoint, "store": store_uri,
               "tta.scales": str(list(cfg.infer.scales)), "tta.flip": str(cfg.infer.flip),
-              **{f"encoding.{k}": str(v) for k, v in _encoding_params(cfg).items()}}
+              **{f"encoding.{k}": str(v) for k, v in score_encoding(cfg.infer).to_dict().items()}}
     with tracking.open_run(uri, experiment, storage, run_id=tracking.find_run(uri, experiment, tags),
                            run_name=f"{vid}-infer-{split}", tags=tags, params=params) as rid:
         numbers = {"frames": rate.written, "frames_per_s": rate.fps, "store_bytes": store_bytes,

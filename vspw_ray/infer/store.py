@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from vspw_ray.errors import StoreError
 from vspw_ray.infer.encoding import EncodedScores, ScoreEncoding
+from vspw_ray.storage import filesystem
 
 __all__ = ["ScoreStore", "SCHEMA", "AlignedBatch", "StoreError"]
 
@@ -49,17 +50,10 @@ class AlignedBatch:
     scores: dict[str, list[EncodedScores]]  # variant_id -> one per key
 
 
-def _fs(root: str):
-    if "://" in root:
-        return pyarrow.fs.FileSystem.from_uri(root)
-    local = Path(root).expanduser().resolve()
-    return pyarrow.fs.LocalFileSystem(), str(local)
-
-
 class ScoreStore:
     def __init__(self, root: str | Path):
         self.uri = str(root)
-        self.fs, self.root = _fs(self.uri)
+        self.fs, self.root = filesystem(self.uri)
 
     # ------------------------------------------------------------------ paths and manifests
     def _member(self, vid: str) -> str:

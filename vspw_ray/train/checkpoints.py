@@ -9,20 +9,28 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "read_state", "read_summary", "list_checkpoints",
-           "best_checkpoint", "checkpoint_file"]
+from vspw_ray.storage import filesystem, is_uri
+
+__all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "summary", "read_state", "read_summary",
+           "list_checkpoints", "best_checkpoint", "checkpoint_file"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.json"  # beside checkpoint.pt: variant_id, iteration, kind, metrics
+METRICS_FILE = "metrics.json"  # beside checkpoint.pt: its summary (below)
+
+
+def summary(state: dict) -> dict:
+    """What ``metrics.json`` records of a checkpoint's state: enough to find and choose
+    checkpoints without loading weights."""
+    return {"variant_id": state.get("variant_id"), "iteration": state.get("iteration"),
+            "kind": state.get("kind", "train"), "metrics": state.get("metrics", {}),
+            "parent_variant_id": state.get("parent_variant_id")}
 
 
 def read_state(path: str) -> dict:
     """A ``checkpoint.pt`` (or bare state dict) from a local path or an ``s3://``/``gs://``
     URI, on the CPU."""
-    if "://" in path:
-        import pyarrow.fs
-
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+    if is_uri(path):
+        fs, inner = filesystem(path)
         with fs.open_input_stream(inner) as f:
             return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
     if not Path(path).is_file():
@@ -34,18 +42,12 @@ def read_summary(checkpoint: str) -> dict:
     """variant_id, iteration, kind, metrics and parent of a ``checkpoint.pt``: from the
     ``metrics.json`` beside it when there is one (no weights read, nothing downloaded), else
     from the checkpoint itself."""
-    import pyarrow.fs
-
-    folder = checkpoint.rsplit("/", 1)[0]
-    fs, inner = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder
-                                               else str(Path(folder).resolve()))
+    fs, inner = filesystem(checkpoint.rsplit("/", 1)[0])
     try:
         with fs.open_input_stream(f"{inner}/{METRICS_FILE}") as f:
             return json.loads(f.read())
     except (OSError, ValueError):
-        state = read_state(checkpoint)
-        return {k: state.get(k) for k in ("variant_id", "iteration", "kind", "metrics",
-                                          "parent_variant_id")}
+        return summary(read_state(checkpoint))
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[str, dict]]:
@@ -54,8 +56,7 @@ def list_checkpoints(run_dir: str) -> list[tuple[str, dict]]:
     killed run) is left out."""
     import pyarrow.fs
 
-    fs, inner = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir
-                                               else str(Path(run_dir).resolve()))
+    fs, inner = filesystem(run_dir)
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
     except OSError:

@@ -17,7 +17,7 @@ from vspw_ray.storage import check_cluster_settings, resolve_storage
 from vspw_ray.train.resources import check_feasible, wait_for_resources
 
 __all__ = ["TrainResult", "train_variant", "connect_ray", "connect_and_find_run",
-           "DASHBOARD_ENV", "prepare_config", "build_trainer"]
+           "DASHBOARD_ENV", "prepare_config", "build_trainer", "git_commit"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def prepare_config(cfg: ExperimentConfig) -> ExperimentConfig:
     )
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
@@ -123,7 +123,7 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
         return _result(vid, build_trainer(resolved, vid, uri, None, torch_threads, storage).fit(), None)
     with tracking.open_run(uri, experiment, storage, run_id=run_id, run_name=vid,
                            tags={**tags, "family": family, "variant": variant or "base",
-                                 "seed": str(resolved.seed), "git_commit": _git_commit()},
+                                 "seed": str(resolved.seed), "git_commit": git_commit()},
                            params=tracking.flatten(to_dict(resolved))) as rid:
         out = _result(vid, build_trainer(resolved, vid, uri, rid, torch_threads, storage).fit(), rid)
         _log_summary(uri, rid, resolved, out, storage)

@@ -29,7 +29,7 @@ from vspw_ray.data import fold_videos, load_class_table, read_split, split_frame
 from vspw_ray.data.datasets import EvalDataset, IterationSampler, TrainDataset, sample_seed
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
 from vspw_ray.progress import format_duration
-from vspw_ray.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE
+from vspw_ray.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE, summary
 
 __all__ = ["train_loop_per_worker", "validate", "training_state", "save_training_state",
            "write_checkpoint", "load_training_state", "setup_worker", "train_batches", "report",
@@ -68,10 +68,7 @@ def write_checkpoint(directory: str | Path, state: dict) -> Path:
     checkpoint without loading the weights)."""
     path = Path(directory) / CHECKPOINT_FILE
     torch.save(state, path)
-    summary = {"variant_id": state.get("variant_id"), "iteration": state.get("iteration"),
-               "kind": state.get("kind", "train"), "metrics": state.get("metrics", {}),
-               "parent_variant_id": state.get("parent_variant_id")}
-    (Path(directory) / METRICS_FILE).write_text(json.dumps(summary, indent=1))
+    (Path(directory) / METRICS_FILE).write_text(json.dumps(summary(state), indent=1))
     return path
 
 

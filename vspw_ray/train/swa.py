@@ -251,7 +251,7 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     from vspw_ray import tracking
     from vspw_ray.config import resolve_variant, variant_id
     from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.driver import (_git_commit, build_trainer, connect_and_find_run,
+    from vspw_ray.train.driver import (git_commit, build_trainer, connect_and_find_run,
                                        prepare_config)
     from vspw_ray.train.resources import check_feasible, wait_for_resources
 
@@ -307,7 +307,7 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     with tracking.open_run(uri, experiment, storage, run_id=run_id, run_name=vid,
                            tags={**tags, "parent_variant_id": parent, "stage": "swa",
                                  "family": resolved.model.family, "variant": variant or "base",
-                                 "base_checkpoint": base_file, "git_commit": _git_commit()},
+                                 "base_checkpoint": base_file, "git_commit": git_commit()},
                            params=tracking.flatten(to_dict(resolved))) as rid:
         out = fit(rid)
         compared = {k: v for k, v in out.metrics.items()

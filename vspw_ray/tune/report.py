@@ -15,7 +15,8 @@ from typing import Any
 from vspw_ray.config import ExperimentConfig
 from vspw_ray.tune.space import lookup
 
-__all__ = ["TrialRow", "selection_optimism", "format_trials", "finish_sweep", "metric_value"]
+__all__ = ["TrialRow", "ranked", "selection_optimism", "format_trials", "finish_sweep",
+           "metric_value"]
 
 CAVEAT = ("Folds A and B are two halves of val (split by video): the best trial was chosen on A, "
           "so its lead on B shows how much of that lead was selection luck within val. It "
@@ -44,6 +45,14 @@ def metric_value(metrics: Mapping[str, Any] | None, key: str) -> Any:
     return metrics[key] if key in metrics else lookup(metrics, key, sep="/", default=None)
 
 
+def ranked(rows: Sequence[TrialRow], mode: str = "max", fold: str = "A") -> list[TrialRow]:
+    """The complete trials with a score on ``fold``, best first."""
+    key = "val_a" if fold == "A" else "val_b"
+    sign = 1.0 if mode == "max" else -1.0
+    done = [r for r in rows if r.state == "complete" and getattr(r, key) is not None]
+    return sorted(done, key=lambda r: -sign * getattr(r, key))
+
+
 def selection_optimism(rows: Sequence[TrialRow], mode: str = "max") -> dict[str, Any]:
     """The best-on-A trial's lead over the runner-up on fold A against the same lead on fold B.
 
@@ -53,15 +62,13 @@ def selection_optimism(rows: Sequence[TrialRow], mode: str = "max") -> dict[str,
     """
     from scipy.stats import spearmanr
 
-    done = [r for r in rows if r.state == "complete" and r.val_a is not None
-            and r.val_b is not None]
+    done = [r for r in ranked(rows, mode) if r.val_b is not None]
     out: dict[str, Any] = {"complete": len(done), "caveat": CAVEAT}
     if len(done) < 2:
         out["verdict"] = "needs at least two complete trials"
         return out
     sign = 1.0 if mode == "max" else -1.0
-    ranked = sorted(done, key=lambda r: -sign * r.val_a)
-    best, runner = ranked[0], ranked[1]
+    best, runner = done[0], done[1]
     lead_a = sign * (best.val_a - runner.val_a)
     lead_b = sign * (best.val_b - runner.val_b)
     gaps = [r.val_a - r.val_b for r in done]
@@ -86,11 +93,8 @@ def _pct(v: float | None) -> str:
 
 
 def format_trials(rows: Sequence[TrialRow], optimism: Mapping[str, Any], mode: str = "max") -> str:
-    sign = 1.0 if mode == "max" else -1.0
-    done = [r for r in rows if r.state == "complete" and r.val_a is not None]
-    rank_a = {r.number: i + 1 for i, r in enumerate(sorted(done, key=lambda r: -sign * r.val_a))}
-    rank_b = {r.number: i + 1 for i, r in enumerate(
-        sorted([r for r in done if r.val_b is not None], key=lambda r: -sign * r.val_b))}
+    rank_a = {r.number: i + 1 for i, r in enumerate(ranked(rows, mode, "A"))}
+    rank_b = {r.number: i + 1 for i, r in enumerate(ranked(rows, mode, "B"))}
     lines = [f"{'#':>4} {'state':<9} {'iter':>6} {'val_A':>7} {'val_B':>7} {'rankA':>5} "
              f"{'rankB':>5}  params"]
     for r in sorted(rows, key=lambda r: (rank_a.get(r.number, 10**6), r.number)):
@@ -199,9 +203,7 @@ def _write_best(cfg: ExperimentConfig, rows: Sequence[TrialRow], folder: Path) -
     from vspw_ray.config import config_from_dict, dump_yaml, to_dict
     from vspw_ray.tune.space import trial_config
 
-    sign = 1.0 if cfg.tune.mode == "max" else -1.0
-    done = sorted([r for r in rows if r.state == "complete" and r.val_a is not None],
-                  key=lambda r: -sign * r.val_a)[: cfg.tune.top_k]
+    done = ranked(rows, cfg.tune.mode)[: cfg.tune.top_k]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for rank, row in enumerate(done, 1):
@@ -265,10 +267,9 @@ def finish_sweep(cfg: ExperimentConfig, grid, sweep: Mapping[str, Any], *, study
             numbers = {k: v for k, v in optimism.items()
                        if k in ("lead_a", "lead_b", "excess_gap", "spearman_a_b")
                        and v is not None}
-            done = [r for r in rows if r.state == "complete" and r.val_a is not None]
+            done = ranked(rows, cfg.tune.mode)
             if done:
-                pick = max if cfg.tune.mode == "max" else min
-                top = pick(done, key=lambda r: r.val_a)
+                top = done[0]
                 numbers.update({"best/val_A/miou": top.val_a, "best/val_B/miou": top.val_b or 0.0})
             numbers.update(trials_complete=sum(r.state == "complete" for r in rows),
                            trials_pruned=sum(r.state == "pruned" for r in rows),

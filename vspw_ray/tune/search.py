@@ -30,7 +30,8 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from vspw_ray.config import ConfigError, ExperimentConfig, SearchParam, config_from_dict, to_dict
-from vspw_ray.tune.space import sample, trial_config, validate_space
+from vspw_ray.tune.space import (has_compound_choices, optuna_choice, sample, trial_config,
+                                 validate_space)
 
 __all__ = ["SearchResult", "run_search", "run_trial", "sweep_id", "max_concurrent",
            "TIME_ATTR"]
@@ -270,8 +271,8 @@ def enqueue_points(cfg: ExperimentConfig, params: list[SearchParam]) -> list[dic
                 value = list(value) if isinstance(value, tuple) else value
                 if value not in choices:
                     raise ConfigError(f"config key '{where}': {value!r} is not one of {choices}")
-                if any(isinstance(c, (list, dict)) for c in choices):
-                    value = str(value)
+                if has_compound_choices(p):
+                    value = optuna_choice(value)
             elif not p.low <= value <= p.high:
                 raise ConfigError(f"config key '{where}': {value!r} is outside "
                                   f"[{p.low}, {p.high}]")
@@ -290,7 +291,7 @@ def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool
 
     from vspw_ray import tracking
     from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.driver import _git_commit, connect_and_find_run, prepare_config
+    from vspw_ray.train.driver import git_commit, connect_and_find_run, prepare_config
     from vspw_ray.train.resources import check_feasible
     from vspw_ray.tune.report import finish_sweep
 
@@ -351,6 +352,6 @@ def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool
     if not track:
         return fit(None)
     with tracking.open_run(uri, experiment, storage, run_id=parent_run, run_name=sid,
-                           tags={**tags, "git_commit": _git_commit()},
+                           tags={**tags, "git_commit": git_commit()},
                            params=tracking.flatten(to_dict(cfg))) as rid:
         return fit(rid)

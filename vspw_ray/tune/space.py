@@ -15,7 +15,8 @@ from typing import Any
 from vspw_ray.config import (ConfigError, ExperimentConfig, SearchParam, apply_overrides,
                              check_trainable, config_from_dict, to_dict)
 
-__all__ = ["ordered_params", "validate_space", "sample", "trial_config", "lookup"]
+__all__ = ["ordered_params", "validate_space", "sample", "trial_config", "lookup",
+           "has_compound_choices", "optuna_choice"]
 
 _MISSING = object()
 
@@ -86,6 +87,17 @@ def validate_space(cfg: ExperimentConfig) -> list[SearchParam]:
     return ordered_params(space)
 
 
+def has_compound_choices(param: SearchParam) -> bool:
+    """Whether a categorical parameter has list or dict choices (crop sizes), which Optuna
+    cannot store: they are offered to it as their strings."""
+    return any(isinstance(c, (list, tuple, dict)) for c in param.choices)
+
+
+def optuna_choice(choice: Any) -> str:
+    """A list or dict choice as Optuna sees it (tuples written as lists)."""
+    return str(list(choice) if isinstance(choice, tuple) else choice)
+
+
 def sample(trial, params: list[SearchParam], fixed: Mapping[str, Any]) -> dict[str, Any]:
     """Draw one trial's values (an ``optuna.Trial``-like object) in order; parameters whose
     ``when`` does not hold are left out."""
@@ -95,11 +107,9 @@ def sample(trial, params: list[SearchParam], fixed: Mapping[str, Any]) -> dict[s
             continue
         if p.type == "categorical":
             # Optuna stores categorical choices as scalars: index lists (crop sizes) by position
-            if any(isinstance(c, (list, tuple, dict)) for c in p.choices):
-                idx = trial.suggest_categorical(p.key, [str(list(c) if isinstance(c, tuple) else c)
-                                                        for c in p.choices])
-                value = next(c for c in p.choices
-                             if str(list(c) if isinstance(c, tuple) else c) == idx)
+            if has_compound_choices(p):
+                idx = trial.suggest_categorical(p.key, [optuna_choice(c) for c in p.choices])
+                value = next(c for c in p.choices if optuna_choice(c) == idx)
                 chosen[p.key] = list(value) if isinstance(value, tuple) else value
             else:
                 chosen[p.key] = trial.suggest_categorical(p.key, list(p.choices))
