@@ -170,7 +170,7 @@ def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth
     import mlflow
 
     from vspw_ray.data import split_frames
-    from vspw_ray.evaluate import evaluate_predictions, evaluate_store
+    from vspw_ray.evaluate import evaluate_predictions, evaluate_store, evaluate_store_folds
     from vspw_ray.infer.job import run_inference
 
     # full resolution, every class: the stored argmax must agree with the PNGs
@@ -189,6 +189,15 @@ def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth
     stored = evaluate_store(out.store, out.variant_id, synth_root, "val", processes=1)
     assert stored["miou"] == pytest.approx(png["miou"], abs=0.005)
     assert out.metrics["miou"] == pytest.approx(stored["miou"])
+    # one pass over the store for the folds and the whole split = a pass for each
+    together = evaluate_store_folds(out.store, out.variant_id, synth_root, "val", processes=1)
+    for fold in ("A", "B", None):
+        alone = evaluate_store(out.store, out.variant_id, synth_root, "val", fold=fold,
+                               processes=1)
+        assert together[fold]["confusion"] == alone["confusion"]
+        assert together[fold]["frames"] == alone["frames"] and together[fold]["fold"] == alone["fold"]
+        assert together[fold]["vc8"] == pytest.approx(alone["vc8"], nan_ok=True)
+    assert together[None]["confusion"] == stored["confusion"]
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     run = client.get_run(out.run_id)

@@ -25,8 +25,8 @@ from vspw_ray.data.layout import (
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
 from vspw_ray.parallel import map_videos
 
-__all__ = ["evaluate_predictions", "evaluate_store", "format_report", "read_prediction",
-           "write_report"]
+__all__ = ["evaluate_predictions", "evaluate_store", "evaluate_store_folds", "format_report",
+           "read_prediction", "write_report"]
 
 VC_WINDOWS = (8, 16)
 
@@ -106,20 +106,33 @@ def evaluate_predictions(pred_dir: str | Path, root: str | Path, split: str, *,
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise DataError(f"{len(missing)} prediction frames are missing under {pred_dir}: {shown}")
-    return _evaluate(("png", str(pred_dir)), by_video, table, split, fold, processes, progress)
+    return _evaluate(("png", str(pred_dir)), videos, by_video, table, split, {fold: videos},
+                     processes, progress)[fold]
 
 
-def _evaluate(source: tuple, by_video: list[list[Frame]], table, split: str, fold: str | None,
-              processes: int | None, progress) -> dict:
-    cm, vc = ConfusionMatrix(table.num_classes), VideoConsistency(VC_WINDOWS)
+def _evaluate(source: tuple, videos: list[str], by_video: list[list[Frame]], table, split: str,
+              folds: dict[str | None, list[str]], processes: int | None, progress) -> dict:
+    """One report per entry of ``folds`` (fold name -> its videos) from one pass over
+    ``videos``: each video is scored once and added to every fold that holds it."""
+    totals = {fold: (ConfusionMatrix(table.num_classes), VideoConsistency(VC_WINDOWS))
+              for fold in folds}
+    sets = {fold: set(members) for fold, members in folds.items()}
+    holders = {v: [fold for fold, members in sets.items() if v in members] for v in videos}
     jobs = [(frames, source, table.num_classes) for frames in by_video]
-    for matrix, accs in map_videos(_evaluate_video, jobs, processes=processes, progress=progress):
-        cm.matrix += matrix
-        vc.merge(VideoConsistency(VC_WINDOWS, accs))
-    report = summarize(cm.matrix, table.names, vc)
-    report.update(frames=sum(map(len, by_video)), videos=len(by_video), split=split,
-                  fold=fold or "all", confusion=cm.matrix.tolist())
-    return report
+    results = map_videos(_evaluate_video, jobs, processes=processes, progress=progress)
+    for video, (matrix, accs) in zip(videos, results):
+        for fold in holders[video]:
+            cm, vc = totals[fold]
+            cm.matrix += matrix
+            vc.merge(VideoConsistency(VC_WINDOWS, accs))
+    frames = dict(zip(videos, map(len, by_video)))
+    reports = {}
+    for fold, (cm, vc) in totals.items():
+        report = summarize(cm.matrix, table.names, vc)
+        report.update(frames=sum(frames[v] for v in folds[fold]), videos=len(folds[fold]),
+                      split=split, fold=fold or "all", confusion=cm.matrix.tolist())
+        reports[fold] = report
+    return reports
 
 
 def evaluate_store(store: str | Path, variant: str, root: str | Path, split: str, *,
@@ -127,6 +140,15 @@ def evaluate_store(store: str | Path, variant: str, root: str | Path, split: str
                    progress=None) -> dict:
     """Official metrics of one member's stored scores (argmax of the decoded distributions at
     each frame's size) on a split or one fold of it."""
+    return evaluate_store_folds(store, variant, root, split, folds=(fold,), fold_seed=fold_seed,
+                                processes=processes, progress=progress)[fold]
+
+
+def evaluate_store_folds(store: str | Path, variant: str, root: str | Path, split: str, *,
+                         folds=("A", "B", None), fold_seed: int = 0,
+                         processes: int | None = None, progress=None) -> dict:
+    """:func:`evaluate_store` for several folds (``None``: the whole split) at once, reading
+    and decoding every frame's scores once: ``{fold: report}``."""
     from vspw_ray.infer.store import ScoreStore
 
     root = Path(root)
@@ -135,10 +157,12 @@ def evaluate_store(store: str | Path, variant: str, root: str | Path, split: str
     if list(names) != list(table.names):
         raise DataError(f"member '{variant}' was stored with classes {names[:5]}... but {root} "
                         f"has {table.names[:5]}...: a different class table")
-    videos = fold_videos(read_split(root, split), fold, fold_seed)
+    split_videos = read_split(root, split)
+    members = {fold: fold_videos(split_videos, fold, fold_seed) for fold in folds}
+    videos = [v for v in split_videos if any(v in m for m in members.values())]
     by_video = [list_frames(root, video, require_masks=True) for video in videos]
-    return _evaluate(("store", str(store), variant, split), by_video, table, split, fold,
-                     processes, progress)
+    return _evaluate(("store", str(store), variant, split), videos, by_video, table, split,
+                     members, processes, progress)
 
 
 def _pct(x: float | None) -> str:

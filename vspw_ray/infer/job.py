@@ -396,11 +396,10 @@ def _has_masks(frames: list[Frame]) -> bool:
 
 
 def _store_metrics(scores, vid: str, root: str, split: str) -> dict[str, Any]:
-    from vspw_ray.evaluate import evaluate_store
+    from vspw_ray.evaluate import evaluate_store_folds
 
     out = {}
-    for fold in ("A", "B", None):
-        report = evaluate_store(scores.uri, vid, root, split, fold=fold)
+    for fold, report in evaluate_store_folds(scores.uri, vid, root, split).items():
         prefix = f"val_{fold}/" if fold else ""
         for key in ("miou", "fwiou", "pixel_acc", "vc8", "vc16"):
             if report[key] is not None:
