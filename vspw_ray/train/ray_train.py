@@ -9,12 +9,13 @@ MLflow and prints one progress line per ``train.log_interval``.
 Re-running the same command resumes: the run is named by the variant_id under the storage path,
 Ray Train restores its checkpoint bookkeeping from there, and every random draw (data order,
 augmentation, dropout) is a function of ``(seed, iteration, rank)``, so an interrupted run ends
-with the same weights as an uninterrupted one on the CPU.
+with the same weights as an uninterrupted one on the CPU. On each start rank 0 deletes the
+half-copied checkpoint folders a killed run or a lost node left, unless Ray Train registered them
+(see :mod:`vspw_ray.checkpoints`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -24,16 +25,22 @@ from typing import Any
 
 import torch
 
+from vspw_ray.checkpoints import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    read_state,
+    remove_incomplete,
+    write_checkpoint,
+)
 from vspw_ray.config import ExperimentConfig, config_from_dict, to_dict
 from vspw_ray.data import fold_videos, load_class_table, read_split, split_frames
 from vspw_ray.data.datasets import EvalDataset, IterationSampler, TrainDataset, sample_seed
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
 from vspw_ray.progress import format_duration
-from vspw_ray.train.checkpoints import CHECKPOINT_FILE, METRICS_FILE, summary
 
 __all__ = ["train_loop_per_worker", "validate", "training_state", "save_training_state",
            "write_checkpoint", "load_training_state", "setup_worker", "train_batches", "report",
-           "CHECKPOINT_FILE", "METRICS_FILE"]
+           "remove_unregistered_checkpoints", "CHECKPOINT_FILE", "METRICS_FILE"]
 
 # Progress goes through logging: Ray Train 2.60 patches print() in workers and, with a wrapped
 # stdout, shows each printed line twice; a log record reaches the driver console once.
@@ -63,22 +70,36 @@ def training_state(*, model, optimizer, scheduler, scaler, iteration: int,
     }
 
 
-def write_checkpoint(directory: str | Path, state: dict) -> Path:
-    """``checkpoint.pt`` plus ``metrics.json`` beside it (read when looking for the best
-    checkpoint without loading the weights)."""
-    path = Path(directory) / CHECKPOINT_FILE
-    torch.save(state, path)
-    (Path(directory) / METRICS_FILE).write_text(json.dumps(summary(state), indent=1))
-    return path
-
-
-def save_training_state(directory: str | Path, **kwargs) -> Path:
+def save_training_state(directory: str | Path, **kwargs) -> str:
     """Write a training checkpoint (see :func:`training_state`) into ``directory``."""
-    return write_checkpoint(directory, training_state(**kwargs))
+    return write_checkpoint(str(directory), training_state(**kwargs))
 
 
 def load_training_state(path: str | Path) -> dict:
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+    """A complete checkpoint's state (folder or ``checkpoint.pt``), on the CPU."""
+    return read_state(str(path))
+
+
+def remove_unregistered_checkpoints() -> list[str]:
+    """Delete this Ray Train run's incomplete checkpoint folders that Ray Train has not
+    registered: those a killed worker or a lost node left half-copied. Call it from one worker
+    when a worker group starts (no upload of this run is in flight then).
+
+    Returns:
+        The deleted folders (paths inside the run's storage filesystem).
+    """
+    import ray.train
+
+    registered = {r.checkpoint.path for r in ray.train.get_all_reported_checkpoints(timeout_s=60)}
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        registered.add(latest.path)
+    # get_storage() is a DeveloperAPI returning Ray's internal StorageContext; its
+    # storage_filesystem and experiment_fs_path (the run folder, without URI scheme) are as of
+    # Ray 2.60 (tests/test_train_ray.py::test_ray_storage_context_names_the_run_folder).
+    storage = ray.train.get_context().get_storage()
+    return remove_incomplete(storage.experiment_fs_path, registered,
+                             fs=storage.storage_filesystem)
 
 
 def _shard_videos(videos: list[str], rank: int, world: int) -> list[str]:
@@ -262,10 +283,14 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(_unwrap(model), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
 
+    if w.rank == 0:
+        for folder in remove_unregistered_checkpoints():
+            log.info("[%s] removed half-written checkpoint %s", config["variant_id"], folder)
+
     start, resumes = 0, []
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = load_training_state(Path(d) / CHECKPOINT_FILE)
+            state = load_training_state(d)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
