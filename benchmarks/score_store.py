@@ -31,7 +31,7 @@ ENCODINGS = [(1.0, 4, 1 / 32), (0.5, 4, 1 / 32), (0.5, 8, 1 / 32), (0.25, 4, 1 /
 
 
 def members(runs: Path) -> list[Path]:
-    from vspw_ray.train.checkpoints import list_checkpoints
+    from vspw_ray.checkpoints import list_checkpoints
 
     train = sorted(list_checkpoints(str(next(runs.glob("train/*")))),
                    key=lambda x: x[1]["iteration"])
@@ -87,8 +87,8 @@ def main() -> None:
     from vspw_ray.config import load_config
     from vspw_ray.data import label_lut, load_class_table, split_frames
     from vspw_ray.data.stats import class_stats
-    from vspw_ray.infer.encoding import ScoreEncoding, decode, encode
-    from vspw_ray.infer.store import SCHEMA
+    from vspw_ray.scores.encoding import ScoreEncoding, decode, encode
+    from vspw_ray.scores.store import SCHEMA
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -79,7 +79,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # no dashboard, as the CLI's local instances: its processes only take CPU from the tests
-        ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
+        # with the dashboard, as the CLI's local instances: it serves the State API, without
+        # which Ray Train's placement-group cleaner can take a live run's controller for dead
+        ray.init(num_cpus=4, log_to_driver=False, include_dashboard=True)
     yield ray
     ray.shutdown()

@@ -50,15 +50,21 @@ def test_closed_pipe_is_not_an_error():
     assert proc.wait() == 0 and "Traceback" not in err, err
 
 
-def test_local_ray_has_a_dashboard_only_when_asked():
-    """`--dashboard` (VSPW_RAY_DASHBOARD=1) starts it with the local instance; by default the
-    instance starts lean (no dashboard, no preemption watcher for its one node)."""
-    code = ("import os, ray; from vspw_ray.train.driver import connect_ray; connect_ray(None); "
-            "print('URL', ray.get_runtime_context().worker.node.address_info.get('webui_url') "
-            "or '-', os.environ.get('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'))")
-    for asked, expect in (("1", True), ("0", False)):
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def test_local_ray_serves_the_state_api_unless_told_not_to():
+    """By default the local instance runs the dashboard process that serves Ray's State API
+    (Ray Train's helpers poll it; `ray list actors` works against a running job);
+    `--no-dashboard` (VSPW_RAY_DASHBOARD=0) leaves it out. The preemption watcher stays off for
+    the one local node either way."""
+    code = ("import os, ray; from vspw_ray.runtime import connect_ray; connect_ray(None); "
+            "from ray.util.state import list_nodes\n"
+            "try:\n    state = len(list_nodes(address=ray.get_runtime_context().gcs_address, timeout=20))\n"
+            "except Exception:\n    state = 0\n"
+            "print('STATE', state, os.environ.get('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'))")
+    for setting, expect in ((None, True), ("0", False)):
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VSPW_RAY_DASHBOARD")}
+        if setting is not None:
+            env["VSPW_RAY_DASHBOARD"] = setting
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             cwd=ROOT, env={**env, "VSPW_RAY_DASHBOARD": asked}, check=True).stdout
-        url, watcher = out.strip().splitlines()[-1].split()[1:]
-        assert (url != "-") is expect and watcher == "0", out
+                             cwd=ROOT, env=env, check=True).stdout
+        nodes, watcher = out.strip().splitlines()[-1].split()[1:]
+        assert (nodes == "1") is expect and watcher == "0", out

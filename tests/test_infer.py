@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.test_train_ray import EXPERIMENT
-from vspw_ray.infer.encoding import ScoreEncoding, decode, encode
-from vspw_ray.infer.store import ScoreStore, StoreError
+from vspw_ray.scores.encoding import ScoreEncoding, decode, encode
+from vspw_ray.scores.store import ScoreStore, StoreError
 from vspw_ray.infer.tta import tta_probs
 
 
@@ -182,17 +182,18 @@ def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth
     for f in frames:
         assert (Path(out.predictions) / f.video / f"{f.name}.png").is_file()
     store = ScoreStore(out.store)
-    manifest = store.manifest(out.variant_id)
+    manifest = store.manifest(out.key)
+    assert manifest["variant_id"] == out.variant_id and out.key.startswith(out.variant_id)
     assert manifest["tta"] == {"scales": [0.75, 1.0], "flip": True}
     assert manifest["encoding"]["params"] == {"scale": 1.0, "top_k": 6, "step": 0.03125}
     png = evaluate_predictions(out.predictions, synth_root, "val", processes=1)
-    stored = evaluate_store(out.store, out.variant_id, synth_root, "val", processes=1)
+    stored = evaluate_store(out.store, out.key, synth_root, "val", processes=1)
     assert stored["miou"] == pytest.approx(png["miou"], abs=0.005)
     assert out.metrics["miou"] == pytest.approx(stored["miou"])
     # one pass over the store for the folds and the whole split = a pass for each
-    together = evaluate_store_folds(out.store, out.variant_id, synth_root, "val", processes=1)
+    together = evaluate_store_folds(out.store, out.key, synth_root, "val", processes=1)
     for fold in ("A", "B", None):
-        alone = evaluate_store(out.store, out.variant_id, synth_root, "val", fold=fold,
+        alone = evaluate_store(out.store, out.key, synth_root, "val", fold=fold,
                                processes=1)
         assert together[fold]["confusion"] == alone["confusion"]
         assert together[fold]["frames"] == alone["frames"] and together[fold]["fold"] == alone["fold"]
@@ -206,7 +207,36 @@ def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth
     assert run.data.metrics["frames_per_s"] > 0 and "val/miou" in run.data.metrics
 
     again = run_inference(cfg, str(ckpt), "val", track=False)  # everything stored: nothing runs
-    assert again.frames == 0
+    assert again.frames == 0 and again.key == out.key
+
+
+def test_other_tta_settings_or_checkpoint_never_reuse_old_scores(ray_local, synth_root, tmp_path):
+    """The store is keyed by the checkpoint and the infer settings: a re-run with other scales
+    writes a new member; the old one stays readable. With no --checkpoint, the variant's
+    checkpoint is found in the run layout."""
+    from vspw_ray.config import variant_id
+    from vspw_ray.evaluate import evaluate_store
+    from vspw_ray.infer.job import run_inference
+    from vspw_ray.layout import RunLayout
+
+    storage = tmp_path / "runs"
+    cfg = _cfg(synth_root, storage, "infer.flip=false")
+    layout = RunLayout(str(storage))
+    _checkpoint(cfg, Path(layout.train_run(variant_id(cfg))) / "checkpoint_000000")
+    first = run_inference(cfg, None, "val", track=False)  # found from the config alone
+    assert first.frames > 0
+    other = _cfg(synth_root, storage, "infer.flip=false", "infer.scales=[1.0]")
+    second = run_inference(other, None, "val", track=False)
+    assert second.key != first.key and second.frames == first.frames
+    assert second.variant_id == first.variant_id
+    store = ScoreStore(first.store)
+    assert set(store.members()) == {first.key, second.key}
+    assert store.manifest(first.key)["tta"]["scales"] == [0.75, 1.0]
+    assert store.manifest(second.key)["tta"]["scales"] == [1.0]
+    for out in (first, second):  # both readable and scored
+        report = evaluate_store(out.store, out.key, synth_root, "val", processes=1)
+        assert report["miou"] == pytest.approx(out.metrics["miou"])
+        assert Path(out.predictions).parent.name == out.key
 
 
 def test_corrupt_frame_fails_naming_it_or_is_skipped(ray_local, synth_copy, tmp_path):
@@ -222,9 +252,9 @@ def test_corrupt_frame_fails_naming_it_or_is_skipped(ray_local, synth_copy, tmp_
     cfg = _cfg(synth_copy, tmp_path / "runs", "infer.on_bad_frame=skip")
     out = run_inference(cfg, str(ckpt), "val", track=False)
     assert out.skipped == [f"{bad.video}/{bad.name}"]
-    rows = pq.read_table(ScoreStore(out.store).video_path(out.variant_id, "val", bad.video))
+    rows = pq.read_table(ScoreStore(out.store).video_path(out.key, "val", bad.video))
     assert bad.name not in rows.column("frame").to_pylist()
-    assert ScoreStore(out.store).manifest(out.variant_id)["splits"]["val"]["skipped"] == {
+    assert ScoreStore(out.store).manifest(out.key)["splits"]["val"]["skipped"] == {
         bad.video: [bad.name]}
 
 

@@ -130,3 +130,17 @@ def test_self_distillation_wraps_a_frozen_teacher(tmp_path):
     _, log_p = model.student(x, y, return_log_probs=True)
     torch.testing.assert_close(log_p, model.teacher.log_probs(x))
 
+
+
+def test_a_window12_384_swin_runs_at_crop_640():
+    """The seed's Swin-L (``swin_large_patch4_window12_384``) trains at crop 640. timm 1.0.29
+    refuses any input but 384 there (``Input height (640) doesn't match model (384)``); the
+    pinned timm >= 1.0.31 runs it. A narrow, shallow copy of the same architecture keeps this
+    cheap: the check is on input sizes, not width."""
+    from vspw_ray.models.backbone import SwinBackbone
+
+    backbone = SwinBackbone("swin_large_patch4_window12_384", embed_dim=16, depths=(1, 1, 1, 1),
+                            num_heads=(1, 1, 1, 1))
+    with torch.no_grad():
+        feats = backbone(torch.zeros(1, 3, 640, 640))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(160, 160), (80, 80), (40, 40), (20, 20)]

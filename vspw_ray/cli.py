@@ -106,8 +106,11 @@ def _checkpoint_path(path: str) -> str:
     """A checkpoint folder (as Ray Train writes them) or the file inside it."""
     from pathlib import Path
 
-    from vspw_ray.train.ray_train import CHECKPOINT_FILE
+    from vspw_ray.checkpoints import CHECKPOINT_FILE, checkpoint_file
+    from vspw_ray.storage import is_uri
 
+    if is_uri(path):
+        return checkpoint_file(path)
     return str(Path(path) / CHECKPOINT_FILE) if Path(path).is_dir() else path
 
 
@@ -168,11 +171,12 @@ def _cmd_infer(args) -> int:
     from vspw_ray.progress import progress_printer
 
     cfg = load_config(args.experiment, args.overrides)
-    out = run_inference(cfg, args.checkpoint, args.split, store=args.store,
-                        predictions=args.out, address=args.address, track=not args.no_track,
+    out = run_inference(cfg, args.checkpoint, args.split, variant=args.variant,
+                        store=args.store, predictions=args.out, address=args.address,
+                        track=not args.no_track,
                         torch_threads=args.torch_threads,
                         progress=progress_printer("inferring", "frames"))
-    print(f"{out.variant_id} on {out.split}: {out.frames} frames written "
+    print(f"{out.key} on {out.split}: {out.frames} frames written "
           f"({out.frames_per_s:.2f} frames/s), {len(out.skipped)} skipped; store {out.store} "
           f"({out.store_bytes / 2**20:.1f} MiB); predictions {out.predictions}")
     for key in out.skipped:
@@ -197,9 +201,9 @@ def _run_options(p: argparse.ArgumentParser, threads_help: str = "torch threads 
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--torch-threads", type=int, default=1, help=threads_help)
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    p.add_argument("--dashboard", action="store_true",
-                   help="start the Ray dashboard with a local Ray instance (off by default: it "
-                        "costs seconds of start-up; a cluster has its own)")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="start a local Ray instance without its dashboard, which serves Ray's "
+                        "State API (saves ~1 s of start-up; a cluster has its own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="official VSPW metrics of prediction PNGs or stored scores")
     p.add_argument("--pred", help="folder of <video>/<frame>.png reduced ids")
     p.add_argument("--store", help="a score store written by vspw-ray infer (with --variant)")
-    p.add_argument("--variant", help="the store member (variant_id) to score")
+    p.add_argument("--variant", help="the store member (its key, as vspw-ray infer prints) to score")
     p.add_argument("--root", required=True, help="dataset root")
     p.add_argument("--split", default="val")
     p.add_argument("--fold", choices=["A", "B", "all"], default=None)
@@ -257,11 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_swa)
 
     p = sub.add_parser("infer", help="TTA inference into a Parquet score store (Ray Data; resumes)")
-    _experiment_args(p)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or checkpoint.pt")
+    _experiment_args(p, variant=True)
+    p.add_argument("--checkpoint", help="checkpoint folder or checkpoint.pt (default: the "
+                                        "variant's SWA average, else its best checkpoint)")
     p.add_argument("--split", default="val", help="val or test (any split file of data.root)")
     p.add_argument("--store", help="score store (default: <storage.path>/scores)")
-    p.add_argument("--out", help="prediction PNG folder (default: <storage.path>/predictions/<id>/<split>)")
+    p.add_argument("--out", help="prediction PNG folder (default: "
+                                 "<storage.path>/predictions/<member key>/<split>)")
     _run_options(p, "torch threads per model actor")
     p.set_defaults(func=_cmd_infer)
 
@@ -291,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in late) or ' '.join(late)}")
     if late:
         args.overrides = list(args.overrides) + late
-    if getattr(args, "dashboard", False):
-        from vspw_ray.train.driver import DASHBOARD_ENV
+    if getattr(args, "no_dashboard", False):
+        from vspw_ray.runtime import DASHBOARD_ENV
 
-        os.environ[DASHBOARD_ENV] = "1"
+        os.environ[DASHBOARD_ENV] = "0"
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError) as err:

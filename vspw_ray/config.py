@@ -376,15 +376,38 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> variant ids
-    base_group: str = "strong"
+    """The hierarchical ensemble (seed section 2.3): members grouped (strong / weak / auxiliary),
+    probabilities averaged inside each group, group weights searched on fold A of val."""
+
+    members: tuple[str, ...] = ()  # variant names or ids; empty: every variant of the experiment
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # explicit: group -> members
+    base_group: str = "strong"  # its weight is fixed at 1
+    strong: int = 3  # the seed's rule: top members of the base family form "strong" ...
+    auxiliary: int = 6  # ... and the other family's top ones "aux"
+    space: Literal["prob", "log"] = "prob"  # mean of probabilities, or of log-probabilities
+    method: Literal["tune", "grid", "greedy"] = "tune"
     weight_range: tuple[float, float] = (0.0, 2.0)
-    num_samples: int = 64
+    grid_step: float = 0.1  # grid method (and the heatmap): weights low, low+step, ..., high
+    num_samples: int = 64  # Tune trials
+    sample_rate: float = 0.03  # share of valid pixels per frame in the pixel sample
+    min_per_class: int = 16  # pixels kept per class present in a frame (all when fewer)
+    greedy_rounds: int = 10
+    seed: int = 0
+    allow_val_trained: bool = False  # members trained on val videos are refused unless true
 
     def __post_init__(self) -> None:
         lo, hi = self.weight_range
         _check(0 <= lo < hi, "ensemble.weight_range", "needs 0 <= low < high")
         _check(self.num_samples > 0, "ensemble.num_samples", "must be positive")
+        _check(0 < self.grid_step <= hi - lo, "ensemble.grid_step",
+               f"must be in (0, {hi - lo}] (the width of ensemble.weight_range)")
+        _check(0 < self.sample_rate <= 1, "ensemble.sample_rate", "must be in (0, 1]")
+        _check(self.min_per_class >= 1, "ensemble.min_per_class", "must be at least 1")
+        _check(self.strong >= 1 and self.auxiliary >= 0, "ensemble.strong",
+               "strong must be at least 1 and auxiliary at least 0")
+        _check(self.greedy_rounds >= 1, "ensemble.greedy_rounds", "must be at least 1")
+        _check(self.space in ("prob", "log"), "ensemble.space", "prob or log")
+        _check(self.method in ("tune", "grid", "greedy"), "ensemble.method", "tune, grid or greedy")
         if self.groups:
             _check(
                 self.base_group in self.groups,

@@ -50,8 +50,8 @@ def read_prediction(path: Path, video: str, frame: str, shape: tuple[int, int]) 
 
 def _store_predictions(frames: list[Frame], store: str, vid: str, split: str):
     """Argmax at full size of a member's stored scores, frame by frame."""
-    from vspw_ray.infer.encoding import decode
-    from vspw_ray.infer.store import ScoreStore
+    from vspw_ray.scores.encoding import decode
+    from vspw_ray.scores.store import ScoreStore
 
     scores = ScoreStore(store)
     enc, num_classes = scores.encoding(vid), scores.manifest(vid)["num_classes"]
@@ -149,7 +149,7 @@ def evaluate_store_folds(store: str | Path, variant: str, root: str | Path, spli
                          processes: int | None = None, progress=None) -> dict:
     """:func:`evaluate_store` for several folds (``None``: the whole split) at once, reading
     and decoding every frame's scores once: ``{fold: report}``."""
-    from vspw_ray.infer.store import ScoreStore
+    from vspw_ray.scores.store import ScoreStore
 
     root = Path(root)
     table = load_class_table(root)

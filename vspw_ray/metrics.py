@@ -25,7 +25,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+
+def fold_metric(fold: str, name: str = "miou") -> str:
+    """The reported name of a metric on a fold of val: ``fold_metric("A") == "val_A/miou"``."""
+    return f"val_{fold}/{name}"
+
+
+VAL_A_MIOU = fold_metric("A")  # the selection metric: chosen on fold A ...
+VAL_B_MIOU = fold_metric("B")  # ... reported on fold B
+
 __all__ = [
+    "VAL_A_MIOU",
+    "VAL_B_MIOU",
+    "fold_metric",
     "ConfusionMatrix",
     "VideoConsistency",
     "confusion",

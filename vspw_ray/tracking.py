@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vspw_ray.storage import is_uri
+
 __all__ = ["resolve_tracking_uri", "flatten", "open_run", "log_metrics", "log_artifact",
            "find_run", "finish_run", "PARENT_TAG"]
 
@@ -19,7 +21,7 @@ PARENT_TAG = "mlflow.parentRunId"  # shows a run as the child of another in the 
 def resolve_tracking_uri(uri: str | None, storage_path: str) -> str:
     if uri:
         return uri
-    if "://" in storage_path:
+    if is_uri(storage_path):
         raise ValueError(f"config key 'tracking.uri': storage.path is {storage_path}, where no "
                          f"SQLite file can live; set tracking.uri=http://HOST:5000 (an MLflow "
                          f"server) or sqlite:////abs/local/path.db")
@@ -44,8 +46,8 @@ def _experiment_id(mlflow, name: str, storage_path: str) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifacts = str(Path(storage_path).expanduser().resolve() / "mlartifacts") \
-        if "://" not in storage_path else f"{storage_path.rstrip('/')}/mlartifacts"
+    artifacts = f"{storage_path.rstrip('/')}/mlartifacts" if is_uri(storage_path) \
+        else str(Path(storage_path).expanduser().resolve() / "mlartifacts")
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 

@@ -3,9 +3,9 @@
 Frames are listed on the driver, decoded in CPU tasks (``map_batches`` over a function), and run
 through a pool of model actors (``map_batches`` with a callable class; one GPU each on a
 cluster, and on a CPU machine the CPUs left after one for the reads) that apply flip x scale
-TTA and encode the averaged class distributions (:mod:`vspw_ray.infer.encoding`). The stream
+TTA and encode the averaged class distributions (:mod:`vspw_ray.scores.encoding`). The stream
 is ordered, so the driver sees each video's frames together: it writes the video's prediction
-PNGs and its Parquet file (:mod:`vspw_ray.infer.store`) as soon as the video is complete, and
+PNGs and its Parquet file (:mod:`vspw_ray.scores.store`) as soon as the video is complete, and
 only a few videos are ever in flight. Re-running the command skips every video already stored.
 """
 
@@ -24,6 +24,12 @@ import numpy as np
 
 from vspw_ray.config import ExperimentConfig, config_from_dict, to_dict
 from vspw_ray.data.layout import DataError, Frame
+from vspw_ray.layout import infer_hash, member_key
+from vspw_ray.runtime import open_stage
+from vspw_ray.scores.encoding import ScoreEncoding, encode
+from vspw_ray.scores.store import (ENCODING_DOC, ENCODING_NAME, SCHEMA_DOC, ScoreStore,
+                                   StoreError, frame_row)
+from vspw_ray.storage import filesystem, is_uri
 
 __all__ = ["InferResult", "run_inference", "load_inference_model", "decode_frames",
            "TTAPredictor", "num_actors"]
@@ -36,8 +42,8 @@ def load_inference_model(checkpoint: str, num_classes: int, device: str = "cpu")
     mode; returns ``(model, checkpoint config)``."""
     import torch
 
+    from vspw_ray.checkpoints import read_state
     from vspw_ray.models import build_model
-    from vspw_ray.train.checkpoints import read_state
 
     state = read_state(checkpoint)
     if "config" not in state or "model" not in state:
@@ -96,7 +102,7 @@ class TTAPredictor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, _ = load_inference_model(checkpoint, num_classes, str(self.device))
         self.infer = InferConfig(**{**infer, "scales": tuple(infer["scales"])})
-        self.enc = score_encoding(self.infer)
+        self.enc = ScoreEncoding.of(self.infer)
         self.mean, self.std = mean, std
         self.autocast, _ = autocast_context(self.device, "auto")
 
@@ -105,7 +111,6 @@ class TTAPredictor:
         from PIL import Image
 
         from vspw_ray.data.transforms import normalize
-        from vspw_ray.infer.encoding import encode
         from vspw_ray.infer.tta import tta_probs
 
         pngs, classes, codes, sh, sw = [], [], [], [], []
@@ -156,7 +161,8 @@ def num_actors(cfg: ExperimentConfig, cluster: dict[str, float], threads: int,
 
 @dataclass(frozen=True)
 class InferResult:
-    variant_id: str
+    key: str  # the store member: checkpoint identity + infer settings
+    variant_id: str  # the checkpoint's variant
     split: str
     store: str
     predictions: str
@@ -169,11 +175,15 @@ class InferResult:
     run_id: str | None
 
 
-def _write_png(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write_png(fs, path: str, data: bytes) -> None:
+    """One prediction PNG, local or remote: written whole under a temporary name, then moved
+    (an object store writes an object whole anyway)."""
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{name}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
 
 
 @dataclass
@@ -193,105 +203,146 @@ class _Throughput:
         return later / self.steady if self.steady > 0 and later > 0 else self.fps
 
 
-def run_inference(cfg: ExperimentConfig, checkpoint: str, split: str, *,
-                  store: str | None = None, predictions: str | None = None,
-                  address: str | None = None, track: bool = True,
-                  torch_threads: int = 1, progress=None) -> InferResult:
-    """Infer ``checkpoint`` over ``split`` into the score store and prediction PNGs; videos
-    already stored are skipped. Metrics from the stored scores when the split has masks."""
-    from vspw_ray.data import load_class_table, read_split, split_frames
-    from vspw_ray.infer.store import ScoreStore
-    from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.checkpoints import checkpoint_file, read_summary
-    from vspw_ray.train.driver import connect_ray, prepare_config
+@dataclass(frozen=True)
+class _Member:
+    """The checkpoint being inferred and where its outputs go."""
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    check_cluster_settings(cfg, address, track=track)
-    cfg = prepare_config(config_from_dict({**to_dict(cfg), "variants": []}))
-    storage = resolve_storage(cfg.storage.path)
-    checkpoint = checkpoint_file(checkpoint if "://" in checkpoint
-                                 else str(Path(checkpoint).expanduser().resolve()))
+    checkpoint: str  # its checkpoint.pt
+    header: dict  # its summary (variant_id, iteration, kind, family, ...)
+    key: str  # the store member key: checkpoint identity + infer settings
+    store: str
+    predictions: str
+
+
+def _member(stage, checkpoint: str | None, resolved: ExperimentConfig | None, split: str,
+            store: str | None, predictions: str | None) -> _Member:
+    """The checkpoint to infer (``checkpoint``, else the model checkpoint of the ``resolved``
+    variant in the run layout) and its member key and output locations."""
+    from vspw_ray.checkpoints import checkpoint_file, read_summary
+
+    if checkpoint is None:
+        checkpoint = stage.layout.model_checkpoint(resolved)
+    elif not is_uri(checkpoint):
+        checkpoint = str(Path(checkpoint).expanduser().resolve())
+    checkpoint = checkpoint_file(checkpoint)
     header = read_summary(checkpoint)
-    vid = header.get("variant_id")
-    if not vid:
+    if not header.get("variant_id"):
         raise ValueError(f"{checkpoint} records no variant_id; infer needs a vspw_ray checkpoint")
-    root = cfg.data.root
-    table = load_class_table(root)
-    videos = read_split(root, split)
-    frames = split_frames(root, split)
+    key = member_key(header["variant_id"], header.get("iteration") or 0, stage.cfg.infer)
+    return _Member(checkpoint, header, key, store or stage.layout.scores,
+                   predictions or stage.layout.predictions(key, split))
+
+
+def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
+                  variant: str | None = None, store: str | None = None,
+                  predictions: str | None = None, address: str | None = None,
+                  track: bool = True, torch_threads: int = 1, progress=None) -> InferResult:
+    """Infer ``checkpoint`` (default: the model checkpoint of ``variant`` in the run layout:
+    its SWA average, else its best training checkpoint) over ``split`` into the score store and
+    prediction PNGs, keyed by the checkpoint and the ``infer`` settings; videos already stored
+    under that key are skipped. Metrics from the stored scores when the split has masks."""
+    from vspw_ray.config import resolve_variant
+    from vspw_ray.data import load_class_table, read_split, split_frames
+
+    # the variant as the user wrote it: its id is computed before paths are made absolute, as
+    # train does
+    resolved = None if checkpoint else resolve_variant(cfg, variant)
+    with open_stage(resolved or config_from_dict({**to_dict(cfg), "variants": []}), "infer",
+                    {"split": split}, address=address, track=False, connect=False,
+                    trainable=False) as stage:
+        member = _member(stage, checkpoint, resolved, split, store, predictions)
+    cfg = stage.cfg
+    table = load_class_table(cfg.data.root)
+    videos = read_split(cfg.data.root, split)
+    frames = split_frames(cfg.data.root, split)
     by_video: dict[str, list[Frame]] = defaultdict(list)
     for f in frames:
         by_video[f.video].append(f)
-    store_uri = store or f"{storage.rstrip('/')}/scores"
-    scores = ScoreStore(store_uri)
-    pred_dir = Path(predictions or f"{storage}/predictions/{vid}/{split}")
+    scores = ScoreStore(member.store)
+    manifest, skipped, todo = _plan(cfg, member, scores, table, split, videos, by_video)
+    tags = {"variant_id": member.header["variant_id"], "member_key": member.key, "split": split}
+    with open_stage(cfg, "infer", tags, address=address, track=track, connect=bool(todo),
+                    trainable=False, run_name=f"{member.key}-infer-{split}",
+                    params=_run_params(cfg, member)) as stage:
+        rate, start = _Throughput(), time.perf_counter()
+        if todo:
+            batches = _pipeline(cfg, [f for v in todo for f in by_video[v]], member.checkpoint,
+                                table.num_classes, stage.address, torch_threads)
+            rate = _write_stream(batches, scores, member, split,
+                                 {v: len(by_video[v]) for v in todo}, skipped, progress, start)
+        manifest["splits"][split] = {
+            "videos": len(videos), "frames": sum(len(by_video[v]) for v in videos),
+            "skipped": {v: n for v, n in skipped.items() if n}}
+        scores.write_manifest(member.key, manifest)
+        metrics = _split_metrics(scores, member.key, cfg, split, frames, skipped)
+        manifest["splits"][split]["metrics"] = metrics
+        store_bytes = scores.size_bytes(member.key, split)
+        if stage.run_id:
+            _log_run(stage, rate, store_bytes, manifest["splits"][split]["frames"], split, metrics)
+            manifest["mlflow_run_id"] = stage.run_id
+        scores.write_manifest(member.key, manifest)
+    return InferResult(member.key, member.header["variant_id"], split, member.store,
+                       member.predictions, rate.written,
+                       [f"{v}/{n}" for v, ns in skipped.items() for n in ns], rate.fps,
+                       rate.fps_steady, store_bytes, metrics, stage.run_id)
+
+
+def _plan(cfg: ExperimentConfig, member: _Member, scores, table, split: str,
+          videos: list[str], by_video: dict[str, list[Frame]]):
+    """The member's manifest, the frames skipped before, and the videos left to infer (those
+    whose Parquet file and PNGs are not both complete)."""
     try:
-        previous = scores.manifest(vid)
-    except ValueError:
+        previous = scores.manifest(member.key)
+    except StoreError:
         previous = {}
     skipped_before = previous.get("splits", {}).get(split, {}).get("skipped", {})
     expected = {v: len(by_video[v]) - len(skipped_before.get(v, [])) for v in videos}
-    done = {v for v in scores.done_videos(vid, split, expected)
-            if all((pred_dir / v / f"{f.name}.png").is_file() for f in by_video[v]
-                   if f.name not in skipped_before.get(v, []))}
+    fs, pred_root = filesystem(member.predictions)
+    done = {v for v in scores.done_videos(member.key, split, expected)
+            if _pngs_present(fs, f"{pred_root}/{v}", by_video[v], skipped_before.get(v, []))}
     todo = [v for v in videos if v not in done]
-    manifest = _manifest(cfg, vid, header.get("parent_variant_id"), checkpoint, table, previous)
-    print(f"infer {vid} on {split}: {len(videos)} videos, {len(done)} already stored, "
+    print(f"infer {member.key} on {split}: {len(videos)} videos, {len(done)} already stored, "
           f"{len(todo)} to run", flush=True)
+    manifest = _manifest(cfg, member, table, previous)
+    return manifest, {v: list(n) for v, n in skipped_before.items()}, todo
 
-    skipped: dict[str, list[str]] = {v: list(n) for v, n in skipped_before.items()}
-    rate = _Throughput()
-    start = time.perf_counter()
-    if todo:
-        connect_ray(address)
-        batches = _pipeline(cfg, [f for v in todo for f in by_video[v]], checkpoint,
-                            table.num_classes, address, torch_threads)
-        rate = _write_stream(batches, scores, vid, split, pred_dir,
-                             {v: len(by_video[v]) for v in todo}, skipped, progress, start)
-    manifest["splits"][split] = {
-        "videos": len(videos), "frames": sum(len(by_video[v]) for v in videos),
-        "skipped": {v: n for v, n in skipped.items() if n}}
-    scores.write_manifest(vid, manifest)
+
+def _pngs_present(fs, folder: str, frames: list[Frame], skipped: list[str]) -> bool:
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    present = {i.base_name for i in infos if i.type == pyarrow.fs.FileType.File}
+    return all(f"{f.name}.png" in present for f in frames if f.name not in skipped)
+
+
+def _split_metrics(scores, key: str, cfg: ExperimentConfig, split: str, frames: list[Frame],
+                   skipped: dict[str, list[str]]) -> dict | None:
     n_skipped = sum(len(v) for v in skipped.values())
-    metrics = None
-    if _has_masks(frames) and not n_skipped:
-        metrics = _store_metrics(scores, vid, root, split)
-    elif n_skipped:
+    if n_skipped:
         print(f"no {split} metrics: {n_skipped} frames were skipped", flush=True)
-    manifest["splits"][split]["metrics"] = metrics
-    store_bytes = scores.size_bytes(vid, split)
-    run_id = None
-    if track:
-        run_id = _log_run(cfg, storage, vid, split, checkpoint, store_uri, rate, store_bytes,
-                          manifest["splits"][split]["frames"], metrics)
-        manifest["mlflow_run_id"] = run_id
-    scores.write_manifest(vid, manifest)
-    return InferResult(vid, split, store_uri, str(pred_dir), rate.written,
-                       [f"{v}/{n}" for v, ns in skipped.items() for n in ns], rate.fps,
-                       rate.fps_steady, store_bytes, metrics, run_id)
+        return None
+    if not _has_masks(frames):
+        return None
+    return _store_metrics(scores, key, cfg.data.root, split, cfg.data.fold_seed)
 
 
-def score_encoding(infer):
-    """The store encoding (:class:`~vspw_ray.infer.encoding.ScoreEncoding`) that an
-    ``InferConfig`` asks for."""
-    from vspw_ray.infer.encoding import ScoreEncoding
-
-    return ScoreEncoding(infer.score_scale, infer.top_k, infer.score_step)
-
-
-def _manifest(cfg: ExperimentConfig, vid: str, parent: str | None, checkpoint: str, table,
-              previous: dict) -> dict[str, Any]:
+def _manifest(cfg: ExperimentConfig, member: _Member, table, previous: dict) -> dict[str, Any]:
     """The member's manifest: what produced its scores and how to read them; the other
     splits' entries and the MLflow run are carried over from ``previous``."""
+    header = member.header
     return {
-        "variant_id": vid, "parent_variant_id": parent, "checkpoint": checkpoint,
+        "key": member.key, "variant_id": header["variant_id"],
+        "parent_variant_id": header.get("parent_variant_id"),
+        "checkpoint": member.checkpoint, "checkpoint_iteration": header.get("iteration"),
+        "checkpoint_kind": header.get("kind", "train"),
+        "family": header.get("family"), "train_split": header.get("train_split"),
+        "data_root": cfg.data.root, "fold_seed": cfg.data.fold_seed,
         "class_names": table.names, "num_classes": table.num_classes,
+        "infer_hash": infer_hash(cfg.infer),
         "tta": {"scales": list(cfg.infer.scales), "flip": cfg.infer.flip},
-        "encoding": {"name": "topk-logq-u8", "params": score_encoding(cfg.infer).to_dict(),
-                     "doc": "classes/codes: uint8 [top_k, score_height, score_width]; "
-                            "p = exp(-code * step); the remaining mass is spread evenly over "
-                            "the other classes; resize bilinearly to height x width"},
-        "schema": "video, frame, height, width, score_height, score_width, classes, codes",
+        "encoding": {"name": ENCODING_NAME, "params": ScoreEncoding.of(cfg.infer).to_dict(),
+                     "doc": ENCODING_DOC},
+        "schema": SCHEMA_DOC,
         "splits": {**previous.get("splits", {})},
         "mlflow_run_id": previous.get("mlflow_run_id"),
     }
@@ -328,13 +379,12 @@ def _pipeline(cfg: ExperimentConfig, frames: list[Frame], checkpoint: str, num_c
     return ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def _write_stream(batches, scores, vid: str, split: str, pred_dir: Path,
-                  video_frames: dict[str, int], skipped: dict[str, list[str]], progress,
-                  start: float) -> _Throughput:
+def _write_stream(batches, scores, member: _Member, split: str, video_frames: dict[str, int],
+                  skipped: dict[str, list[str]], progress, start: float) -> _Throughput:
     """Write each frame's PNG as it arrives and each video's Parquet file once all its frames
     have (the stream is ordered); bad frames are added to ``skipped``."""
-    rate = _Throughput()
-    first = None
+    fs, pred_root = filesystem(member.predictions)
+    rate, first = _Throughput(), None
     pending: dict[str, list[dict]] = defaultdict(list)
     seen: dict[str, int] = defaultdict(int)
     total = sum(video_frames.values())
@@ -348,16 +398,14 @@ def _write_stream(batches, scores, vid: str, split: str, pred_dir: Path,
                 print(f"skipped: {batch['error'][i]}", flush=True)
                 skipped.setdefault(video, []).append(name)
             else:
-                _write_png(pred_dir / video / f"{name}.png", bytes(batch["png"][i]))
-                pending[video].append({
-                    "video": video, "frame": name, "height": int(batch["height"][i]),
-                    "width": int(batch["width"][i]),
-                    "score_height": int(batch["score_height"][i]),
-                    "score_width": int(batch["score_width"][i]),
-                    "classes": bytes(batch["classes"][i]), "codes": bytes(batch["codes"][i])})
+                _write_png(fs, f"{pred_root}/{video}/{name}.png", bytes(batch["png"][i]))
+                pending[video].append(frame_row(
+                    video, name, int(batch["height"][i]), int(batch["width"][i]),
+                    bytes(batch["classes"][i]), bytes(batch["codes"][i]),
+                    int(batch["score_height"][i]), int(batch["score_width"][i])))
             rate.written += 1
             if seen[video] == video_frames[video]:  # the video is complete
-                scores.write_video(vid, split, video, pending.pop(video))
+                scores.write_video(member.key, split, video, pending.pop(video))
             if progress:
                 progress(rate.written, total)
     now = time.perf_counter()
@@ -365,29 +413,25 @@ def _write_stream(batches, scores, vid: str, split: str, pred_dir: Path,
     return rate
 
 
-def _log_run(cfg: ExperimentConfig, storage: str, vid: str, split: str, checkpoint: str,
-             store_uri: str, rate: _Throughput, store_bytes: int, frames: int,
-             metrics: dict | None) -> str:
-    """One MLflow run per member and split (resumed when re-run): throughput, store size,
-    metrics from the stored scores."""
+def _run_params(cfg: ExperimentConfig, member: _Member) -> dict[str, str]:
+    return {"checkpoint": member.checkpoint, "store": member.store,
+            "tta.scales": str(list(cfg.infer.scales)), "tta.flip": str(cfg.infer.flip),
+            **{f"encoding.{k}": str(v) for k, v in ScoreEncoding.of(cfg.infer).to_dict().items()}}
+
+
+def _log_run(stage, rate: _Throughput, store_bytes: int, frames: int, split: str,
+             metrics: dict | None) -> None:
+    """Throughput, store size and the metrics from the stored scores, in the stage's run (one
+    per member and split, resumed when re-run)."""
     from vspw_ray import tracking
 
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, storage)
-    experiment = cfg.tracking.experiment or cfg.name
-    tags = {"variant_id": vid, "stage": "infer", "split": split}
-    params = {"checkpoint": checkpoint, "store": store_uri,
-              "tta.scales": str(list(cfg.infer.scales)), "tta.flip": str(cfg.infer.flip),
-              **{f"encoding.{k}": str(v) for k, v in score_encoding(cfg.infer).to_dict().items()}}
-    with tracking.open_run(uri, experiment, storage, run_id=tracking.find_run(uri, experiment, tags),
-                           run_name=f"{vid}-infer-{split}", tags=tags, params=params) as rid:
-        numbers = {"frames": rate.written, "frames_per_s": rate.fps, "store_bytes": store_bytes,
-                   "store_bytes_per_frame": store_bytes / max(1, frames)}
-        if rate.steady > 0 and rate.written > rate.first_count:
-            numbers["frames_per_s_steady"] = rate.fps_steady
-        if metrics:
-            numbers.update({f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, float)})
-        tracking.log_metrics(uri, rid, numbers, 0)
-    return rid
+    numbers = {"frames": rate.written, "frames_per_s": rate.fps, "store_bytes": store_bytes,
+               "store_bytes_per_frame": store_bytes / max(1, frames)}
+    if rate.steady > 0 and rate.written > rate.first_count:
+        numbers["frames_per_s_steady"] = rate.fps_steady
+    if metrics:
+        numbers.update({f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+    tracking.log_metrics(stage.tracking_uri, stage.run_id, numbers, 0)
 
 
 def _has_masks(frames: list[Frame]) -> bool:
@@ -395,11 +439,12 @@ def _has_masks(frames: list[Frame]) -> bool:
     return bool(frames) and frames[0].mask is not None and Path(frames[0].mask).is_file()
 
 
-def _store_metrics(scores, vid: str, root: str, split: str) -> dict[str, Any]:
+def _store_metrics(scores, key: str, root: str, split: str, fold_seed: int) -> dict[str, Any]:
     from vspw_ray.evaluate import evaluate_store_folds
 
     out = {}
-    for fold, report in evaluate_store_folds(scores.uri, vid, root, split).items():
+    for fold, report in evaluate_store_folds(scores.uri, key, root, split,
+                                             fold_seed=fold_seed).items():
         prefix = f"val_{fold}/" if fold else ""
         for key in ("miou", "fwiou", "pixel_acc", "vc8", "vc16"):
             if report[key] is not None:

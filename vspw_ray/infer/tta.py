@@ -8,11 +8,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from vspw_ray.scores.encoding import scaled_size
+
 __all__ = ["tta_probs", "scaled_size"]
-
-
-def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
 @torch.no_grad()

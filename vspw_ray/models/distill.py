@@ -17,15 +17,23 @@ __all__ = ["SelfDistillation", "load_model_weights"]
 
 
 def load_model_weights(model: nn.Module, path: str) -> None:
-    """Load a training checkpoint (``{"model": state_dict, ...}``) or a bare state dict."""
+    """Load a training checkpoint (``{"model": state_dict, ...}``) or a bare state dict, from a
+    local file or an ``s3://``/``gs://`` URI."""
     from pathlib import Path
 
     from vspw_ray.models.backbone import read_checkpoint_file
+    from vspw_ray.storage import is_uri
 
-    if not Path(path).is_file():
+    if is_uri(path):
+        from vspw_ray.checkpoints import read_state
+
+        sd = read_state(path)
+        sd = sd["model"] if isinstance(sd.get("model"), dict) else sd
+    elif not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (model.init_checkpoint, "
                                 f"loss.distill.teacher or --from)")
-    sd = read_checkpoint_file(path)
+    else:
+        sd = read_checkpoint_file(path)
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"checkpoint {path} does not fit the model: missing "

@@ -16,8 +16,6 @@ stream as a function of (seed, iteration, rank).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -27,10 +25,15 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from vspw_ray.config import ConfigError, ExperimentConfig, SwaConfig, to_dict
+from vspw_ray.checkpoints import checkpoint_file, list_checkpoints, read_state, read_summary
+from vspw_ray.config import ConfigError, ExperimentConfig, SwaConfig
 from vspw_ray.data.datasets import sample_seed
-from vspw_ray.train.checkpoints import (best_checkpoint, checkpoint_file, list_checkpoints,
-                                        read_state, read_summary)
+from vspw_ray.layout import swa_variant_id
+from vspw_ray.metrics import VAL_A_MIOU, VAL_B_MIOU
+from vspw_ray.runtime import open_stage
+from vspw_ray.storage import is_uri
+from vspw_ray.train.driver import build_trainer
+from vspw_ray.train.resources import check_feasible, wait_for_resources
 
 __all__ = ["cyclic_lr", "swa_scheduler", "swa_steps", "recompute_bn", "has_batchnorm",
            "swa_loop_per_worker", "swa_variant_id", "SwaResult", "swa_variant", "COMPARED"]
@@ -116,13 +119,8 @@ def _average_bn_buffers(model: nn.Module, world: int) -> None:
                 buf.div_(world)
 
 
-def swa_variant_id(parent: str, swa: SwaConfig, base_iteration: int) -> str:
-    blob = json.dumps({"swa": to_dict(swa), "from_iteration": base_iteration}, sort_keys=True)
-    return f"{parent}-swa-{hashlib.sha256(blob.encode()).hexdigest()[:6]}"
-
-
 def _validated(metrics: dict) -> bool:
-    return "val_A/miou" in metrics and "val_B/miou" in metrics
+    return VAL_A_MIOU in metrics and VAL_B_MIOU in metrics
 
 
 def swa_loop_per_worker(config: dict) -> None:
@@ -245,25 +243,17 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                 from_checkpoint: str | None = None, address: str | None = None,
                 track: bool = True, torch_threads: int = 1) -> SwaResult:
     """Run (or resume, or find finished) the SWA job of one variant."""
-    import os
-    import tempfile
-
-    from vspw_ray import tracking
     from vspw_ray.config import resolve_variant, variant_id
-    from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.driver import (git_commit, build_trainer, connect_and_find_run,
-                                       prepare_config)
-    from vspw_ray.train.resources import check_feasible, wait_for_resources
+    from vspw_ray.layout import RunLayout
+    from vspw_ray.storage import resolve_storage
 
     resolved = resolve_variant(cfg, variant)
     parent = variant_id(resolved)
-    check_cluster_settings(resolved, address or os.environ.get("RAY_ADDRESS"), track=track)
-    resolved = prepare_config(resolved)
-    storage = resolve_storage(resolved.storage.path)
-    if from_checkpoint and "://" not in from_checkpoint:
+    layout = RunLayout(resolve_storage(resolved.storage.path))
+    if from_checkpoint and not is_uri(from_checkpoint):
         from_checkpoint = str(Path(from_checkpoint).expanduser().resolve())
-    base_dir = from_checkpoint or best_checkpoint(storage, parent)
-    base_file = checkpoint_file(base_dir)
+    base_file = checkpoint_file(from_checkpoint or layout.best_train_checkpoint(
+        parent, resolved.tune.metric))
     header = read_summary(base_file)
     owner = header.get("variant_id")
     if owner and owner != parent:
@@ -273,51 +263,51 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
             f"trained it (vspw-ray config show EXPERIMENT.yaml lists the ids)")
     base_iter = int(header.get("iteration") or 0)
     vid = swa_variant_id(parent, resolved.swa, base_iter)
-    run_dir = f"{storage.rstrip('/')}/swa/{vid}"
-    uri = tracking.resolve_tracking_uri(resolved.tracking.uri, storage)
-    experiment = resolved.tracking.experiment or cfg.name
-    tags = {"variant_id": vid, "stage": "swa"}
-
-    for path, _ in [(p, s) for p, s in list_checkpoints(run_dir) if s.get("kind") == "swa_average"]:
-        try:  # finished before: nothing to run
-            comparison = read_state(checkpoint_file(path))["comparison"]
-        except (OSError, RuntimeError, EOFError, KeyError):
-            continue  # a half-copied final checkpoint: Ray Train resumes before it
-        run_id = tracking.find_run(uri, experiment, tags) if track else None
-        return SwaResult(vid, parent, base_file, path, comparison, run_id)
-
-    run_id = connect_and_find_run(address, uri, experiment, tags, track)
-    check_feasible(resolved)
-    wait_for_resources(resolved)
-
-    def fit(rid: str | None):
+    tags = {"parent_variant_id": parent, "family": resolved.model.family,
+            "variant": variant or "base", "base_checkpoint": base_file}
+    finished = _finished_average(layout.swa_run(vid))
+    with open_stage(resolved, "swa", {"variant_id": vid}, address=address, track=track,
+                    connect=finished is None, run_name=vid, extra_tags=tags,
+                    experiment=cfg.tracking.experiment or cfg.name) as stage:
+        if finished is not None:  # made before: nothing to run
+            return SwaResult(vid, parent, base_file, finished[0], finished[1], stage.run_id)
+        check_feasible(stage.cfg)
+        wait_for_resources(stage.cfg)
         trainer = build_trainer(
-            resolved, vid, uri, rid, torch_threads, storage,
-            storage_path=f"{storage.rstrip('/')}/swa", train_fn=swa_loop_per_worker, best_by=None,
+            stage.cfg, vid, stage.tracking_uri, stage.run_id, torch_threads, stage.layout,
+            storage_path=stage.layout.swa_root, train_fn=swa_loop_per_worker, best_by=None,
             extra_config={"parent_variant_id": parent, "base_checkpoint": base_file,
                           "base_iteration": base_iter})
         result = trainer.fit()
         if result.error:
             raise result.error
-        return SwaResult(vid, parent, base_file, result.checkpoint.path, dict(result.metrics),
-                         rid)
-
-    if not track:
-        return fit(None)
-    with tracking.open_run(uri, experiment, storage, run_id=run_id, run_name=vid,
-                           tags={**tags, "parent_variant_id": parent, "stage": "swa",
-                                 "family": resolved.model.family, "variant": variant or "base",
-                                 "base_checkpoint": base_file, "git_commit": git_commit()},
-                           params=tracking.flatten(to_dict(resolved))) as rid:
-        out = fit(rid)
-        compared = {k: v for k, v in out.metrics.items()
-                    if k.split("/", 1)[0] in COMPARED and isinstance(v, float)}
-        tracking.log_metrics(uri, rid, compared, resolved.swa.extra_iters)
-        with tempfile.TemporaryDirectory() as d:
-            _write_artifacts(Path(d), resolved, out)
-            for path in sorted(Path(d).iterdir()):
-                tracking.log_artifact(uri, rid, path)
+        out = SwaResult(vid, parent, base_file, result.checkpoint.path, dict(result.metrics),
+                        stage.run_id)
+        if stage.run_id:
+            _log_run(stage, out)
     return out
+
+
+def _finished_average(run_dir: str) -> tuple[str, dict] | None:
+    """``(folder, comparison metrics)`` of the complete SWA average under ``run_dir``."""
+    for path, _ in [(p, s) for p, s in list_checkpoints(run_dir) if s.get("kind") == "swa_average"]:
+        return path, read_state(checkpoint_file(path))["comparison"]
+    return None
+
+
+def _log_run(stage, out: SwaResult) -> None:
+    """The side-by-side metrics and the artifacts of a finished SWA job."""
+    import tempfile
+
+    from vspw_ray import tracking
+
+    compared = {k: v for k, v in out.metrics.items()
+                if k.split("/", 1)[0] in COMPARED and isinstance(v, float)}
+    tracking.log_metrics(stage.tracking_uri, stage.run_id, compared, stage.cfg.swa.extra_iters)
+    with tempfile.TemporaryDirectory() as d:
+        _write_artifacts(Path(d), stage.cfg, out)
+        for path in sorted(Path(d).iterdir()):
+            tracking.log_artifact(stage.tracking_uri, stage.run_id, path)
 
 
 def comparison_rows(metrics: dict) -> list[tuple[str, dict[str, float | None]]]:

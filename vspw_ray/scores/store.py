@@ -12,7 +12,7 @@ Schema of each file (plain Arrow types, readable with pyarrow, pandas or duckdb)
     classes binary   uint8 [top_k, score_height, score_width], C order: class ids, best first
     codes   binary   uint8, same shape: round(-log p / step) of those classes
 
-(see :mod:`vspw_ray.infer.encoding`). Files are written under a temporary name and renamed when
+(see :mod:`vspw_ray.scores.encoding`). Files are written under a temporary name and renamed when
 complete; a file counts as done only when it reads back with the expected number of rows, so a
 half-written file of a killed run is redone and no frame appears twice.
 """
@@ -30,10 +30,11 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 
 from vspw_ray.errors import StoreError
-from vspw_ray.infer.encoding import EncodedScores, ScoreEncoding
+from vspw_ray.scores.encoding import EncodedScores, ScoreEncoding
 from vspw_ray.storage import filesystem
 
-__all__ = ["ScoreStore", "SCHEMA", "AlignedBatch", "StoreError"]
+__all__ = ["ScoreStore", "SCHEMA", "SCHEMA_DOC", "ENCODING_NAME", "ENCODING_DOC", "AlignedBatch",
+           "StoreError", "frame_row"]
 
 SCHEMA = pa.schema([
     ("video", pa.string()), ("frame", pa.string()),
@@ -41,7 +42,29 @@ SCHEMA = pa.schema([
     ("score_height", pa.int32()), ("score_width", pa.int32()),
     ("classes", pa.binary()), ("codes", pa.binary()),
 ])
+SCHEMA_DOC = "video, frame, height, width, score_height, score_width, classes, codes"
+ENCODING_NAME = "topk-logq-u8"
+ENCODING_DOC = ("classes/codes: uint8 [top_k, score_height, score_width]; p = exp(-code * step); "
+                "the remaining mass is spread evenly over the other classes; resize bilinearly "
+                "to height x width")
 TMP_PREFIX = ".tmp-"
+
+
+def frame_row(video: str, frame: str, height: int, width: int, classes: bytes, codes: bytes,
+              score_height: int, score_width: int) -> dict:
+    """One row of the schema: a frame's encoded scores (``classes`` and ``codes`` are the
+    C-order bytes of uint8 ``[top_k, score_height, score_width]`` arrays)."""
+    return {"video": video, "frame": frame, "height": height, "width": width,
+            "score_height": score_height, "score_width": score_width,
+            "classes": classes, "codes": codes}
+
+
+def _encoded(row: dict) -> EncodedScores:
+    """A row read back as :class:`EncodedScores` (the inverse of :func:`frame_row`)."""
+    shape = (-1, row["score_height"], row["score_width"])
+    return EncodedScores(np.frombuffer(row["classes"], np.uint8).reshape(shape),
+                         np.frombuffer(row["codes"], np.uint8).reshape(shape),
+                         row["height"], row["width"])
 
 
 @dataclass(frozen=True)
@@ -143,14 +166,7 @@ class ScoreStore:
             raise StoreError(f"member '{vid}' has no scores for {split} video '{video}' in "
                              f"{self.uri}; re-run vspw-ray infer for it")
         table = pq.read_table(path, filesystem=self.fs)
-        out = []
-        for row in table.to_pylist():
-            shape = (-1, row["score_height"], row["score_width"])
-            out.append((row["frame"], EncodedScores(
-                np.frombuffer(row["classes"], np.uint8).reshape(shape),
-                np.frombuffer(row["codes"], np.uint8).reshape(shape),
-                row["height"], row["width"])))
-        return out
+        return [(row["frame"], _encoded(row)) for row in table.to_pylist()]
 
     def read_aligned(self, vids: Sequence[str], split: str, *, batch_frames: int = 16,
                      videos: Sequence[str] | None = None) -> Iterator[AlignedBatch]:

@@ -24,9 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vspw_ray.infer.tta import scaled_size
+__all__ = ["ScoreEncoding", "EncodedScores", "encode", "decode", "scaled_size"]
 
-__all__ = ["ScoreEncoding", "EncodedScores", "encode", "decode"]
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """``(height, width)`` scaled by ``scale`` and rounded, at least 1 pixel each (the size of a
+    TTA view and of the stored scores)."""
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,12 @@ class ScoreEncoding:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of(cls, infer) -> ScoreEncoding:
+        """The encoding an ``InferConfig`` asks for (``score_scale``, ``top_k``,
+        ``score_step``)."""
+        return cls(infer.score_scale, infer.top_k, infer.score_step)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,101 @@
+"""The stage runtime: which Ray a command joins, errors for dead addresses and untrainable
+batches, and the run layout's paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from vspw_ray.config import ConfigError, load_config
+from vspw_ray.layout import RunLayout, member_key
+from vspw_ray.runtime import RayConnectionError, connect_ray
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "experiments" / "tiny_synth.yaml"
+
+
+def test_a_stale_cluster_file_does_not_stop_a_local_run():
+    """A killed run leaves Ray's ``ray_current_cluster`` file naming a dead instance; with no
+    address, a command starts its own local instance (and says so) instead of failing with
+    Ray's ``When connecting to an existing cluster, num_cpus ... must not be provided``."""
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a limit
+    try:
+        ray_dir = Path(tmp) / "ray"
+        ray_dir.mkdir()
+        (ray_dir / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        code = ("from vspw_ray.runtime import connect_ray; import ray; connect_ray(None); "
+                "print('CPUS', int(ray.cluster_resources()['CPU'])); ray.shutdown()")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**env, "RAY_TMPDIR": tmp, "VSPW_RAY_DASHBOARD": "0"},
+                             cwd=REPO, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "CPUS 4" in out.stdout or f"CPUS {os.cpu_count()}" in out.stdout
+        assert "started a local Ray instance" in out.stderr
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_dead_address_is_a_one_line_error_naming_it(monkeypatch):
+    port = free_port()  # nothing listens there
+    with pytest.raises(RayConnectionError, match=f"127.0.0.1:{port}.*nothing answers"):
+        connect_ray(f"127.0.0.1:{port}")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(RayConnectionError, match=f"127.0.0.1:{port}"):
+        connect_ray(None)
+    with pytest.raises(RayConnectionError, match="is not HOST:PORT"):
+        connect_ray("head-node")
+
+
+def test_cli_reports_a_dead_address_in_one_line(synth_root, tmp_path):
+    port = free_port()
+    shared = tmp_path / "shared"
+    out = subprocess.run(
+        [sys.executable, "-m", "vspw_ray", "train", str(EXPERIMENT), "--variant", "crop64",
+         "--address", f"127.0.0.1:{port}", "--no-track", f"data.root={synth_root}",
+         f"storage.path={shared}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+        env={**os.environ, "VSPW_RAY_SHARED_MOUNT": str(shared)})
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_a_batch_of_one_per_worker_is_a_config_error_naming_both_keys(synth_root):
+    from vspw_ray.config import resolve_variant
+    from vspw_ray.train.driver import check_inputs
+
+    cfg = resolve_variant(load_config(EXPERIMENT, [f"data.root={synth_root}", "train.batch_size=2",
+                                                   "train.num_workers=2"]), "crop64")
+    with pytest.raises(ConfigError, match=r"train\.batch_size.*train\.num_workers"):
+        check_inputs(cfg)
+    ok = resolve_variant(load_config(EXPERIMENT, [f"data.root={synth_root}", "train.batch_size=4",
+                                                  "train.num_workers=2"]), "crop64")
+    check_inputs(ok)  # two images per worker train
+
+
+def test_run_layout_paths_are_the_same_for_folders_and_uris():
+    from vspw_ray.config import InferConfig
+
+    for storage in ("/data/runs", "s3://bucket/prefix", "gs://bucket/p/"):
+        layout = RunLayout(storage)
+        base = storage.rstrip("/")
+        assert layout.train_run("up-1") == f"{base}/train/up-1"
+        assert layout.swa_run("up-1-swa-abc") == f"{base}/swa/up-1-swa-abc"
+        assert layout.best_configs("sw") == f"{base}/tune/sw/best"
+        assert layout.scores == f"{base}/scores"
+        assert layout.predictions("k", "val") == f"{base}/predictions/k/val"
+        assert layout.submission("e") == f"{base}/submissions/e"
+    a = member_key("up-1", 100, InferConfig(scales=(1.0,)))
+    assert a == member_key("up-1", 100, InferConfig(scales=(1.0,), actors=3, batch_size=4))
+    assert a != member_key("up-1", 100, InferConfig(scales=(0.5, 1.0)))  # other TTA
+    assert a != member_key("up-1", 200, InferConfig(scales=(1.0,)))  # another checkpoint
+    assert a != member_key("up-1", 100, InferConfig(scales=(1.0,), top_k=4))  # other encoding

@@ -1,0 +1,133 @@
+"""The run layout: the one place that names where every output of a config lives, so any
+stage's output is found from the config alone.
+
+::
+
+    <storage>/train/<variant_id>/checkpoint_*/       Ray Train runs, one per variant
+    <storage>/swa/<variant_id>-swa-<hash>/checkpoint_*/  SWA jobs; the last holds the average
+    <storage>/tune/<sweep_id>/ (+ best/)             Tune experiments and their best configs
+    <storage>/tune/optuna.db                          the default Optuna study storage
+    <storage>/scores/<member key>/                    the score store (one member per key)
+    <storage>/predictions/<member key>/<split>/       prediction PNGs
+    <storage>/ensembles/<ensemble id>/                ensemble reports
+    <storage>/submissions/<ensemble id>/              submission PNGs, zip and manifest
+    <storage>/mlflow.db                               the default MLflow store (local only)
+
+``storage`` is a local folder or an ``s3://`` / ``gs://`` URI; every path here is a string
+joined with ``/`` and read and written through pyarrow's filesystems, never ``pathlib.Path``
+around a URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from vspw_ray.config import ExperimentConfig, InferConfig, SwaConfig, to_dict, variant_id
+
+__all__ = ["RunLayout", "swa_variant_id", "infer_hash", "member_key", "SCORE_AFFECTING_INFER_KEYS"]
+
+# the infer keys that change the stored scores; actors, batch size and the bad-frame policy
+# change how the job runs, not what it writes
+SCORE_AFFECTING_INFER_KEYS = ("scales", "flip", "score_scale", "top_k", "score_step")
+
+
+def _digest(data: Any, n: int = 6) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def swa_variant_id(parent: str, swa: SwaConfig, base_iteration: int) -> str:
+    """The variant_id of the SWA average of ``parent``'s checkpoint at ``base_iteration``."""
+    return f"{parent}-swa-{_digest({'swa': to_dict(swa), 'from_iteration': base_iteration})}"
+
+
+def infer_hash(infer: InferConfig) -> str:
+    """A hash of the ``infer`` settings that change the stored scores."""
+    data = to_dict(infer)
+    return _digest({k: data[k] for k in SCORE_AFFECTING_INFER_KEYS})
+
+
+def member_key(checkpoint_variant_id: str, iteration: int, infer: InferConfig) -> str:
+    """The score store's key of one checkpoint inferred with ``infer``: another checkpoint of
+    the same variant, or other TTA or encoding settings, never reuse old scores."""
+    return f"{checkpoint_variant_id}-it{int(iteration)}-tta{infer_hash(infer)}"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where the outputs of runs stored under ``storage`` live."""
+
+    storage: str  # an absolute local folder or a URI
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.storage.rstrip("/"), *(p.strip("/") for p in parts)])
+
+    # ------------------------------------------------------------------ training and SWA
+    @property
+    def train_root(self) -> str:
+        return self.join("train")
+
+    def train_run(self, vid: str) -> str:
+        return self.join("train", vid)
+
+    @property
+    def swa_root(self) -> str:
+        return self.join("swa")
+
+    def swa_run(self, swa_vid: str) -> str:
+        return self.join("swa", swa_vid)
+
+    # ------------------------------------------------------------------ search
+    @property
+    def tune_root(self) -> str:
+        return self.join("tune")
+
+    def sweep(self, sid: str) -> str:
+        return self.join("tune", sid)
+
+    def sweep_trials(self, sid: str) -> str:
+        return self.join("tune", sid, "trials")
+
+    def best_configs(self, sid: str) -> str:
+        return self.join("tune", sid, "best")
+
+    # ------------------------------------------------------------------ inference and after
+    @property
+    def scores(self) -> str:
+        return self.join("scores")
+
+    def predictions(self, key: str, split: str) -> str:
+        return self.join("predictions", key, split)
+
+    def ensemble(self, eid: str) -> str:
+        return self.join("ensembles", eid)
+
+    def submission(self, eid: str) -> str:
+        return self.join("submissions", eid)
+
+    # ------------------------------------------------------------------ lookups
+    def best_train_checkpoint(self, vid: str, metric: str) -> str:
+        """The complete training checkpoint of ``vid`` with the highest ``metric``."""
+        from vspw_ray.checkpoints import best_checkpoint
+
+        return best_checkpoint(self.train_run(vid), metric)
+
+    def swa_average(self, cfg: ExperimentConfig, base_checkpoint: str) -> str | None:
+        """The complete SWA average that ``cfg``'s ``swa`` section makes of
+        ``base_checkpoint``, or None when it has not been made."""
+        from vspw_ray.checkpoints import list_checkpoints, read_summary
+
+        base = read_summary(base_checkpoint)
+        swa_vid = swa_variant_id(base["variant_id"], cfg.swa, int(base["iteration"] or 0))
+        done = [p for p, s in list_checkpoints(self.swa_run(swa_vid))
+                if s.get("kind") == "swa_average"]
+        return done[-1] if done else None
+
+    def model_checkpoint(self, cfg: ExperimentConfig) -> str:
+        """The checkpoint a resolved variant's later stages use: the complete SWA average made
+        by this config's ``swa`` section, else the best complete training checkpoint by
+        ``tune.metric``."""
+        best = self.best_train_checkpoint(variant_id(cfg), cfg.tune.metric)
+        return self.swa_average(cfg, best) or best

@@ -1,0 +1,191 @@
+"""How every stage opens: resolve the Ray address, check the cluster settings, make the config's
+paths absolute, resolve storage and tracking, connect to Ray, and find or open the stage's
+MLflow run. ``train``, ``swa``, ``tune``, ``infer``, ``ensemble`` and ``pipeline`` all start
+with :func:`open_stage`.
+
+* No address (neither ``--address`` nor ``RAY_ADDRESS``): a fresh local Ray instance
+  (``address="local"``), never an instance some earlier process left behind: a killed run
+  leaves Ray's ``ray_current_cluster`` file, which ``ray.init()`` would otherwise try to join.
+* An address: the cluster is joined; one that does not answer is a one-line error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from vspw_ray.config import ExperimentConfig, check_trainable, to_dict
+from vspw_ray.errors import UserError
+from vspw_ray.layout import RunLayout
+from vspw_ray.storage import check_cluster_settings, is_uri, resolve_storage
+
+__all__ = ["Stage", "open_stage", "connect_ray", "resolve_address", "prepare_config",
+           "git_commit", "DASHBOARD_ENV", "LOCAL", "RayConnectionError"]
+
+log = logging.getLogger("vspw_ray")
+
+LOCAL = "local"  # Ray's own name for "start a new local instance"
+DASHBOARD_ENV = "VSPW_RAY_DASHBOARD"  # "0": start a local instance without the dashboard
+
+
+class RayConnectionError(UserError):
+    """The Ray cluster named by ``--address`` / ``RAY_ADDRESS`` cannot be joined."""
+
+
+def resolve_address(address: str | None) -> str | None:
+    """``--address``, else ``RAY_ADDRESS``, else None (a local instance)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == LOCAL else address
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local Ray instance
+    with enough logical CPUs for a driver plus the workers on a small machine.
+
+    The local instance runs the dashboard process, which serves Ray's State API: Ray Train's
+    helpers poll it, and ``ray list actors`` works against a running job
+    (``VSPW_RAY_DASHBOARD=0`` leaves it out, which saves ~1 s of start-up and makes Ray Train
+    warn that the State API is unavailable). Ray Train's preemption watcher stays off there:
+    a single local node is never drained. A cluster keeps Ray's settings."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = resolve_address(address)
+    if address:
+        _probe(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, TimeoutError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RayConnectionError(
+                f"cannot join the Ray cluster at {address} (--address / RAY_ADDRESS): {first}; "
+                f"check that the head node is running (`ray status --address {address}`), or "
+                f"leave the address out to run on a local Ray instance") from None
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # inherited by Ray's processes
+    dashboard = os.environ.get(DASHBOARD_ENV, "1") not in ("", "0")
+    ray.init(address=LOCAL, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+             include_dashboard=dashboard, log_to_driver=True)
+    print("started a local Ray instance (no --address or RAY_ADDRESS given; a cluster is joined "
+          "only when named)", file=sys.stderr, flush=True)
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on an address nothing listens at: ``ray.init`` retries a dead GCS for
+    minutes. ``auto`` (Ray's own lookup) is left to Ray."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayConnectionError(f"Ray address '{address}' is not HOST:PORT (e.g. 10.0.0.5:6379 "
+                                 f"or ray://10.0.0.5:10001); check --address / RAY_ADDRESS")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise RayConnectionError(
+            f"cannot join the Ray cluster at {address} (--address / RAY_ADDRESS): nothing "
+            f"answers there ({err.strerror or err}); check that the head node is running "
+            f"(`ray status --address {hostport}`), or leave the address out to run on a local "
+            f"Ray instance") from None
+
+
+def prepare_config(cfg: ExperimentConfig, *, trainable: bool = True) -> ExperimentConfig:
+    """Check the cross-section rules (``trainable``) and make the user's relative paths
+    absolute (workers run in other folders). URIs stay as they are."""
+    if trainable:
+        check_trainable(cfg)
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or is_uri(path) else str(Path(path).expanduser().resolve())
+
+    la, distill = cfg.loss.logit_adjust, cfg.loss.distill
+    return replace(
+        cfg,
+        data=replace(cfg.data, root=absolute(cfg.data.root)),
+        model=replace(cfg.model, pretrained=absolute(cfg.model.pretrained),
+                      init_checkpoint=absolute(cfg.model.init_checkpoint)),
+        loss=replace(cfg.loss, logit_adjust=replace(la, prior=absolute(la.prior)),
+                     distill=replace(distill, teacher=absolute(distill.teacher))),
+    )
+
+
+def git_commit() -> str:
+    """The project's git commit, or ``unknown`` outside a checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What an opened stage works with."""
+
+    cfg: ExperimentConfig  # checked, paths absolute
+    layout: RunLayout  # where every output lives
+    address: str | None  # the cluster, or None for the local instance
+    tracking_uri: str | None  # None with --no-track
+    experiment: str  # the MLflow experiment
+    run_id: str | None  # the stage's MLflow run (None with --no-track)
+
+    @property
+    def storage(self) -> str:
+        return self.layout.storage
+
+
+def _tracking_uri(cfg: ExperimentConfig, storage: str, track: bool) -> str | None:
+    from vspw_ray import tracking
+
+    if not track and not cfg.tracking.uri and is_uri(storage):
+        return None  # nothing tracked, and no SQLite file can live beside a URI
+    return tracking.resolve_tracking_uri(cfg.tracking.uri, storage)
+
+
+@contextlib.contextmanager
+def open_stage(cfg: ExperimentConfig, stage: str, tags: Mapping[str, str], *,
+               address: str | None = None, track: bool = True, connect: bool = True,
+               trainable: bool = True, run_name: str | None = None,
+               extra_tags: Mapping[str, str] | None = None,
+               params: Mapping[str, str] | None = None,
+               experiment: str | None = None) -> Iterator[Stage]:
+    """The common opening of every stage; yields a :class:`Stage`.
+
+    ``tags`` identify the stage's MLflow run (``stage`` is added): an unfinished run with the
+    same tags is resumed, else a new one is opened (named ``run_name``, with ``extra_tags``
+    and ``params``, default the resolved config) and ended FINISHED, or KILLED on an error.
+    ``connect=False`` opens without Ray (a stage with nothing left to do). With
+    ``track=False`` no run is opened and ``run_id`` is None."""
+    from vspw_ray import tracking
+
+    address = resolve_address(address)
+    check_cluster_settings(cfg, address, track=track)
+    cfg = prepare_config(cfg, trainable=trainable)
+    layout = RunLayout(resolve_storage(cfg.storage.path))
+    uri = _tracking_uri(cfg, layout.storage, track)
+    experiment = experiment or cfg.tracking.experiment or cfg.name
+    key = {**tags, "stage": stage}
+    with ThreadPoolExecutor(1) as pool:  # a new SQLite store makes its tables while Ray starts
+        pending = pool.submit(tracking.find_run, uri, experiment, key) if track else None
+        if connect:
+            connect_ray(address)
+        run_id = pending.result() if pending else None
+    if not track:
+        yield Stage(cfg, layout, address, uri, experiment, None)
+        return
+    with tracking.open_run(uri, experiment, layout.storage, run_id=run_id, run_name=run_name,
+                           tags={**key, **(extra_tags or {}), "git_commit": git_commit()},
+                           params=tracking.flatten(to_dict(cfg)) if params is None else params
+                           ) as rid:
+        yield Stage(cfg, layout, address, uri, experiment, rid)
