@@ -26,6 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vspw_ray.metrics import VAL_A_MIOU  # noqa: E402
+from vspw_ray.tune.sweep import TIME_ATTR  # noqa: E402
+
 MAX_T, REPORTS = 1600, 16
 
 
@@ -52,7 +55,7 @@ def objective(config: dict) -> None:
     params = {k: v for k, v in config.items() if k != "optuna_trial"}
     for k in range(1, REPORTS + 1):
         it = k * MAX_T // REPORTS
-        ray.tune.report({"val_A/miou": curve(params, it), "iteration": it})
+        ray.tune.report({VAL_A_MIOU: curve(params, it), TIME_ATTR: it})
 
 
 def run(method: str, seed: int, trials: int, cfg, params) -> list[tuple[int, float | None]]:
@@ -65,9 +68,9 @@ def run(method: str, seed: int, trials: int, cfg, params) -> list[tuple[int, flo
 
     sampler = (optuna.samplers.TPESampler(seed=seed) if method == "tpe_asha"
                else optuna.samplers.RandomSampler(seed=seed))
-    searcher = PruneAwareOptunaSearch(space=DefineByRun(params, _fixed(cfg)), metric="val_A/miou",
+    searcher = PruneAwareOptunaSearch(space=DefineByRun(params, _fixed(cfg)), metric=VAL_A_MIOU,
                                       mode="max", sampler=sampler, max_t=MAX_T)
-    scheduler = (ASHAScheduler(time_attr="iteration", metric="val_A/miou", mode="max",
+    scheduler = (ASHAScheduler(time_attr=TIME_ATTR, metric=VAL_A_MIOU, mode="max",
                                max_t=MAX_T, grace_period=MAX_T // 8, reduction_factor=3)
                  if method == "tpe_asha" else FIFOScheduler())
     with tempfile.TemporaryDirectory() as d:
@@ -79,9 +82,9 @@ def run(method: str, seed: int, trials: int, cfg, params) -> list[tuple[int, flo
         ).fit()
         rows = []
         for r in grid:
-            it = int(r.metrics["iteration"])
+            it = int(r.metrics[TIME_ATTR])
             rows.append((r.config["optuna_trial"], it,
-                         r.metrics["val_A/miou"] if it >= MAX_T else None))
+                         r.metrics[VAL_A_MIOU] if it >= MAX_T else None))
     return [(it, v) for _, it, v in sorted(rows)]
 
 

@@ -1,6 +1,7 @@
 """Hyperparameter search: the space, the selection-optimism report, and a real sweep (Ray Tune +
 Optuna + Ray Train + MLflow) interrupted and resumed."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,11 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tests.test_train_ray import EXPERIMENT, FAST_POLL_ENV, _overrides
 from vspw_ray.config import ConfigError, config_from_dict, load_config, to_dict
+from vspw_ray.metrics import VAL_A_MIOU, VAL_B_MIOU, fold_metric
 from vspw_ray.tune.report import TrialRow, selection_optimism
 from vspw_ray.tune.space import sample, validate_space
 
@@ -108,6 +111,129 @@ def test_selection_optimism_flags_a_lead_that_does_not_hold():
     assert "cannot detect a shift between val and test" in lucky["caveat"]
 
 
+def test_fold_b_counterpart_of_the_tune_metric():
+    from vspw_ray.tune.sweep import fold_b_metric
+
+    assert fold_b_metric(VAL_A_MIOU) == VAL_B_MIOU
+    assert fold_b_metric(fold_metric("A", "fwiou")) == fold_metric("B", "fwiou")
+    assert fold_b_metric("train/loss") is None  # not measured on fold A: no fold B check
+
+
+def _result(number, lr, it, metrics, error=None):
+    """A stand-in for one ``ray.tune.Result`` of a trial: ``config`` is None before the first
+    report, as Tune's is."""
+    config = {"train.lr": lr, "optuna_trial": number} if it is not None else None
+    return SimpleNamespace(config=config, error=error,
+                           metrics={**metrics, "iteration": it, "trial_id": f"t{number}"}
+                           if it is not None else {})
+
+
+def _study_of(tmp_path, states):
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}",
+                                direction="maximize")
+    for number, state in enumerate(states):
+        if state == "RUNNING":
+            study.ask({"train.lr": FloatDistribution(1e-7, 1e-3, log=True)})
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState[state], params={"train.lr": 1e-4 * (number + 1)},
+            distributions={"train.lr": FloatDistribution(1e-7, 1e-3, log=True)},
+            value=0.5 if state == "COMPLETE" else None, intermediate_values={4: 0.1, 12: 0.5}
+            if state == "COMPLETE" else {4: 0.1}))
+    return study
+
+
+def _shared_mock_filesystem(monkeypatch):
+    """``storage.filesystem`` with one in-memory filesystem behind every ``mock://`` URI (an
+    object store that the test can read back)."""
+    import pyarrow.fs
+
+    from vspw_ray import storage
+
+    mock, real = pyarrow.fs._MockFileSystem(), storage.filesystem
+    monkeypatch.setattr(storage, "filesystem", lambda path: (mock, path.split("://", 1)[1])
+                        if path.startswith("mock://") else real(path))
+    return mock
+
+
+def test_finish_sweep_ranks_on_tune_metric_and_writes_into_remote_storage(
+        tmp_path, monkeypatch):
+    import pyarrow.fs
+
+    from vspw_ray.tune.report import finish_sweep
+    from vspw_ray.tune.sweep import Sweep
+
+    mock = _shared_mock_filesystem(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg({"iters": 12, "grace_period": 4, "top_k": 2, "metric": fold_metric("A", "fwiou")})
+    _study_of(tmp_path, ["COMPLETE", "COMPLETE", "PRUNED"])
+    scores = {0: (0.6, 0.2, 0.3, 0.25), 1: (0.4, 0.35, 0.5, 0.4), 2: (0.7, 0.1, 0.1, 0.1)}
+    grid = [_result(n, 1e-4 * (n + 1), 4 if n == 2 else 12,
+                    {VAL_A_MIOU: a, VAL_B_MIOU: b, fold_metric("A", "fwiou"): fa,
+                     fold_metric("B", "fwiou"): fb}) for n, (a, b, fa, fb) in scores.items()]
+    sweep = Sweep(id="s", storage="mock://bucket/runs", optuna_url=f"sqlite:///{tmp_path / 'o.db'}",
+                  tracking_uri=None, experiment="e", parent_run_id=None, torch_threads=1)
+    out = finish_sweep(cfg, grid, sweep)
+
+    assert [(r.state, r.val_a, r.val_b) for r in out.trials] == [
+        ("complete", 0.3, 0.25), ("complete", 0.5, 0.4), ("pruned", 0.1, 0.1)]
+    # ranked on tune.metric: fwiou puts trial 1 first, although trial 0 has the better mIoU
+    assert out.best_configs == [f"mock://bucket/runs/tune/s/best/{cfg.name}_best{i}.yaml"
+                                for i in (1, 2)]
+    with mock.open_input_stream(f"bucket/runs/tune/s/best/{cfg.name}_best1.yaml") as f:
+        (tmp_path / "best1.yaml").write_bytes(f.read())
+    assert load_config(tmp_path / "best1.yaml").train.lr == pytest.approx(2e-4)
+    with mock.open_input_stream("bucket/runs/tune/s/trials.csv") as f:
+        header = f.read().decode().splitlines()[0].split(",")
+    assert header[5:7] == [fold_metric("A", "fwiou"), fold_metric("B", "fwiou")]
+    written = {i.path for i in mock.get_file_info(pyarrow.fs.FileSelector("bucket",
+                                                                          recursive=True))}
+    assert {"bucket/runs/tune/s/summary.txt", "bucket/runs/tune/s/selection_optimism.json",
+            "bucket/runs/tune/s/best/tiny_synth_best2.yaml"} <= written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best1.yaml", "o.db"]  # none in cwd
+
+
+def test_an_interrupted_fit_is_neither_reported_nor_told_fail(tmp_path):
+    import optuna
+
+    from vspw_ray.tune.search import _check_finished
+    from vspw_ray.tune.sweep import Sweep, SweepInterrupted
+
+    cfg = _cfg({"num_samples": 3, "iters": 12, "grace_period": 4})
+    study = _study_of(tmp_path, ["COMPLETE", "RUNNING"])
+    sweep = Sweep(id="s", storage=str(tmp_path), optuna_url=f"sqlite:///{tmp_path / 'o.db'}",
+                  tracking_uri=None, experiment="e", parent_run_id=None, torch_threads=1)
+    done = _result(0, 1e-4, 12, {VAL_A_MIOU: 0.5})
+    # SIGINT: Tune shows the running trial TERMINATED, with a result but never told to Optuna,
+    # and the pending one without any result
+    with pytest.raises(SweepInterrupted, match="interrupted with 1 of 3 trials.*resumes it"):
+        _check_finished(cfg, [done, _result(1, 2e-4, 4, {VAL_A_MIOU: 0.1}),
+                              _result(2, None, None, {})], sweep)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+    errored = _result(2, None, None, {}, error=RuntimeError("boom"))
+    with pytest.raises(SweepInterrupted, match="2 of 3"):
+        _check_finished(cfg, [done, _result(1, 2e-4, 4, {VAL_A_MIOU: 0.1}), errored], sweep)
+    study.tell(1, state=optuna.trial.TrialState.PRUNED)
+    _check_finished(cfg, [done, _result(1, 2e-4, 4, {VAL_A_MIOU: 0.1}), errored], sweep)
+
+
+def test_a_trial_the_study_holds_finished_re_reports_what_optuna_saw(tmp_path):
+    from vspw_ray.tune.trial import finished_result
+
+    complete, pruned, failed = _study_of(tmp_path, ["COMPLETE", "PRUNED", "FAIL"]).trials
+    nowhere = str(tmp_path / "no_checkpoints")
+    # Tune's metric check needs the metric and the clock in the one result it gets
+    assert finished_result(complete, VAL_A_MIOU, nowhere, "s") == {VAL_A_MIOU: 0.5,
+                                                                   "iteration": 12}
+    assert finished_result(pruned, VAL_A_MIOU, nowhere, "s") == {VAL_A_MIOU: 0.1,
+                                                                 "iteration": 4}
+    with pytest.raises(RuntimeError, match="Optuna trial 2 of sweep s is FAIL"):
+        finished_result(failed, VAL_A_MIOU, nowhere, "s")
+
+
 # ---------------------------------------------------------------------------------- real sweep
 
 GOOD = [{"data.crop_size": [96, 128], "loss.logit_adjust.enabled": True,
@@ -119,7 +245,7 @@ BAD = {"data.crop_size": [64, 64], "loss.logit_adjust.enabled": False,
        "loss.ohem.enabled": False, "train.lr": 2e-7}
 
 
-def _sweep_yaml(tmp_path, synth_root, storage):
+def _sweep_yaml(tmp_path, synth_root, storage, **tune):
     from vspw_ray.config import dump_yaml
     from vspw_ray.data.stats import class_stats, write_stats
 
@@ -130,57 +256,58 @@ def _sweep_yaml(tmp_path, synth_root, storage):
     data["variants"] = []
     data["tune"].update(num_samples=4, iters=12, grace_period=4, reduction_factor=2, top_k=2,
                         max_concurrent_trials=1, space=SPACE, enqueue=GOOD + [BAD])
+    data["tune"].update(tune)
     path = tmp_path / "sweep.yaml"
     path.write_text(dump_yaml(config_from_dict(data)))
     return path
 
 
-def _finished(study_name, url):
-    import optuna
+def _finished(url):
+    """How many trials the study holds as finished, read with sqlite3: cheap enough to poll
+    (loading the study with Optuna takes a core's half second)."""
+    import sqlite3
 
-    if not Path(url.removeprefix("sqlite:///")).is_file():
-        return 0  # not created yet (reading would create it)
+    db = Path(url.removeprefix("sqlite:///"))
+    if not db.is_file():
+        return 0  # not created yet
     try:
-        study = optuna.load_study(study_name=study_name, storage=url)
-    except Exception:  # noqa: BLE001 - not created yet, or the schema is being written
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT count(*) FROM trials WHERE state IN "
+                               "('COMPLETE', 'PRUNED', 'FAIL')").fetchone()[0]
+    except sqlite3.Error:  # the schema is being written
         return 0
-    return sum(t.state.is_finished() for t in study.trials)
 
 
-def test_sweep_resumes_and_agrees_across_tune_optuna_and_mlflow(synth_root, tmp_path):
-    import mlflow
-    import optuna
-
-    from vspw_ray.train.driver import prepare_config
+def _sweep(tmp_path, synth_root, **tune):
+    """The sweep's YAML, its id, the Optuna URL and the CLI command that runs it."""
+    from vspw_ray.runtime import prepare_config
     from vspw_ray.tune.search import sweep_id
 
     storage = tmp_path / "runs"
-    path = _sweep_yaml(tmp_path, synth_root, storage)
+    path = _sweep_yaml(tmp_path, synth_root, storage, **tune)
     sid = sweep_id(prepare_config(load_config(path)))
     url = f"sqlite:///{storage / 'tune' / 'optuna.db'}"
-    cmd = [sys.executable, "-m", "vspw_ray", "tune", str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=FAST_POLL_ENV)
-    deadline = time.time() + 300
-    while _finished(sid, url) < 2:
-        assert proc.poll() is None and time.time() < deadline, "no finished trial before the kill"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-sweep
-    proc.wait()
-    assert _finished(sid, url) < 4
+    return storage, sid, url, [sys.executable, "-m", "vspw_ray", "tune", str(path)]
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=FAST_POLL_ENV)
-    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
-    assert f"resuming sweep {sid}" in rerun.stdout and "selection optimism" in rerun.stdout
 
+def _assert_trials_agree(storage, sid, url, num_samples, iters):
+    """Exactly ``num_samples`` trials, each COMPLETE or PRUNED alike in Tune's saved state, the
+    report (trials.csv), the Optuna study and its MLflow run; returns the report's rows."""
     import csv
 
+    import mlflow
+    import optuna
+    from ray.tune import ExperimentAnalysis
+
     folder = storage / "tune" / sid
+    tune_trials = ExperimentAnalysis(str(folder)).trials
+    assert [t.status for t in tune_trials] == ["TERMINATED"] * num_samples
     rows = list(csv.DictReader((folder / "trials.csv").open()))
-    assert len(rows) == 4  # exactly num_samples trials: none lost, none run twice
+    assert len(rows) == num_samples  # exactly num_samples trials: none lost, none run twice
+    assert {r["tune_trial_id"] for r in rows} == {t.trial_id for t in tune_trials}
     study = optuna.load_study(study_name=sid, storage=url)
-    finished = {t.number: t for t in study.trials if t.state.is_finished()
-                and t.state != optuna.trial.TrialState.FAIL}
+    assert not [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    finished = {t.number: t for t in study.trials if t.state.is_finished()}
     assert sorted(finished) == sorted(int(r["optuna_trial"]) for r in rows)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     for row in rows:
@@ -202,30 +329,87 @@ def test_sweep_resumes_and_agrees_across_tune_optuna_and_mlflow(synth_root, tmp_
         assert run.info.status == ("FINISHED" if state == "complete" else "KILLED")
         # the child run logged the value Tune and Optuna saw at that iteration (a stopped trial
         # may have logged a little more before the stop reached its workers)
-        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_A/miou")}
-        assert history[int(row["iteration"])] == pytest.approx(float(row["val_A/miou"]))
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, VAL_A_MIOU)}
+        assert history[int(row["iteration"])] == pytest.approx(float(row[VAL_A_MIOU]))
         if state == "complete":
-            assert trial.value == pytest.approx(float(row["val_A/miou"]))
-            assert int(row["iteration"]) == 12
+            assert trial.value == pytest.approx(float(row[VAL_A_MIOU]))
+            assert int(row["iteration"]) == iters
         else:  # stopped by ASHA at a rung, told to Optuna with its intermediate value
-            assert int(row["iteration"]) < 12
+            assert int(row["iteration"]) < iters
             assert max(trial.intermediate_values) == int(row["iteration"])
+    parents = client.search_runs([client.get_experiment_by_name("tiny_synth").experiment_id],
+                                 "tags.stage = 'tune'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # resumed, not doubled
+    children = client.search_runs([parents[0].info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert sorted(c.info.run_id for c in children) == sorted(r["mlflow_run_id"] for r in rows)
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"trials.csv", "summary.txt", "optuna_history.png", "selection_optimism.json"} <= artifacts
+    return rows
+
+
+def test_sweep_resumes_and_agrees_across_tune_optuna_and_mlflow(synth_root, tmp_path):
+    storage, sid, url, cmd = _sweep(tmp_path, synth_root)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=FAST_POLL_ENV)
+    deadline = time.time() + 300
+    while _finished(url) < 2:
+        assert proc.poll() is None and time.time() < deadline, "no finished trial before the kill"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-sweep
+    proc.wait()
+    assert _finished(url) < 4
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=FAST_POLL_ENV)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert f"resuming sweep {sid}" in rerun.stdout and "selection optimism" in rerun.stdout
+
+    rows = _assert_trials_agree(storage, sid, url, num_samples=4, iters=12)
     bad = next(r for r in rows if r["optuna_trial"] == "2")  # the third enqueued point
     assert json.loads(bad["train.lr"]) == pytest.approx(2e-7) and bad["state"] == "pruned"
-
-    parent = client.search_runs([client.get_experiment_by_name("tiny_synth").experiment_id],
-                                "tags.stage = 'tune'")[0]
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 4
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "summary.txt", "optuna_history.png", "selection_optimism.json"} <= artifacts
-    best = sorted((folder / "best").glob("*.yaml"))
+    best = sorted((storage / "tune" / sid / "best").glob("*.yaml"))
     assert len(best) == min(2, sum(r["state"] == "complete" for r in rows)) >= 1
     top = load_config(best[0])  # complete, runnable, with the full-length schedule
     assert top.train.iters == 200 and not top.variants
     ranked = sorted((r for r in rows if r["state"] == "complete"),
-                    key=lambda r: -float(r["val_A/miou"]))
+                    key=lambda r: -float(r[VAL_A_MIOU]))
     assert [top.data.crop_size, top.train.lr] == [
         tuple(json.loads(ranked[0]["data.crop_size"])),
         pytest.approx(float(ranked[0]["train.lr"]))]
+
+
+def test_sweep_interrupted_with_ctrl_c_resumes_to_exactly_num_samples(synth_root, tmp_path):
+    """Ctrl-C (SIGINT to the command's process group) once the study holds a finished trial:
+    the command says the sweep was interrupted and tells no trial FAIL; the re-run ends with
+    exactly num_samples trials, agreeing across Tune, Optuna and MLflow."""
+    import optuna
+
+    from vspw_ray.runtime import DASHBOARD_ENV
+
+    storage, sid, url, cmd = _sweep(tmp_path, synth_root, num_samples=2, iters=4, enqueue=GOOD)
+    env = {**os.environ, DASHBOARD_ENV: "0"}  # its processes only take CPU from the test
+    log = tmp_path / "interrupted.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+        deadline = time.time() + 240
+        while _finished(url) < 1:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+        try:
+            rc = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the sweep did not stop within 90 s of SIGINT")
+    printed = log.read_text()
+    assert rc == 2 and f"sweep {sid} was interrupted" in printed, printed[-3000:]
+    study = optuna.load_study(study_name=sid, storage=url)
+    assert [t.state.name for t in study.trials if t.state.is_finished()] in (
+        ["COMPLETE"], ["PRUNED"])  # the second trial was neither finished nor told FAIL
+    assert not [k for k in study.user_attrs if k.startswith("lost_trial_")]
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert f"resuming sweep {sid}" in rerun.stdout
+    _assert_trials_agree(storage, sid, url, num_samples=2, iters=4)

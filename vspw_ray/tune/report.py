@@ -8,12 +8,14 @@ import csv
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vspw_ray.config import ExperimentConfig
+from vspw_ray.metrics import VAL_A_MIOU
 from vspw_ray.tune.space import lookup
+from vspw_ray.tune.sweep import TIME_ATTR, SearchResult, Sweep, fold_b_metric
 
 __all__ = ["TrialRow", "ranked", "selection_optimism", "format_trials", "finish_sweep",
            "metric_value"]
@@ -27,11 +29,11 @@ CAVEAT = ("Folds A and B are two halves of val (split by video): the best trial 
 class TrialRow:
     number: int  # Optuna trial number
     tune_trial_id: str | None
-    state: str  # complete | pruned | error | lost
+    state: str  # complete | pruned | error
     params: dict[str, Any]
     iteration: int | None
-    val_a: float | None
-    val_b: float | None
+    val_a: float | None  # tune.metric (measured on fold A of val)
+    val_b: float | None  # its fold B counterpart
     optuna_state: str
     variant_id: str | None = None
     run_id: str | None = None
@@ -92,7 +94,10 @@ def _pct(v: float | None) -> str:
     return f"{100 * v:.2f}" if v is not None else "-"
 
 
-def format_trials(rows: Sequence[TrialRow], optimism: Mapping[str, Any], mode: str = "max") -> str:
+def format_trials(rows: Sequence[TrialRow], optimism: Mapping[str, Any], mode: str = "max",
+                  metric: str = VAL_A_MIOU) -> str:
+    """The trial table, best on ``metric`` (fold A) first, and the selection-optimism lines;
+    values in points (x100)."""
     rank_a = {r.number: i + 1 for i, r in enumerate(ranked(rows, mode, "A"))}
     rank_b = {r.number: i + 1 for i, r in enumerate(ranked(rows, mode, "B"))}
     lines = [f"{'#':>4} {'state':<9} {'iter':>6} {'val_A':>7} {'val_B':>7} {'rankA':>5} "
@@ -103,7 +108,8 @@ def format_trials(rows: Sequence[TrialRow], optimism: Mapping[str, Any], mode: s
                      f"{_pct(r.val_b):>7} {rank_a.get(r.number, '-'):>5} "
                      f"{rank_b.get(r.number, '-'):>5}  {params}")
     lines.append("")
-    lines.append("selection optimism (mIoU points, ranked on fold A, checked on fold B):")
+    lines.append(f"selection optimism ({metric} x100, ranked on fold A, checked on fold B "
+                 f"{fold_b_metric(metric) or '(none)'}):")
     if "lead_a" in optimism:
         lines.append(
             f"  best trial #{optimism['best']} leads runner-up #{optimism['runner_up']} by "
@@ -147,22 +153,20 @@ def _plots(study, folder: Path) -> list[Path]:
     return paths
 
 
-def _rows(cfg: ExperimentConfig, grid, study, sweep: Mapping[str, Any]) -> list[TrialRow]:
-    import optuna
-
-    from vspw_ray import tracking
+def _rows(cfg: ExperimentConfig, grid, study) -> list[TrialRow]:
+    """One row per Tune trial that reported, joined with its Optuna trial by number."""
     from vspw_ray.config import variant_id
     from vspw_ray.tune.space import trial_config
 
+    metric, other = cfg.tune.metric, fold_b_metric(cfg.tune.metric)
     ot = {t.number: t for t in study.trials}
-    rows, seen = [], set()
+    rows = []
     for result in grid:
         config = dict(result.config or {})
-        if "optuna_trial" not in config:
+        if "optuna_trial" not in config:  # errored before its first report: no config kept
             continue
         number = int(config.pop("optuna_trial"))
-        seen.add(number)
-        it = metric_value(result.metrics, "iteration")
+        it = metric_value(result.metrics, TIME_ATTR)
         if result.error is not None:
             state = "error"
         elif it is not None and int(it) >= cfg.tune.iters:
@@ -173,59 +177,78 @@ def _rows(cfg: ExperimentConfig, grid, study, sweep: Mapping[str, Any]) -> list[
         rows.append(TrialRow(
             number=number, tune_trial_id=metric_value(result.metrics, "trial_id"), state=state,
             params=config, iteration=int(it) if it is not None else None,
-            val_a=metric_value(result.metrics, "val_A/miou"),
-            val_b=metric_value(result.metrics, "val_B/miou"),
+            val_a=metric_value(result.metrics, metric),
+            val_b=metric_value(result.metrics, other) if other else None,
             optuna_state=trial.state.name if trial else "MISSING",
             extra={"trial_s": metric_value(result.metrics, "time_total_s"),
                    "worker_s": metric_value(result.metrics, "time/worker_s")},
             variant_id=variant_id(trial_config(cfg, config, iters=cfg.tune.iters))))
-    for number, trial in ot.items():  # asked by a driver that died before Tune recorded it
-        if number not in seen and trial.state == optuna.trial.TrialState.RUNNING:
-            study.tell(number, state=optuna.trial.TrialState.FAIL)
-            study.set_user_attr(f"lost_trial_{number}", "asked before an interrupted driver "
-                                "saved the Tune state; never run")
-    if sweep.get("parent_run_id"):
-        out = []
-        for row in rows:
-            tags = {"sweep_id": sweep["id"], "tune_trial_id": row.tune_trial_id}
-            run_id = tracking.find_run(sweep["tracking_uri"], sweep["experiment"], tags,
-                                       unfinished=False)
-            if run_id:
-                status = {"complete": "FINISHED", "pruned": "KILLED"}.get(row.state, "FAILED")
-                tracking.finish_run(sweep["tracking_uri"], run_id, status,
-                                    {"outcome": row.state, "optuna_state": row.optuna_state})
-            out.append(TrialRow(**{**row.__dict__, "run_id": run_id}))
-        rows = out
     return sorted(rows, key=lambda r: r.number)
 
 
-def _write_best(cfg: ExperimentConfig, rows: Sequence[TrialRow], folder: Path) -> list[str]:
+def _fail_lost_trials(study, rows: Sequence[TrialRow]) -> None:
+    """Tell FAIL the study trials still running once the sweep has finished: asked for by a
+    driver that was killed before Tune recorded them, and adopted by no later trial. (Never
+    called for an interrupted sweep, whose running trials resume.)"""
+    import optuna
+
+    seen = {r.number for r in rows}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.number not in seen:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            study.set_user_attr(f"lost_trial_{trial.number}", "asked before a killed driver "
+                                "saved the Tune state; never run")
+
+
+def _finish_child_runs(rows: Sequence[TrialRow], sweep: Sweep) -> list[TrialRow]:
+    """Set each trial's MLflow run to its outcome (FINISHED, KILLED when pruned, FAILED) and
+    add its run id to the row."""
+    from vspw_ray import tracking
+
+    if not sweep.parent_run_id:
+        return list(rows)
+    out = []
+    for row in rows:
+        tags = {"sweep_id": sweep.id, "tune_trial_id": row.tune_trial_id}
+        run_id = tracking.find_run(sweep.tracking_uri, sweep.experiment, tags, unfinished=False)
+        if run_id:
+            status = {"complete": "FINISHED", "pruned": "KILLED"}.get(row.state, "FAILED")
+            tracking.finish_run(sweep.tracking_uri, run_id, status,
+                                {"outcome": row.state, "optuna_state": row.optuna_state})
+        out.append(replace(row, run_id=run_id))
+    return out
+
+
+def _write_best(cfg: ExperimentConfig, rows: Sequence[TrialRow], folder: Path,
+                dest: str) -> dict[str, Path]:
+    """The best ``tune.top_k`` trials as complete experiment YAMLs with the full-length
+    schedule, written into ``folder``; keyed by where they go under ``dest``."""
     from vspw_ray.config import config_from_dict, dump_yaml, to_dict
     from vspw_ray.tune.space import trial_config
 
-    done = ranked(rows, cfg.tune.mode)[: cfg.tune.top_k]
+    metric, other = cfg.tune.metric, fold_b_metric(cfg.tune.metric)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for rank, row in enumerate(done, 1):
-        full = trial_config(cfg, row.params)  # the full-length schedule of the experiment
-        data_name = f"{cfg.name}_best{rank}"
-        full = config_from_dict({**to_dict(full), "name": data_name})
-        path = folder / f"{data_name}.yaml"
-        header = (f"# Best {rank} of sweep on fold A of val: trial #{row.number}, val_A mIoU "
-                  f"{_pct(row.val_a)}, val_B mIoU {_pct(row.val_b)} after {row.iteration} "
-                  f"iterations.\n# Train with: vspw-ray train {path}\n")
-        path.write_text(header + dump_yaml(full))
-        paths.append(str(path))
-    return paths
+    out = {}
+    for rank, row in enumerate(ranked(rows, cfg.tune.mode)[: cfg.tune.top_k], 1):
+        name = f"{cfg.name}_best{rank}"
+        full = config_from_dict({**to_dict(trial_config(cfg, row.params)), "name": name})
+        target = "/".join((dest, f"{name}.yaml"))
+        on_b = f", {other} {_pct(row.val_b)}" if other else ""
+        header = (f"# Best {rank} of the sweep on fold A of val: trial #{row.number}, {metric} "
+                  f"{_pct(row.val_a)}{on_b} after {row.iteration} iterations.\n"
+                  f"# Train with: vspw-ray train {target}\n")
+        (folder / f"{name}.yaml").write_text(header + dump_yaml(full))
+        out[target] = folder / f"{name}.yaml"
+    return out
 
 
-def _write_csv(rows: Sequence[TrialRow], path: Path) -> None:
+def _write_csv(rows: Sequence[TrialRow], path: Path, metric: str) -> None:
     keys = sorted({k for r in rows for k in r.params})
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["optuna_trial", "tune_trial_id", "state", "optuna_state", "iteration",
-                         "val_A/miou", "val_B/miou", "variant_id", "mlflow_run_id", "trial_s",
-                         "worker_s", *keys])
+                         metric, fold_b_metric(metric) or "fold_B", "variant_id",
+                         "mlflow_run_id", "trial_s", "worker_s", *keys])
         for r in rows:
             writer.writerow([r.number, r.tune_trial_id, r.state, r.optuna_state, r.iteration,
                              r.val_a, r.val_b, r.variant_id, r.run_id, r.extra.get("trial_s"),
@@ -233,47 +256,67 @@ def _write_csv(rows: Sequence[TrialRow], path: Path) -> None:
                              *[json.dumps(r.params[k]) if k in r.params else "" for k in keys]])
 
 
-def finish_sweep(cfg: ExperimentConfig, grid, sweep: Mapping[str, Any], *, study_name: str,
-                 optuna_url: str):
-    """Join Tune's results, the Optuna study and the MLflow runs; write and log the report."""
+def _upload(files: Mapping[str, Path]) -> None:
+    """Copy local files to their places in storage (a folder or an ``s3://``/``gs://`` URI)."""
+    from vspw_ray.storage import filesystem
+
+    for target, local in files.items():
+        fs, inner = filesystem(target)
+        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(inner) as f:
+            f.write(local.read_bytes())
+
+
+def finish_sweep(cfg: ExperimentConfig, grid, sweep: Sweep) -> SearchResult:
+    """Join Tune's results, the Optuna study and the MLflow runs of a finished sweep; write
+    the report into the sweep folder and the best configurations into its ``best/`` folder
+    (both in storage, local or remote), and log them to the sweep's MLflow run."""
     import optuna
 
-    from vspw_ray import tracking
-    from vspw_ray.tune.search import SearchResult
-
-    study = optuna.load_study(study_name=study_name, storage=optuna_url)
-    rows = _rows(cfg, grid, study, sweep)
+    study = optuna.load_study(study_name=sweep.id, storage=sweep.optuna_url)
+    rows = _rows(cfg, grid, study)
+    _fail_lost_trials(study, rows)
+    rows = _finish_child_runs(rows, sweep)
     optimism = selection_optimism(rows, cfg.tune.mode)
-    summary = format_trials(rows, optimism, cfg.tune.mode)
-    path = sweep["path"]
-    local = Path(path) if "://" not in path else Path.cwd() / Path(path).name
-    best = _write_best(cfg, rows, local / "best")
-    summary += "\n\nbest configurations (full-length schedule):\n" + "\n".join(
-        f"  {p}" for p in best)
+    summary = format_trials(rows, optimism, cfg.tune.mode, cfg.tune.metric)
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
-        _write_csv(rows, folder / "trials.csv")
+        best = _write_best(cfg, rows, folder / "best", sweep.layout.best_configs(sweep.id))
+        summary += "\n\nbest configurations (full-length schedule):\n" + "\n".join(
+            f"  {p}" for p in best)
+        _write_csv(rows, folder / "trials.csv", cfg.tune.metric)
         (folder / "summary.txt").write_text(summary + "\n")
         (folder / "selection_optimism.json").write_text(json.dumps(optimism, indent=1))
         _plots(study, folder)
-        for f in folder.iterdir():
-            (local / f.name).write_bytes(f.read_bytes())
-        if sweep.get("parent_run_id"):
-            uri, rid = sweep["tracking_uri"], sweep["parent_run_id"]
-            for f in sorted(folder.iterdir()):
-                tracking.log_artifact(uri, rid, f)
-            for p in best:
-                tracking.log_artifact(uri, rid, p, "best_configs")
-            numbers = {k: v for k, v in optimism.items()
-                       if k in ("lead_a", "lead_b", "excess_gap", "spearman_a_b")
-                       and v is not None}
-            done = ranked(rows, cfg.tune.mode)
-            if done:
-                top = done[0]
-                numbers.update({"best/val_A/miou": top.val_a, "best/val_B/miou": top.val_b or 0.0})
-            numbers.update(trials_complete=sum(r.state == "complete" for r in rows),
-                           trials_pruned=sum(r.state == "pruned" for r in rows),
-                           trials_error=sum(r.state == "error" for r in rows))
-            tracking.log_metrics(uri, rid, numbers, 0)
-    return SearchResult(sweep["id"], path, study_name, optuna_url, rows, best, summary,
-                        sweep.get("parent_run_id"))
+        report = {"/".join((sweep.path, f.name)): f for f in sorted(folder.iterdir())
+                  if f.is_file()}
+        _upload({**report, **best})
+        if sweep.parent_run_id:
+            _log_to_parent(cfg, sweep, rows, optimism, list(report.values()), list(best.values()))
+    return SearchResult(sweep.id, sweep.path, sweep.id, sweep.optuna_url, rows, list(best),
+                        summary, sweep.parent_run_id)
+
+
+def _log_to_parent(cfg: ExperimentConfig, sweep: Sweep, rows: Sequence[TrialRow],
+                   optimism: Mapping[str, Any], report: Sequence[Path],
+                   best: Sequence[Path]) -> None:
+    """The report files, the best configurations and the sweep's numbers on its MLflow run."""
+    from vspw_ray import tracking
+
+    uri, rid = sweep.tracking_uri, sweep.parent_run_id
+    for f in report:
+        tracking.log_artifact(uri, rid, f)
+    for f in best:
+        tracking.log_artifact(uri, rid, f, "best_configs")
+    numbers = {k: v for k, v in optimism.items()
+               if k in ("lead_a", "lead_b", "excess_gap", "spearman_a_b") and v is not None}
+    done = ranked(rows, cfg.tune.mode)
+    if done:
+        other = fold_b_metric(cfg.tune.metric)
+        numbers[f"best/{cfg.tune.metric}"] = done[0].val_a
+        if other:
+            numbers[f"best/{other}"] = done[0].val_b
+    numbers.update(trials_complete=sum(r.state == "complete" for r in rows),
+                   trials_pruned=sum(r.state == "pruned" for r in rows),
+                   trials_error=sum(r.state == "error" for r in rows))
+    tracking.log_metrics(uri, rid, numbers, 0)

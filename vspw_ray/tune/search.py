@@ -12,7 +12,8 @@ a Ray Train run.
   their intermediate values (Tune would report them COMPLETE with an early value).
 * ASHA uses the reported training ``iteration`` as its time attribute.
 * Re-running the same command restores the Tune experiment (finished trials are kept, unfinished
-  ones resume) and the study.
+  ones resume) and the study, after a Ctrl-C (Tune saves its state and the command ends with
+  :class:`SweepInterrupted`; no trial is told FAIL) as after a killed driver.
 * MLflow: a parent run for the sweep, a child run per trial, sweep artifacts (Optuna's plots,
   the table of all trials, the selection-optimism report, the best configurations).
 """
@@ -22,22 +23,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
 from vspw_ray.config import ConfigError, ExperimentConfig, SearchParam, config_from_dict, to_dict
-from vspw_ray.tune.space import (has_compound_choices, optuna_choice, sample, trial_config,
-                                 validate_space)
+from vspw_ray.layout import RunLayout
+from vspw_ray.tune.space import (
+    has_compound_choices,
+    optuna_choice,
+    sample,
+    validate_space,
+)
+from vspw_ray.tune.sweep import TIME_ATTR, SearchResult, Sweep, SweepInterrupted
+from vspw_ray.tune.trial import run_trial
 
-__all__ = ["SearchResult", "run_search", "run_trial", "sweep_id", "max_concurrent",
+__all__ = ["SearchResult", "Sweep", "SweepInterrupted", "run_search", "run_trial", "sweep_id",
+           "max_concurrent", "enqueue_points", "DefineByRun", "PruneAwareOptunaSearch",
            "TIME_ATTR"]
 
 log = logging.getLogger("vspw_ray.tune")
-TIME_ATTR = "iteration"  # ASHA's clock: training iterations, not Tune's count of reports
 
 
 class DefineByRun:
@@ -55,7 +60,20 @@ class DefineByRun:
 
 class PruneAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that reports intermediate values at the training iteration and tells a
-    trial stopped before ``max_t`` as PRUNED, so TPE does not treat its early value as final."""
+    trial stopped before ``max_t`` as PRUNED, so TPE does not treat its early value as final.
+
+    It relies on private names of Ray's ``OptunaSearch`` and of Optuna, checked by
+    ``tests/test_optuna_internals.py`` against the versions pyproject pins (``ray<2.61``):
+
+    * ``OptunaSearch._ot_trials`` (Tune trial id -> ``optuna.Trial``), ``._ot_study``
+      (``optuna.Study``), ``._completed_trials`` (set of Tune trial ids), ``._space`` (the
+      define-by-run callable); ``save``/``restore`` pickling ``__dict__`` (so ``_max_t``
+      survives a restore); ``on_trial_complete`` telling COMPLETE with the metric, PRUNED
+      without it, FAIL on error.
+    * Optuna: ``Study._storage.get_trial(trial_id)`` (a ``FrozenTrial``),
+      ``FrozenTrial._trial_id`` and ``Trial._trial_id`` (the storage's id, not the number),
+      ``optuna.trial.Trial(study, trial_id)`` (a handle on a trial already asked for).
+    """
 
     def __init__(self, *args, max_t: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -148,97 +166,31 @@ def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[in
     return max(1, fits), f"{cluster.get(key, 0):g} {key}s / {need[key]:g} per trial"
 
 
-def run_trial(config: dict, *, base: dict, sweep: dict) -> None:
-    """One trial: a Ray Train run of the trial's config, its reports forwarded to Tune."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+def _check_optuna_storage(cfg: ExperimentConfig, storage: str, address: str | None) -> None:
+    """Refuse, before anything starts, a default SQLite study where it cannot work."""
+    from vspw_ray.storage import is_uri
 
-    from vspw_ray import tracking
-    from vspw_ray.config import variant_id
-    from vspw_ray.train.driver import build_trainer
-
-    cfg = config_from_dict(base)
-    number = int(config["optuna_trial"])
-    params = {k: v for k, v in config.items() if k != "optuna_trial"}
-    trial_cfg = trial_config(cfg, params, iters=cfg.tune.iters)
-    vid = variant_id(trial_cfg)
-    name = f"trial_{number:04d}_{vid}"
-    trial_id = ray.tune.get_context().get_trial_id()
-    trials_path = f"{sweep['path']}/trials"
-    if _report_finished(sweep, number, f"{trials_path}/{name}"):
-        return
-
-    def fit(run_id: str | None) -> None:
-        trainer = build_trainer(trial_cfg, vid, sweep["tracking_uri"], run_id,
-                                sweep["torch_threads"], sweep["storage"], name=name,
-                                storage_path=trials_path,
-                                callbacks=[TuneReportCallback()])
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-
-    if not sweep.get("parent_run_id"):
-        fit(None)
-        return
-    tags = {"sweep_id": sweep["id"], "tune_trial_id": trial_id, "stage": "tune-trial"}
-    uri, experiment = sweep["tracking_uri"], sweep["experiment"]
-    with tracking.open_run(
-            uri, experiment, sweep["storage"], run_id=tracking.find_run(uri, experiment, tags),
-            run_name=name, tags={**tags, tracking.PARENT_TAG: sweep["parent_run_id"],
-                                 "variant_id": vid, "optuna_trial": str(number)},
-            params={**tracking.flatten(to_dict(trial_cfg)),
-                    **{f"search.{k}": str(v) for k, v in params.items()}}) as rid:
-        fit(rid)
-
-
-def _report_finished(sweep: dict, number: int, run_dir: str) -> bool:
-    """When the study already holds this trial as finished (the driver died after telling
-    Optuna but before Tune saved that), report the result Optuna saw again instead of
-    training: the trial is neither lost nor run twice."""
-    import optuna
-    import ray.tune
-
-    from vspw_ray.train.checkpoints import list_checkpoints
-
-    study = optuna.load_study(study_name=sweep["id"], storage=sweep["optuna_url"])
-    trial = next((t for t in study.trials if t.number == number), None)
-    if trial is None or not trial.state.is_finished():
-        return False
-    last = max(trial.intermediate_values) if trial.intermediate_values else None
-    summaries = [s for _, s in list_checkpoints(run_dir)
-                 if last is None or s["iteration"] <= last]
-    if summaries:
-        summary = max(summaries, key=lambda s: s["iteration"])
-        ray.tune.report({**summary["metrics"], TIME_ATTR: summary["iteration"]})
-    return True
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    sweep_id: str
-    path: str  # the Tune experiment folder
-    study_name: str
-    optuna_storage: str
-    trials: list  # report.TrialRow, by Optuna number
-    best_configs: list[str]  # experiment YAMLs with the full-length schedule, best first
-    summary: str  # the printed table and selection-optimism report
-    run_id: str | None
-
-
-def _optuna_storage(cfg: ExperimentConfig, storage: str, address: str | None) -> str:
     if cfg.tune.storage:
-        return cfg.tune.storage
+        return
     if address:
         raise ConfigError(
             "config key 'tune.storage': unset (a SQLite file beside the runs) cannot be shared "
             "by the trials of a cluster; set tune.storage=postgresql://USER@HOST/optuna (any "
             "SQLAlchemy URL of a database every node reaches)")
-    if "://" in storage:
+    if is_uri(storage):
         raise ConfigError(f"config key 'tune.storage': storage.path is {storage}, where no "
                           f"SQLite file can live; set tune.storage to a database URL")
-    folder = Path(storage) / "tune"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def _optuna_url(cfg: ExperimentConfig, layout: RunLayout) -> str:
+    """``tune.storage``, else a SQLite file in the layout's tune folder (local storage)."""
+    from vspw_ray.storage import filesystem
+
+    if cfg.tune.storage:
+        return cfg.tune.storage
+    fs, folder = filesystem(layout.tune_root)  # local: checked by _check_optuna_storage
+    fs.create_dir(folder, recursive=True)
+    return f"sqlite:///{layout.join('tune', 'optuna.db')}"
 
 
 def _enqueue(cfg: ExperimentConfig, params: list[SearchParam], study_name: str,
@@ -283,75 +235,94 @@ def enqueue_points(cfg: ExperimentConfig, params: list[SearchParam]) -> list[dic
 
 def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool = True,
                torch_threads: int = 1) -> SearchResult:
-    """Run (or resume) the sweep of ``cfg.tune`` and write its report and best configs."""
-    import optuna
-    import ray
-    import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
+    """Run (or resume) the sweep of ``cfg.tune`` and write its report and best configs.
 
-    from vspw_ray import tracking
-    from vspw_ray.storage import check_cluster_settings, resolve_storage
-    from vspw_ray.train.driver import git_commit, connect_and_find_run, prepare_config
+    Raises:
+        SweepInterrupted: Ctrl-C (SIGINT) stopped the sweep before every trial finished; its
+            Tune state and study are saved, and running the same command resumes it.
+    """
+    import ray
+
+    from vspw_ray.runtime import open_stage, prepare_config, resolve_address
     from vspw_ray.train.resources import check_feasible
     from vspw_ray.tune.report import finish_sweep
 
     if cfg.variants:
         cfg = config_from_dict({**to_dict(cfg), "variants": []})  # the search replaces them
-    address = address or os.environ.get("RAY_ADDRESS")
     params = validate_space(cfg)
     enqueue_points(cfg, params)  # fail on a bad point before anything starts
-    check_cluster_settings(cfg, address, track=track)
-    cfg = prepare_config(cfg)
-    storage = resolve_storage(cfg.storage.path)
-    optuna_url = _optuna_storage(cfg, storage, address)
-    sid = sweep_id(cfg)
-    path = f"{storage.rstrip('/')}/tune/{sid}"
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, storage)
-    experiment = cfg.tracking.experiment or cfg.name
-    tags = {"sweep_id": sid, "stage": "tune"}
+    _check_optuna_storage(cfg, cfg.storage.path, resolve_address(address))
+    sid = sweep_id(prepare_config(cfg))
+    try:
+        with open_stage(cfg, "tune", {"sweep_id": sid}, address=address, track=track,
+                        run_name=sid) as stage:
+            check_feasible(stage.cfg)
+            sweep = Sweep(id=sid, storage=stage.storage,
+                          optuna_url=_optuna_url(stage.cfg, stage.layout),
+                          tracking_uri=stage.tracking_uri, experiment=stage.experiment,
+                          parent_run_id=stage.run_id, torch_threads=torch_threads)
+            concurrent, why = max_concurrent(stage.cfg, ray.cluster_resources())
+            print(f"sweep {sid}: {cfg.tune.num_samples} trials of {cfg.tune.iters} iterations, "
+                  f"up to {concurrent} at once ({why}); Optuna study '{sid}' in "
+                  f"{sweep.optuna_url}", flush=True)
+            grid = _tuner(stage.cfg, params, sweep, concurrent).fit()
+            _check_finished(stage.cfg, grid, sweep)
+            return finish_sweep(stage.cfg, grid, sweep)
+    except KeyboardInterrupt:  # a Ctrl-C outside Tune's loop, or a second one inside it
+        raise SweepInterrupted(f"sweep {sid} was interrupted; running the same command again "
+                               f"resumes it") from None
 
-    parent_run = connect_and_find_run(address, uri, experiment, tags, track)
-    check_feasible(cfg)
-    concurrent, why = max_concurrent(cfg, ray.cluster_resources())
-    print(f"sweep {sid}: {cfg.tune.num_samples} trials of {cfg.tune.iters} iterations, up to "
-          f"{concurrent} at once ({why}); Optuna study '{sid}' in {optuna_url}", flush=True)
 
-    def fit(parent_run_id: str | None):
-        sweep = {"id": sid, "path": path, "storage": storage, "tracking_uri": uri,
-                 "optuna_url": optuna_url,
-                 "experiment": experiment, "parent_run_id": parent_run_id,
-                 "torch_threads": torch_threads}
-        trainable = ray.tune.with_resources(
-            ray.tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep),
-            dict(cfg.tune.driver_resources))
-        if ray.tune.Tuner.can_restore(path):
-            print(f"resuming sweep {sid} from {path}", flush=True)
-            tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                           resume_errored=True)
-        else:
-            _enqueue(cfg, params, sid, optuna_url)
-            searcher = PruneAwareOptunaSearch(
-                space=DefineByRun(params, to_dict(cfg)), metric=cfg.tune.metric,
-                mode=cfg.tune.mode, sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
-                study_name=sid, storage=optuna.storages.RDBStorage(optuna_url),
-                max_t=cfg.tune.iters)
-            scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=cfg.tune.metric,
-                                      mode=cfg.tune.mode, max_t=cfg.tune.iters,
-                                      grace_period=cfg.tune.grace_period,
-                                      reduction_factor=cfg.tune.reduction_factor)
-            tuner = ray.tune.Tuner(
-                trainable,
-                tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                                num_samples=cfg.tune.num_samples,
-                                                max_concurrent_trials=concurrent),
-                run_config=ray.tune.RunConfig(name=sid, storage_path=f"{storage.rstrip('/')}/tune",
-                                              failure_config=ray.tune.FailureConfig(max_failures=1)))
-        grid = tuner.fit()
-        return finish_sweep(cfg, grid, sweep, study_name=sid, optuna_url=optuna_url)
+def _tuner(cfg: ExperimentConfig, params: list[SearchParam], sweep: Sweep, concurrent: int):
+    """The sweep's Tuner: restored from its experiment folder when one exists (finished trials
+    kept, unfinished and errored ones resumed), else new."""
+    import ray.tune
 
-    if not track:
-        return fit(None)
-    with tracking.open_run(uri, experiment, storage, run_id=parent_run, run_name=sid,
-                           tags={**tags, "git_commit": git_commit()},
-                           params=tracking.flatten(to_dict(cfg))) as rid:
-        return fit(rid)
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep),
+        dict(cfg.tune.driver_resources))
+    if ray.tune.Tuner.can_restore(sweep.path):
+        print(f"resuming sweep {sweep.id} from {sweep.path}", flush=True)
+        return ray.tune.Tuner.restore(sweep.path, trainable=trainable, resume_unfinished=True,
+                                      resume_errored=True)
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+
+    _enqueue(cfg, params, sweep.id, sweep.optuna_url)
+    tc = cfg.tune
+    searcher = PruneAwareOptunaSearch(
+        space=DefineByRun(params, to_dict(cfg)), metric=tc.metric, mode=tc.mode,
+        sampler=optuna.samplers.TPESampler(seed=tc.seed), study_name=sweep.id,
+        storage=optuna.storages.RDBStorage(sweep.optuna_url), max_t=tc.iters)
+    scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=tc.metric, mode=tc.mode,
+                              max_t=tc.iters, grace_period=tc.grace_period,
+                              reduction_factor=tc.reduction_factor)
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=tc.num_samples,
+                                        max_concurrent_trials=concurrent),
+        run_config=ray.tune.RunConfig(name=sweep.id, storage_path=sweep.layout.tune_root,
+                                      failure_config=ray.tune.FailureConfig(max_failures=1)))
+
+
+def _check_finished(cfg: ExperimentConfig, grid, sweep: Sweep) -> None:
+    """Raise :class:`SweepInterrupted` when Tuner.fit returned early. On SIGINT Tune saves its
+    state (the trials it was running as RUNNING, to resume), ends the loop and returns
+    normally, with those trials shown TERMINATED but never told to the searcher. So a trial
+    counts as finished when it errored or the study holds it as finished; anything less than
+    ``tune.num_samples`` of those is an interrupted sweep, whose running study trials must be
+    neither reported nor told FAIL."""
+    import optuna
+
+    study = optuna.load_study(study_name=sweep.id, storage=sweep.optuna_url)
+    told = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    done = 0
+    for result in grid:
+        number = (result.config or {}).get("optuna_trial")  # None: it never reported
+        done += result.error is not None or (number is not None and int(number) in told)
+    if done < cfg.tune.num_samples:
+        raise SweepInterrupted(
+            f"sweep {sweep.id} was interrupted with {done} of {cfg.tune.num_samples} trials "
+            f"finished; its state is saved in {sweep.path} and the Optuna study, so running "
+            f"the same command again resumes it")

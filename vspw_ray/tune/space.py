@@ -12,8 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vspw_ray.config import (ConfigError, ExperimentConfig, SearchParam, apply_overrides,
-                             check_trainable, config_from_dict, to_dict)
+from vspw_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    SearchParam,
+    apply_overrides,
+    check_trainable,
+    config_from_dict,
+    to_dict,
+)
 
 __all__ = ["ordered_params", "validate_space", "sample", "trial_config", "lookup",
            "has_compound_choices", "optuna_choice"]
@@ -22,7 +29,7 @@ _MISSING = object()
 
 
 def lookup(data: Mapping[str, Any], key: str, *, sep: str = ".", default: Any = _MISSING) -> Any:
-    """The value at a nested key (``"model.family"``; ``sep="/"`` for ``"val_A/miou"``) of a
+    """The value at a nested key (``"model.family"``; ``sep="/"`` for a reported metric's name) of a
     plain dict, or ``default``."""
     node: Any = data
     for part in key.split(sep):

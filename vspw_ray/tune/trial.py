@@ -1,0 +1,97 @@
+"""One trial of a sweep, as Tune runs it: a small driver that trains the trial's config with a
+``TorchTrainer`` and forwards its validation reports to Tune (and through Tune to Optuna)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vspw_ray.config import config_from_dict, to_dict
+from vspw_ray.tune.space import trial_config
+from vspw_ray.tune.sweep import TIME_ATTR, Sweep
+
+__all__ = ["run_trial", "trial_run_name", "finished_result"]
+
+
+def trial_run_name(number: int, vid: str) -> str:
+    """The Train run of Optuna trial ``number``: deterministic, so that a trial interrupted
+    with its driver resumes from its own checkpoints."""
+    return f"trial_{number:04d}_{vid}"
+
+
+def run_trial(config: dict, *, base: dict, sweep: Sweep) -> None:
+    """One trial: a Ray Train run of the trial's config (a child MLflow run of the sweep's
+    when it is tracked), its reports forwarded to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from vspw_ray import tracking
+    from vspw_ray.config import variant_id
+    from vspw_ray.runtime import open_stage
+    from vspw_ray.train.driver import build_trainer
+
+    cfg = config_from_dict(base)
+    number = int(config["optuna_trial"])
+    params = {k: v for k, v in config.items() if k != "optuna_trial"}
+    trial_cfg = trial_config(cfg, params, iters=cfg.tune.iters)
+    vid = variant_id(trial_cfg)
+    name = trial_run_name(number, vid)
+    if _report_finished(sweep, cfg.tune.metric, number, sweep.trial_run(name)):
+        return
+    tags = {"sweep_id": sweep.id, "tune_trial_id": ray.tune.get_context().get_trial_id()}
+    with open_stage(trial_cfg, "tune-trial", tags, track=sweep.parent_run_id is not None,
+                    connect=False, run_name=name, experiment=sweep.experiment,
+                    extra_tags={tracking.PARENT_TAG: sweep.parent_run_id or "",
+                                "variant_id": vid, "optuna_trial": str(number)},
+                    params={**tracking.flatten(to_dict(trial_cfg)),
+                            **{f"search.{k}": str(v) for k, v in params.items()}}) as stage:
+        metric = stage.cfg.tune.metric
+        trainer = build_trainer(stage.cfg, vid, stage.tracking_uri, stage.run_id,
+                                sweep.torch_threads, stage.layout, name=name,
+                                storage_path=sweep.trials_path,
+                                callbacks=[TuneReportCallback()],
+                                best_by=metric if stage.cfg.tune.mode == "max" else None)
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+
+
+def _report_finished(sweep: Sweep, metric: str, number: int, run_dir: str) -> bool:
+    """When the study already holds this trial as finished (the driver stopped after telling
+    Optuna but before Tune saved that), report the result Optuna saw again instead of
+    training: the trial is neither lost nor run twice."""
+    import optuna
+    import ray.tune
+
+    study = optuna.load_study(study_name=sweep.id, storage=sweep.optuna_url)
+    trial = next((t for t in study.trials if t.number == number), None)
+    if trial is None or not trial.state.is_finished():
+        return False
+    ray.tune.report(finished_result(trial, metric, run_dir, sweep.id))
+    return True
+
+
+def finished_result(trial, metric: str, run_dir: str, sweep_id: str) -> dict[str, Any]:
+    """A finished Optuna trial's last result as Tune saw it: ``metric`` and the iteration
+    Optuna recorded (Tune's metric check needs both), plus the other metrics of the checkpoint
+    made at that iteration when it is still in storage.
+
+    Raises:
+        RuntimeError: the study holds the trial as FAIL, or as finished without any value:
+            the Tune trial errors too (so the two agree) rather than train again.
+    """
+    import optuna
+
+    from vspw_ray.checkpoints import list_checkpoints
+
+    steps = trial.intermediate_values
+    if trial.state == optuna.trial.TrialState.FAIL or (not steps and trial.value is None):
+        raise RuntimeError(
+            f"Optuna trial {trial.number} of sweep {sweep_id} is {trial.state.name} without a "
+            f"result to report (it failed before the sweep's driver stopped), and an Optuna "
+            f"trial cannot be reopened; its parameters were {trial.params}")
+    last = max(steps) if steps else None
+    value = trial.value if trial.value is not None else steps[last]
+    saved = {s["iteration"]: s["metrics"] for _, s in list_checkpoints(run_dir)}
+    if last is None:  # told complete without intermediate values: the newest checkpoint's step
+        last = max(saved, default=0)
+    return {**saved.get(last, {}), metric: value, TIME_ATTR: last}
