@@ -47,7 +47,7 @@ __all__ = ["train_loop_per_worker", "validate", "training_state", "save_training
 log = logging.getLogger("vspw_ray.train")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
@@ -57,7 +57,7 @@ def training_state(*, model, optimizer, scheduler, scaler, iteration: int,
     """What ``checkpoint.pt`` holds: the model (usable alone by infer/ensemble/teacher loading
     and ``train --from``) plus everything a resumed run needs."""
     return {
-        "model": _unwrap(model).state_dict(),
+        "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -119,7 +119,7 @@ def validate(model, cfg: ExperimentConfig, root: str, num_classes: int, class_na
         mine = _shard_videos(fold_videos(videos, fold, cfg.data.fold_seed), rank, world)
         dataset = EvalDataset(split_frames(root, cfg.data.val_split, videos=mine), num_classes,
                               cfg.data)
-        cm, vc = evaluate_model(_unwrap(model), (dataset[i] for i in range(len(dataset))),
+        cm, vc = evaluate_model(unwrap(model), (dataset[i] for i in range(len(dataset))),
                                 num_classes, device=device, autocast=autocast)
         if world > 1:
             matrix = torch.from_numpy(cm.matrix).to(device)
@@ -145,7 +145,7 @@ def weight_spread(model: torch.nn.Module, world: int) -> float:
     squares, float64): 0 when DDP keeps every replica identical, as it must."""
     if world <= 1:
         return 0.0
-    params = [p.detach().double() for p in _unwrap(model).parameters()]
+    params = [p.detach().double() for p in unwrap(model).parameters()]
     sums = torch.stack([torch.stack([p.sum(), (p * p).sum()]) for p in params]).flatten()
     gathered = [torch.zeros_like(sums) for _ in range(world)]
     torch.distributed.all_gather(gathered, sums)
@@ -166,11 +166,24 @@ class Worker:
     scaler: Any
 
 
+def quiet_report_dumps() -> None:
+    """Ray Train 2.60 logs every ``ray.train.report`` at INFO with the whole metrics dict
+    (``Reporting training result N: TrainingReport(metrics={...})``), a screenful per
+    validation on the driver's console; our own progress lines say what matters. Its logger is
+    named by the file path of ``ray.train.v2._internal.execution.context`` (pinned ray<2.61;
+    tests/test_train_ray.py checks the name). Only that logger goes to WARNING: errors and
+    warnings of Ray Train, and everything else, still reach the console."""
+    import ray.train.v2._internal.execution.context as ray_context
+
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+
+
 def setup_worker(config: dict) -> Worker:
     """Config, rank, device, class table and the prepared model (identical on every worker)."""
     import ray.train
     import ray.train.torch
 
+    quiet_report_dumps()
     from vspw_ray.data.stats import load_prior
     from vspw_ray.models import build_model
     from vspw_ray.models.distill import load_model_weights
@@ -194,6 +207,9 @@ def setup_worker(config: dict) -> Worker:
         load_model_weights(model, cfg.model.init_checkpoint)
     model = ray.train.torch.prepare_model(model)
     autocast, scaler = autocast_context(device, cfg.train.amp)
+    if rank == 0:  # training and SWA alike: a restarted group first clears what a loss left
+        for folder in remove_unregistered_checkpoints():
+            log.info("[%s] removed half-written checkpoint %s", config["variant_id"], folder)
     return Worker(cfg, rank, world, device, table, model, autocast, scaler)
 
 
@@ -280,18 +296,14 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     w = setup_worker({**config, "skip_init_checkpoint": checkpoint is not None})
     cfg, model = w.cfg, w.model
-    optimizer = build_optimizer(_unwrap(model), cfg.train)
+    optimizer = build_optimizer(unwrap(model), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-
-    if w.rank == 0:
-        for folder in remove_unregistered_checkpoints():
-            log.info("[%s] removed half-written checkpoint %s", config["variant_id"], folder)
 
     start, resumes = 0, []
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_training_state(d)
-        _unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if w.scaler is not None and state.get("scaler"):

@@ -130,12 +130,12 @@ def swa_loop_per_worker(config: dict) -> None:
 
     from vspw_ray.train.loop import build_optimizer
     from vspw_ray.train.ray_train import (
-        CHECKPOINT_FILE, ProgressLog, _unwrap, load_training_state, report, setup_worker,
+        CHECKPOINT_FILE, ProgressLog, unwrap, load_training_state, report, setup_worker,
         step_seed, train_batches, training_state, validate)
 
     w = setup_worker({**config, "skip_init_checkpoint": True})
     cfg, model, swa = w.cfg, w.model, w.cfg.swa
-    net = _unwrap(model)
+    net = unwrap(model)
     base_iter, total = int(config["base_iteration"]), swa.extra_iters
     val = lambda m: validate(m, cfg, cfg.data.root, w.table.num_classes, w.table.names,  # noqa: E731
                              w.device, w.rank, w.world)
