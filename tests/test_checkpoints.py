@@ -69,7 +69,15 @@ def test_written_checkpoint_is_complete_and_reads_back(tmp_path):
     assert torch.equal(read_state(path)["model"]["w"], state["model"]["w"])
     assert torch.equal(read_state(str(tmp_path / "checkpoint_1"))["model"]["w"], state["model"]["w"])
     assert read_summary(path) == {"variant_id": "v1", "iteration": 4, "kind": "train",
-                                  "metrics": {"val_A/miou": 0.6}, "parent_variant_id": None}
+                                  "metrics": {"val_A/miou": 0.6}, "parent_variant_id": None,
+                                  "family": None, "train_split": None, "fold_seed": None}
+    described = _state(4, miou=0.6)
+    described["config"] = {"model": {"family": "maskformer"},
+                           "data": {"train_split": "train_a", "fold_seed": 3}}
+    path = write_checkpoint(str(tmp_path / "checkpoint_2"), described)
+    summary = read_summary(path)  # what the score store's manifest takes over
+    assert (summary["family"], summary["train_split"], summary["fold_seed"]) == (
+        "maskformer", "train_a", 3)
 
 
 def test_truncated_checkpoint_with_a_record_of_another_size_is_incomplete(tmp_path):
