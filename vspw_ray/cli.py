@@ -188,6 +188,18 @@ def _cmd_infer(args) -> int:
     return 0
 
 
+def _cmd_pipeline(args) -> int:
+    from vspw_ray.config import load_config
+    from vspw_ray.pipeline.run import run_pipeline
+
+    cfg = load_config(args.experiment, args.overrides)
+    out = run_pipeline(cfg, address=args.address, track=not args.no_track, dry_run=args.dry_run,
+                       torch_threads=args.torch_threads)
+    if out.run_id:
+        print(f"MLflow pipeline run: {out.run_id}")
+    return 0
+
+
 def _experiment_args(p: argparse.ArgumentParser, *, variant: bool = False) -> None:
     p.add_argument("experiment")
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -275,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_args(p)
     _run_options(p)
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("pipeline", help="every stage in order, each skipped when its output for "
+                                        "the same settings exists (resumes when re-run)")
+    _experiment_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (steps to run and skip, resources, GPU-hours); change "
+                        "nothing")
+    _run_options(p)
+    p.set_defaults(func=_cmd_pipeline)
 
     cfg = sub.add_parser("config", help="show an experiment's resolved config")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")

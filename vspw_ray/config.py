@@ -439,6 +439,22 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """`vspw-ray pipeline`: which stages run and how many variants at once."""
+
+    search: bool = False  # first a Tune sweep; its top tune.top_k configs are then the variants
+    swa: bool = True  # average each variant's weights after training
+    splits: tuple[str, ...] = ("val", "test")  # inferred for the ensemble ("val") and submission
+    max_concurrent: int | None = None  # variants in flight; None: as many as the cluster holds
+
+    def __post_init__(self) -> None:
+        _check("val" in self.splits, "pipeline.splits",
+               "must include val (the ensemble is searched and scored on it)")
+        _check(self.max_concurrent is None or self.max_concurrent > 0, "pipeline.max_concurrent",
+               "must be positive (or null: from the cluster)")
+
+
+@dataclass(frozen=True)
 class VariantSpec:
     name: str
     seed: int = 0
@@ -448,7 +464,8 @@ class VariantSpec:
         _check(bool(self.name), "variants[].name", "every variant needs a name")
         for key in self.overrides:
             _check(
-                not key.startswith(("variants", "tune", "ensemble", "tracking", "storage")),
+                not key.startswith(("variants", "tune", "ensemble", "tracking", "storage",
+                                    "pipeline")),
                 f"variants[{self.name}].overrides.{key}",
                 "a variant may only override data, model, loss, train, swa and infer keys",
             )
@@ -468,6 +485,7 @@ class ExperimentConfig:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     variants: tuple[VariantSpec, ...] = ()
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ stage's output is found from the config alone.
     <storage>/predictions/<member key>/<split>/       prediction PNGs
     <storage>/ensembles/<ensemble id>/                ensemble reports
     <storage>/submissions/<ensemble id>/              submission PNGs, zip and manifest
+    <storage>/pipeline/<experiment>/<step>.json       the pipeline's completion records
     <storage>/mlflow.db                               the default MLflow store (local only)
 
 ``storage`` is a local folder or an ``s3://`` / ``gs://`` URI; every path here is a string
@@ -106,6 +107,10 @@ class RunLayout:
 
     def submission(self, eid: str) -> str:
         return self.join("submissions", eid)
+
+    def pipeline_record(self, pipeline: str, step: str) -> str:
+        """The completion record of one pipeline step (``stage:item``)."""
+        return self.join("pipeline", pipeline, step.replace(":", "--").replace("/", "__") + ".json")
 
     # ------------------------------------------------------------------ lookups
     def best_train_checkpoint(self, vid: str, metric: str) -> str:

@@ -27,12 +27,13 @@ from vspw_ray.layout import RunLayout
 from vspw_ray.storage import check_cluster_settings, is_uri, resolve_storage
 
 __all__ = ["Stage", "open_stage", "connect_ray", "resolve_address", "prepare_config",
-           "git_commit", "DASHBOARD_ENV", "LOCAL", "RayConnectionError"]
+           "git_commit", "DASHBOARD_ENV", "PARENT_RUN_ENV", "LOCAL", "RayConnectionError"]
 
 log = logging.getLogger("vspw_ray")
 
 LOCAL = "local"  # Ray's own name for "start a new local instance"
 DASHBOARD_ENV = "VSPW_RAY_DASHBOARD"  # "0": start a local instance without the dashboard
+PARENT_RUN_ENV = "VSPW_RAY_PARENT_RUN"  # an MLflow run id: stages open their runs as its children
 
 
 class RayConnectionError(UserError):
@@ -184,8 +185,12 @@ def open_stage(cfg: ExperimentConfig, stage: str, tags: Mapping[str, str], *,
     if not track:
         yield Stage(cfg, layout, address, uri, experiment, None)
         return
+    parent = os.environ.get(PARENT_RUN_ENV) if stage != "pipeline" else None
+    tags = {**key, **(extra_tags or {}), "git_commit": git_commit()}
+    if parent:  # inside a pipeline: the stage's run is a child of the pipeline's
+        tags[tracking.PARENT_TAG] = parent
     with tracking.open_run(uri, experiment, layout.storage, run_id=run_id, run_name=run_name,
-                           tags={**key, **(extra_tags or {}), "git_commit": git_commit()},
+                           tags=tags,
                            params=tracking.flatten(to_dict(cfg)) if params is None else params
                            ) as rid:
         yield Stage(cfg, layout, address, uri, experiment, rid)

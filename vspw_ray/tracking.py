@@ -12,7 +12,8 @@ from typing import Any
 
 from vspw_ray.storage import is_uri
 
-__all__ = ["resolve_tracking_uri", "flatten", "open_run", "log_metrics", "log_artifact",
+__all__ = ["resolve_tracking_uri", "flatten", "open_run", "log_metrics", "log_new_params",
+           "log_artifact",
            "find_run", "finish_run", "PARENT_TAG"]
 
 PARENT_TAG = "mlflow.parentRunId"  # shows a run as the child of another in the MLflow UI
@@ -102,6 +103,20 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) 
     now = int(time.time() * 1000)
     MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step)
                                                  for k, v in metrics.items() if v is not None])
+
+
+def log_new_params(uri: str, run_id: str, params: Mapping[str, str]) -> None:
+    """Log the params a run does not hold yet (MLflow refuses to change a logged param; a
+    resumed run keeps the values it was first given)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    held = client.get_run(run_id).data.params
+    new = {k: str(v) for k, v in params.items() if k not in held}
+    if new:
+        from mlflow.entities import Param
+
+        client.log_batch(run_id, params=[Param(k, v) for k, v in new.items()])
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

@@ -1,0 +1,160 @@
+"""The pipeline's plan: every step (stage and item), its key, the steps it waits for, and
+whether it runs or is skipped and why, decided from the config and storage alone (no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vspw_ray.config import ExperimentConfig, resolve_variant
+from vspw_ray.layout import RunLayout
+from vspw_ray.pipeline.keys import data_key, ensemble_key, infer_key, swa_key, train_key
+from vspw_ray.pipeline.records import read_record
+
+__all__ = ["Step", "Variant", "variants_of", "build_plan", "format_plan", "STAGES"]
+
+STAGES = ("data", "search", "train", "swa", "infer", "ensemble")
+
+# images/s of one GPU training step and frames/s of 12-view TTA, measured on one H200 (issue 18
+# table: Swin-L, crop 640, bf16 eager); scaled by crop area and view count for the estimate
+TRAIN_IMAGES_PER_S = {"upernet": 26.4, "maskformer": 21.7}
+TTA_FRAMES_PER_S_12_VIEWS = {"upernet": 2.18, "maskformer": 1.90}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    cfg: ExperimentConfig  # resolved, paths as the user wrote them (ids are computed from these)
+
+
+@dataclass(frozen=True)
+class Step:
+    stage: str  # one of STAGES
+    item: str  # a variant, "variant/split", or "all"
+    key: str
+    needs: tuple[str, ...]  # ids of the steps it waits for
+    run: bool
+    reason: str
+    resources: str = ""
+    gpu_hours: float | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}:{self.item}"
+
+
+def variants_of(cfg: ExperimentConfig) -> list[Variant]:
+    """The experiment's variants, resolved (the base config when it lists none)."""
+    if not cfg.variants:
+        return [Variant("base", resolve_variant(cfg, None))]
+    return [Variant(v.name, resolve_variant(cfg, v.name)) for v in cfg.variants]
+
+
+def _decide(layout: RunLayout, pipeline: str, step_id: str, key: str,
+            upstream: list[Step]) -> tuple[bool, str]:
+    record = read_record(layout, pipeline, step_id)
+    waiting = [s.id for s in upstream if s.run]
+    if record is None:
+        return True, "not done yet"
+    if record.get("key") != key:
+        return True, f"settings changed (key {record.get('key')} -> {key})"
+    if waiting:
+        return True, f"after {waiting[0]}"
+    return False, f"done (key {key})"
+
+
+def _step(layout, pipeline, stage, item, key, upstream, resources="", gpu_hours=None) -> Step:
+    run, reason = _decide(layout, pipeline, f"{stage}:{item}", key, upstream)
+    return Step(stage, item, key, tuple(s.id for s in upstream), run, reason, resources,
+                gpu_hours)
+
+
+def _resources(v: ExperimentConfig) -> str:
+    per = dict(v.train.resources_per_worker) or {"CPU": 1}
+    if v.train.use_gpu:
+        per.setdefault("GPU", 1)
+    inner = ", ".join(f"{k} {g:g}" for k, g in per.items())
+    return f"{v.train.num_workers} worker(s) x {{{inner}}}"
+
+
+def _train_gpu_hours(v: ExperimentConfig, iters: int) -> float | None:
+    if not v.train.use_gpu:
+        return None
+    h, w = v.data.crop_size
+    rate = TRAIN_IMAGES_PER_S[v.model.family] * (640 * 640) / (h * w)
+    return iters * v.train.batch_size / rate / 3600
+
+
+def _infer_gpu_hours(v: ExperimentConfig, frames: int | None) -> float | None:
+    if not v.train.use_gpu or frames is None:
+        return None
+    views = len(v.infer.scales) * (2 if v.infer.flip else 1)
+    return frames / (TTA_FRAMES_PER_S_12_VIEWS[v.model.family] * 12 / views) / 3600
+
+
+def _variant_steps(layout, cfg, v: Variant, data: Step, frames: dict) -> list[Step]:
+    p, c = cfg.name, v.cfg
+    train = _step(layout, p, "train", v.name, train_key(c), [data], _resources(c),
+                  _train_gpu_hours(c, c.train.iters))
+    steps, model = [train], train
+    if cfg.pipeline.swa:
+        model = _step(layout, p, "swa", v.name, swa_key(c), [train], _resources(c),
+                      _train_gpu_hours(c, c.swa.extra_iters))
+        steps.append(model)
+    for split in cfg.pipeline.splits:
+        steps.append(_step(layout, p, "infer", f"{v.name}/{split}",
+                           infer_key(c, split, swa=cfg.pipeline.swa), [model],
+                           "1 GPU per model actor" if c.train.use_gpu else "CPU actors",
+                           _infer_gpu_hours(c, frames.get(split))))
+    return steps
+
+
+def _split_frames(cfg: ExperimentConfig) -> dict[str, int]:
+    """Frames per split when the data root is here (for the GPU-hour estimate)."""
+    from vspw_ray.data import split_frames
+
+    out = {}
+    for split in cfg.pipeline.splits:
+        try:
+            out[split] = len(split_frames(cfg.data.root, split))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def build_plan(cfg: ExperimentConfig, layout: RunLayout,
+               variants: list[Variant] | None = None) -> list[Step]:
+    """Every step of the pipeline in order. ``variants`` replaces the experiment's own (after
+    a search: the sweep's best configurations)."""
+    p = cfg.name
+    data = _step(layout, p, "data", "all", data_key(cfg, cfg.pipeline.splits), [])
+    steps = [data]
+    if cfg.pipeline.search and variants is None:
+        from vspw_ray.tune.search import sweep_id
+
+        search = _step(layout, p, "search", "all", sweep_id(cfg), [data],
+                       f"{cfg.tune.num_samples} trials")
+        return steps + [search]  # the variants are known once the sweep has run
+    frames = _split_frames(cfg)
+    variants = variants if variants is not None else variants_of(cfg)
+    for v in variants:
+        steps += _variant_steps(layout, cfg, v, data, frames)
+    infers = [s for s in steps if s.stage == "infer"]
+    if len(variants) >= 2:
+        steps.append(_step(layout, p, "ensemble", "all",
+                           ensemble_key(cfg, [s.key for s in infers]), infers, "CPUs"))
+    return steps
+
+
+def format_plan(steps: list[Step]) -> str:
+    """The plan as a table: step, run or skip and why, resources, estimated GPU-hours."""
+    lines = [f"{'step':<34} {'action':<5} {'resources':<28} {'GPU-h':>7}  reason"]
+    for s in steps:
+        hours = f"{s.gpu_hours:7.1f}" if s.gpu_hours is not None else f"{'-':>7}"
+        lines.append(f"{s.id:<34} {'run' if s.run else 'skip':<5} {s.resources:<28} {hours}  "
+                     f"{s.reason}")
+    todo = [s for s in steps if s.run]
+    total = sum(s.gpu_hours or 0.0 for s in todo)
+    lines.append(f"{len(todo)} of {len(steps)} steps to run"
+                 + (f", ~{total:.1f} GPU-hours (from the step rates measured on one H200)"
+                    if total else ""))
+    return "\n".join(lines)

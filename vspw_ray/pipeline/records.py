@@ -1,0 +1,35 @@
+"""Completion records of pipeline steps: a small JSON file per step, written last (through
+pyarrow, local or remote), holding the step's key and what it produced."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from vspw_ray.layout import RunLayout
+from vspw_ray.storage import filesystem
+
+__all__ = ["read_record", "write_record"]
+
+
+def read_record(layout: RunLayout, pipeline: str, step: str) -> dict | None:
+    """The record of ``step`` (``stage:item``), or None when the step has not completed."""
+    fs, path = filesystem(layout.pipeline_record(pipeline, step))
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):  # absent, or cut off while written: not complete
+        return None
+
+
+def write_record(layout: RunLayout, pipeline: str, step: str, key: str,
+                 outputs: dict | None = None) -> None:
+    """Mark ``step`` complete for ``key`` (written whole under a temporary name, then moved)."""
+    fs, path = filesystem(layout.pipeline_record(pipeline, step))
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    record = {"step": step, "key": key, "outputs": outputs or {}, "finished_at": time.time()}
+    tmp = f"{parent}/.tmp-{name}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(record, indent=1, default=str).encode())
+    fs.move(tmp, path)

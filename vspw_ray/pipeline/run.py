@@ -1,0 +1,161 @@
+"""`vspw-ray pipeline`: data check and stats -> search (optional) -> train -> SWA -> TTA
+inference on val and test -> ensemble -> submission, each step skipped when its completion
+record holds the same key. Steps call the stages' own functions (each resumable by itself), so
+a pipeline killed anywhere and re-run continues where it stopped.
+
+MLflow: one parent run per pipeline invocation; every stage's run is its child (the parent's
+id travels in ``VSPW_RAY_PARENT_RUN``, which :func:`vspw_ray.runtime.open_stage` reads), and
+every member run carries the same final keys (``final/val_A/miou``, ..., params ``family``,
+``crop``, ``ohem``, ``tau``, ``distill``, ``swa``, ``tta``) for ``mlflow.search_runs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vspw_ray.config import ExperimentConfig
+from vspw_ray.errors import UserError
+from vspw_ray.layout import RunLayout
+from vspw_ray.pipeline.plan import Step, Variant, build_plan, format_plan, variants_of
+from vspw_ray.runtime import PARENT_RUN_ENV, open_stage
+from vspw_ray.storage import check_cluster_settings, resolve_storage
+
+__all__ = ["PipelineResult", "StageFailed", "run_pipeline", "plan_pipeline", "format_summary"]
+
+log = logging.getLogger("vspw_ray.pipeline")
+
+
+class StageFailed(UserError):
+    """A step failed: names the stage, the variant and the command that re-runs it."""
+
+
+@dataclass
+class PipelineResult:
+    steps: list[Step]
+    ran: list[str] = field(default_factory=list)  # step ids run by this invocation
+    times: dict[str, float] = field(default_factory=dict)  # step id -> seconds
+    headline: dict[str, float | None] = field(default_factory=dict)  # step id -> its metric
+    outputs: dict[str, dict] = field(default_factory=dict)  # step id -> what it produced
+    run_id: str | None = None
+    nothing_to_do: bool = False
+
+
+def plan_pipeline(cfg: ExperimentConfig) -> tuple[RunLayout, list[Step]]:
+    """The plan from the config and storage alone (no Ray, nothing written but the storage
+    folder itself)."""
+    layout = RunLayout(resolve_storage(cfg.storage.path))
+    return layout, build_plan(cfg, layout)
+
+
+def run_pipeline(cfg: ExperimentConfig, *, address: str | None = None, track: bool = True,
+                 dry_run: bool = False, torch_threads: int = 1) -> PipelineResult:
+    """Run every step of ``cfg``'s pipeline that is not done; ``dry_run`` only plans."""
+    from vspw_ray.runtime import resolve_address
+
+    check_cluster_settings(cfg, resolve_address(address), track=track)  # before any step
+    layout, steps = plan_pipeline(cfg)
+    print(format_plan(steps), flush=True)
+    result = PipelineResult(steps)
+    if dry_run:
+        return result
+    if not any(s.run for s in steps):
+        print("nothing to do: every step is done for these settings", flush=True)
+        result.nothing_to_do = True
+        return result
+    with open_stage(cfg, "pipeline", {"pipeline": cfg.name}, address=address, track=track,
+                    trainable=False, run_name=f"{cfg.name}-pipeline") as stage:
+        result.run_id = stage.run_id
+        previous = os.environ.get(PARENT_RUN_ENV)
+        if stage.run_id:
+            os.environ[PARENT_RUN_ENV] = stage.run_id
+        try:
+            _execute(cfg, stage, result, torch_threads)
+        finally:
+            _restore_env(previous)
+        _report(cfg, stage, result)
+    return result
+
+
+def _restore_env(previous: str | None) -> None:
+    if previous is None:
+        os.environ.pop(PARENT_RUN_ENV, None)
+    else:
+        os.environ[PARENT_RUN_ENV] = previous
+
+
+def _execute(cfg: ExperimentConfig, stage, result: PipelineResult, threads: int) -> None:
+    """The steps in order: data, search, the variants' chains (concurrently up to
+    ``pipeline.max_concurrent``), then the ensemble and submission."""
+    from vspw_ray.pipeline import steps as run_steps
+
+    ctx = run_steps.Context(cfg, stage, threads, result)
+    by_id = {s.id: s for s in result.steps}
+    ctx.run(by_id["data:all"], run_steps.data_step)
+    variants = variants_of(cfg)
+    if cfg.pipeline.search:
+        variants = ctx.run(by_id["search:all"], run_steps.search_step) or \
+            run_steps.recorded_variants(ctx)
+        result.steps = build_plan(cfg, stage.layout, variants)
+        by_id = {s.id: s for s in result.steps}
+    with ThreadPoolExecutor(_concurrency(cfg, variants)) as pool:
+        chains = [pool.submit(run_steps.variant_chain, ctx, v, by_id) for v in variants]
+        for chain in chains:
+            chain.result()  # the first failure stops the pipeline, naming its step
+    if "ensemble:all" in by_id:
+        ctx.run(by_id["ensemble:all"], lambda c, s: run_steps.ensemble_step(c, s, variants))
+
+
+def _concurrency(cfg: ExperimentConfig, variants: list[Variant]) -> int:
+    """Variants in flight: ``pipeline.max_concurrent``, else as many as the cluster's GPUs
+    (or CPUs) hold at one variant's request."""
+    import ray
+
+    if cfg.pipeline.max_concurrent:
+        return cfg.pipeline.max_concurrent
+    need = variants[0].cfg.train
+    key = "GPU" if need.use_gpu else "CPU"
+    per = float(dict(need.resources_per_worker).get(key, 1.0)) * need.num_workers + \
+        (0 if key == "GPU" else 1)  # a CPU variant also needs its driver's CPU
+    return max(1, min(len(variants), int(ray.cluster_resources().get(key, 1) // per)))
+
+
+def _report(cfg: ExperimentConfig, stage, result: PipelineResult) -> None:
+    """The summary table (printed) and ``members.csv`` + ``summary.txt`` in the parent run."""
+    import tempfile
+
+    from vspw_ray import tracking
+    from vspw_ray.pipeline.steps import members_rows
+
+    table = format_summary(result)
+    print(table, flush=True)
+    if not stage.run_id:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "summary.txt").write_text(table + "\n")
+        rows = members_rows(result)
+        header = list(rows[0]) if rows else ["step"]
+        lines = [",".join(header)] + [",".join(str(r.get(k, "")) for k in header) for r in rows]
+        (Path(d) / "members.csv").write_text("\n".join(lines) + "\n")
+        for name in ("summary.txt", "members.csv"):
+            tracking.log_artifact(stage.tracking_uri, stage.run_id, Path(d) / name)
+
+
+def format_summary(result: PipelineResult) -> str:
+    """Stage, items, skipped, time, headline metric."""
+    lines = [f"{'stage':<10} {'items':>5} {'skipped':>7} {'time':>9}  headline"]
+    for name in ("data", "search", "train", "swa", "infer", "ensemble"):
+        steps = [s for s in result.steps if s.stage == name]
+        if not steps:
+            continue
+        ran = [s for s in steps if s.id in result.ran]
+        seconds = sum(result.times.get(s.id, 0.0) for s in steps)
+        values = [result.headline[s.id] for s in steps if result.headline.get(s.id) is not None]
+        head = f"best val_A mIoU {100 * max(values):.2f}" if values else ""
+        lines.append(f"{name:<10} {len(steps):>5} {len(steps) - len(ran):>7} "
+                     f"{seconds:>8.1f}s  {head}")
+    return "\n".join(lines)
+

@@ -1,0 +1,246 @@
+"""What each pipeline step does: a thin call of the stage's own function, its completion record,
+and the common final keys on the stage's MLflow run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vspw_ray.config import ExperimentConfig
+from vspw_ray.metrics import fold_metric
+from vspw_ray.pipeline.plan import Step, Variant
+from vspw_ray.pipeline.records import read_record, write_record
+
+__all__ = ["Context", "data_step", "search_step", "recorded_variants", "variant_chain",
+           "ensemble_step", "members_rows", "FINAL_METRICS"]
+
+FINAL_METRICS = tuple(fold_metric(f, k) for f in ("A", "B") for k in ("miou", "fwiou", "vc8",
+                                                                       "vc16"))
+
+
+@dataclass
+class Context:
+    cfg: ExperimentConfig
+    stage: Any  # the pipeline's runtime.Stage
+    threads: int
+    result: Any  # run.PipelineResult
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def track(self) -> bool:
+        return self.stage.run_id is not None
+
+    def run(self, step: Step, fn: Callable[[Context, Step], dict | None]) -> Any:
+        """Run ``fn`` for ``step`` unless it is done (then its record's outputs stand in);
+        record it when it finishes; a failure names the stage, the item and the command that
+        re-runs it."""
+        from vspw_ray.pipeline.run import StageFailed
+
+        if not step.run:
+            outputs = (read_record(self.stage.layout, self.cfg.name, step.id) or {}).get(
+                "outputs", {})
+            with self.lock:
+                self.result.outputs[step.id] = outputs
+            return outputs.get("_value")
+        print(f"[pipeline] {step.id}: {step.reason}", flush=True)
+        start = time.perf_counter()
+        try:
+            outputs = fn(self, step) or {}
+        except Exception as err:
+            raise StageFailed(
+                f"pipeline step {step.id} failed ({step.stage} of {step.item}): "
+                f"{type(err).__name__}: {err}. Fix it and re-run the same `vspw-ray pipeline` "
+                f"command: finished steps are skipped and this one resumes") from err
+        write_record(self.stage.layout, self.cfg.name, step.id, step.key,
+                     {k: v for k, v in outputs.items() if k != "_value"})
+        with self.lock:
+            self.result.ran.append(step.id)
+            self.result.times[step.id] = time.perf_counter() - start
+            self.result.outputs[step.id] = outputs
+            self.result.headline[step.id] = outputs.get("final/val_A/miou")
+        return outputs.get("_value")
+
+    def outputs(self, step_id: str) -> dict:
+        with self.lock:
+            return dict(self.result.outputs.get(step_id, {}))
+
+
+def data_step(ctx: Context, step: Step) -> dict:
+    """Check every split the pipeline reads; write the class prior where logit-adjusted
+    variants expect it."""
+    from pathlib import Path
+
+    from vspw_ray.data.check import check_dataset
+    from vspw_ray.data.stats import class_stats, write_stats
+    from vspw_ray.errors import DataError
+    from vspw_ray.pipeline.plan import variants_of
+
+    cfg = ctx.cfg
+    splits = sorted({cfg.data.train_split, *cfg.pipeline.splits})
+    problems = check_dataset(cfg.data.root, splits)
+    if problems:
+        shown = "; ".join(str(p) for p in problems[:5])
+        raise DataError(f"{len(problems)} problems in {cfg.data.root}: {shown} (vspw-ray data "
+                        f"check {cfg.data.root} lists them all)")
+    priors = {v.cfg.loss.logit_adjust.prior for v in variants_of(cfg)
+              if v.cfg.loss.logit_adjust.enabled and v.cfg.loss.logit_adjust.prior}
+    for prior in sorted(priors):
+        write_stats(class_stats(cfg.data.root, cfg.data.train_split), Path(prior).parent)
+    return {"splits": splits, "priors": sorted(priors)}
+
+
+def search_step(ctx: Context, step: Step) -> dict:
+    from vspw_ray.tune.search import run_search
+
+    out = run_search(ctx.cfg, address=ctx.stage.address, track=ctx.track,
+                     torch_threads=ctx.threads)
+    return {"best_configs": list(out.best_configs), "sweep_id": out.sweep_id,
+            "_value": best_variants(ctx.cfg, out.best_configs)}
+
+
+def recorded_variants(ctx: Context) -> list[Variant]:
+    """The variants a finished search chose (from its record)."""
+    return best_variants(ctx.cfg, ctx.outputs("search:all").get("best_configs", []))
+
+
+def best_variants(cfg: ExperimentConfig, paths: list[str]) -> list[Variant]:
+    """The sweep's best configurations as the pipeline's variants (read through pyarrow, local
+    or remote)."""
+    import yaml
+
+    from vspw_ray.config import config_from_dict, to_dict
+    from vspw_ray.storage import filesystem
+
+    variants = []
+    for i, path in enumerate(paths, 1):
+        fs, inner = filesystem(path)
+        with fs.open_input_stream(inner) as f:
+            data = yaml.safe_load(f.read())
+        data.update(storage={"path": cfg.storage.path}, tracking=to_dict(cfg.tracking),
+                    pipeline={**data.get("pipeline", {}), "search": False}, variants=[])
+        variants.append(Variant(f"best{i}", config_from_dict(data)))
+    return variants
+
+
+def variant_chain(ctx: Context, v: Variant, by_id: dict[str, Step]) -> None:
+    """train -> SWA -> inference of each split, for one variant."""
+    ctx.run(by_id[f"train:{v.name}"], lambda c, s: _train(c, v))
+    if f"swa:{v.name}" in by_id:
+        ctx.run(by_id[f"swa:{v.name}"], lambda c, s: _swa(c, v))
+    for split in ctx.cfg.pipeline.splits:
+        ctx.run(by_id[f"infer:{v.name}/{split}"], lambda c, s, split=split: _infer(c, v, split))
+
+
+def _train(ctx: Context, v: Variant) -> dict:
+    from vspw_ray.train.driver import train_variant
+
+    out = train_variant(v.cfg, None, address=ctx.stage.address, track=ctx.track,
+                        torch_threads=ctx.threads)
+    finals = _finals(out.metrics)
+    _mark(ctx, out.run_id, finals, v, swa=False)
+    return {"variant_id": out.variant_id, "checkpoint": out.best_checkpoint,
+            "run_id": out.run_id, **finals}
+
+
+def _swa(ctx: Context, v: Variant) -> dict:
+    from vspw_ray.train.swa import swa_variant
+
+    out = swa_variant(v.cfg, None, from_checkpoint=ctx.outputs(f"train:{v.name}").get(
+        "checkpoint"), address=ctx.stage.address, track=ctx.track, torch_threads=ctx.threads)
+    finals = _finals({k.removeprefix("swa/"): m for k, m in out.metrics.items()
+                      if k.startswith("swa/")})
+    _mark(ctx, out.run_id, finals, v, swa=True)
+    return {"variant_id": out.variant_id, "checkpoint": out.checkpoint, "run_id": out.run_id,
+            **finals}
+
+
+def _infer(ctx: Context, v: Variant, split: str) -> dict:
+    from vspw_ray.infer.job import run_inference
+
+    model = ctx.outputs(f"swa:{v.name}") or ctx.outputs(f"train:{v.name}")
+    out = run_inference(v.cfg, model.get("checkpoint"), split, address=ctx.stage.address,
+                        track=ctx.track, torch_threads=ctx.threads)
+    finals = _finals(out.metrics or {})
+    _mark(ctx, out.run_id, finals, v, swa=bool(ctx.outputs(f"swa:{v.name}")))
+    return {"member_key": out.key, "variant_id": out.variant_id, "run_id": out.run_id,
+            "predictions": out.predictions, **finals}
+
+
+def ensemble_step(ctx: Context, step: Step, variants: list[Variant]) -> dict:
+    from vspw_ray.ensemble.stage import run_ensemble
+
+    cfg = _with_variants(ctx.cfg, variants)
+    apply = "test" if "test" in ctx.cfg.pipeline.splits else None
+    out = run_ensemble(cfg, apply=apply, address=ctx.stage.address, track=ctx.track)
+    finals = {k: v for k, v in vars(out).items() if k.startswith("final/")} if hasattr(
+        out, "__dict__") else {}
+    return {"ensemble_id": getattr(out, "ensemble_id", None),
+            "submission": getattr(out, "submission", None),
+            "run_id": getattr(out, "run_id", None), **finals}
+
+
+def _with_variants(cfg: ExperimentConfig, variants: list[Variant]) -> ExperimentConfig:
+    """``cfg`` listing ``variants`` (a search's best configurations become variants whose
+    overrides are every identity key of theirs)."""
+    from dataclasses import replace
+
+    from vspw_ray.config import VariantSpec, to_dict
+
+    if [v.name for v in variants] == [s.name for s in cfg.variants]:
+        return cfg
+    specs = []
+    for v in variants:
+        data = to_dict(v.cfg)
+        overrides = {k: val for section in ("data", "model", "loss", "train", "swa", "infer")
+                     for k, val in _leaves(data[section], section)}
+        specs.append(VariantSpec(v.name, v.cfg.seed, overrides))
+    return replace(cfg, variants=tuple(specs))
+
+
+def _leaves(node: Any, prefix: str):
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}.{k}")
+    else:
+        yield prefix, node
+
+
+def _finals(metrics: dict) -> dict[str, float]:
+    """The common final keys (``final/val_A/miou``, ...) from a stage's fold metrics."""
+    return {f"final/{k}": float(metrics[k]) for k in FINAL_METRICS
+            if isinstance(metrics.get(k), (int, float))}
+
+
+def _mark(ctx: Context, run_id: str | None, finals: dict, v: Variant, *, swa: bool) -> None:
+    """The same final metrics and short params on every member run, so runs of every stage
+    sort and compare side by side in the MLflow UI and ``mlflow.search_runs``."""
+    from vspw_ray import tracking
+
+    if not run_id or not ctx.track:
+        return
+    c = v.cfg
+    la, ohem = c.loss.logit_adjust, c.loss.ohem
+    params = {"family": c.model.family, "crop": "x".join(map(str, c.data.crop_size)),
+              "ohem": f"{ohem.thresh:g}" if ohem.enabled else "off",
+              "tau": f"{la.tau:g}" if la.enabled else "off",
+              "distill": str(c.loss.distill.enabled).lower(), "swa": str(swa).lower(),
+              "tta": f"{list(c.infer.scales)}{'+flip' if c.infer.flip else ''}",
+              "pipeline_variant": v.name}
+    tracking.log_metrics(ctx.stage.tracking_uri, run_id, finals, 0)
+    tracking.log_new_params(ctx.stage.tracking_uri, run_id, params)
+
+
+def members_rows(result) -> list[dict]:
+    """One row per member and stage: step, stage, variant, key, MLflow run, final metrics."""
+    rows = []
+    for step in result.steps:
+        if step.stage not in ("train", "swa", "infer", "ensemble"):
+            continue
+        out = result.outputs.get(step.id, {})
+        rows.append({"step": step.id, "stage": step.stage, "item": step.item, "key": step.key,
+                     "ran": step.id in result.ran, "run_id": out.get("run_id", ""),
+                     **{k: out.get(f"final/{k}", "") for k in FINAL_METRICS}})
+    return rows
