@@ -200,6 +200,20 @@ def _cmd_pipeline(args) -> int:
     return 0
 
 
+def _cmd_ensemble(args) -> int:
+    from vspw_ray.config import load_config
+    from vspw_ray.ensemble.stage import run_ensemble
+
+    cfg = load_config(args.experiment, args.overrides)
+    out = run_ensemble(cfg, apply=args.apply, address=args.address, track=not args.no_track)
+    print(f"ensemble {out.ensemble_id}: report in {out.path}")
+    if out.submission:
+        print(f"submission: {out.submission.zip} (manifest {out.submission.folder}/manifest.json)")
+    if out.run_id:
+        print(f"MLflow run: {out.run_id}")
+    return 0
+
+
 def _experiment_args(p: argparse.ArgumentParser, *, variant: bool = False) -> None:
     p.add_argument("experiment")
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -296,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing")
     _run_options(p)
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("ensemble", help="search ensemble weights on fold A of val, report on "
+                                        "fold B, write the submission (--apply test)")
+    _experiment_args(p)
+    p.add_argument("--apply", metavar="SPLIT",
+                   help="fuse this split's scores with the chosen weights into submission PNGs, "
+                        "a zip and a manifest (test; val works too)")
+    _run_options(p)
+    p.set_defaults(func=_cmd_ensemble)
 
     cfg = sub.add_parser("config", help="show an experiment's resolved config")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -1,0 +1,361 @@
+"""`vspw-ray ensemble` end to end on synthetic score stores whose best weights are known:
+members found from their checkpoints, tune / grid / greedy each recovering the designed weights,
+the report's fold figures reproduced by `vspw-ray evaluate` on the submission's PNGs, re-runs
+that reuse the weights and finish a half-written submission, MLflow, and every bad input named.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_train_ray import EXPERIMENT
+from vspw_ray.config import config_from_dict, load_config, resolve_variant, to_dict, variant_id
+from vspw_ray.ensemble.stage import run_ensemble
+from vspw_ray.errors import UserError
+
+C = 6  # the synthetic dataset's classes
+A_STAR, B_STAR = 0.6, 1.4  # the designed optimum of (weak, aux): inside 0..2, off the corners
+SLOPE = 0.4
+ENC = {"scale": 1.0, "top_k": C, "step": 1 / 32}  # full resolution, every class kept
+VARIANTS = [{"name": "strong", "seed": 0, "overrides": {}},
+            {"name": "weak", "seed": 1, "overrides": {}},
+            {"name": "aux", "seed": 0, "overrides": {"model.family": "maskformer"}}]
+GROUPS = {"strong": ["strong"], "weak": ["weak"], "aux": ["aux"]}
+
+
+def pixel_types() -> np.ndarray:
+    """Margins ``[T, 3]`` (true class minus rival) in the base, weak and aux scores. An easy
+    type wins at any weights; each hard type flips at one threshold of one weight, 0.05 off the
+    grid points: right iff alpha > t (t = 0.55, 0.45, ...) or alpha < t (0.65, 0.75, ...),
+    likewise for beta around 1.4. So the fused mIoU is 100 % only around (0.6, 1.4)."""
+    types = [(0.3, 0.3, 0.3)]
+    for axis, best in ((1, A_STAR), (2, B_STAR)):
+        for t in np.round(np.arange(best - 0.05, 0, -0.1), 2):
+            m = [-SLOPE * t, 0.0, 0.0]
+            m[axis] = SLOPE
+            types.append(m)
+        for t in np.round(np.arange(best + 0.05, 2, 0.1), 2):
+            m = [SLOPE * t, 0.0, 0.0]
+            m[axis] = -SLOPE
+            types.append(m)
+    return np.array(types)
+
+
+def designed_probs(gt: np.ndarray, video: str, frame: str, hard: float = 0.2) -> np.ndarray:
+    """The three members' probabilities ``[3, C, H, W]`` of one frame with reduced ground truth
+    ``gt [H, W]``: each pixel's true class and a rival take 0.9 between them by its type's
+    margin, the other classes 0.025 each. Draws depend on (video, frame) only."""
+    rng = np.random.default_rng(zlib.crc32(f"{video}/{frame}".encode()))
+    types, n = pixel_types(), gt.size
+    p = np.r_[1 - hard, np.full(len(types) - 1, hard / (len(types) - 1))]
+    kind = rng.choice(len(types), size=n, p=p)
+    flat = gt.ravel().astype(np.int64)
+    true = np.where(flat == 255, rng.integers(0, C, n), flat)
+    rival = (true + rng.integers(1, C, n)) % C
+    probs = np.full((3, C, n), 0.1 / (C - 2))
+    cols = np.arange(n)
+    for k in range(3):
+        probs[k, true, cols] = 0.45 + types[kind, k] / 2
+        probs[k, rival, cols] = 0.45 - types[kind, k] / 2
+    return probs.reshape(3, C, *gt.shape)
+
+
+@functools.cache
+def encoded_rows(root, split: str, k: int) -> dict[str, list[dict]]:
+    """Member ``k``'s designed scores of a split through the real encoding: store rows by
+    video (one torch thread: tiny tensors on a busy machine)."""
+    from vspw_ray.data import label_lut, list_frames, read_raw_mask, read_split, reduce_mask
+    from vspw_ray.scores import ScoreEncoding, encode
+
+    enc, lut, threads = ScoreEncoding(**ENC), label_lut(C), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for video in read_split(root, split):
+            out[video] = []
+            for frame in list_frames(root, video):
+                gt = reduce_mask(read_raw_mask(frame), lut)
+                p = torch.from_numpy(designed_probs(gt, video, frame.name)[k]).float()
+                e = encode(p, enc)
+                out[video].append({
+                    "video": video, "frame": frame.name, "height": e.height, "width": e.width,
+                    "score_height": e.classes.shape[1], "score_width": e.classes.shape[2],
+                    "classes": e.classes.tobytes(), "codes": e.codes.tobytes()})
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write_member(store, root, key: str, k: int, manifest: dict, splits=("val",),
+                 drop_video=None, drop_frame=None) -> None:
+    """Member ``k``'s designed scores of ``splits`` into the store, less a video or frame."""
+    for split in splits:
+        for video, rows in encoded_rows(root, split, k).items():
+            if video != drop_video:
+                store.write_video(key, split, video, [
+                    r for r in rows if f"{video}/{r['frame']}" != drop_frame])
+    store.write_manifest(key, manifest)
+
+
+def manifest(key: str, vid: str, family: str, root, *, metrics=None, **changes) -> dict:
+    from vspw_ray.data import load_class_table
+
+    table = load_class_table(root)
+    out = {"key": key, "variant_id": vid, "checkpoint": f"/ckpt/{vid}", "family": family,
+           "train_split": "train", "fold_seed": 0, "class_names": list(table.names),
+           "num_classes": C, "encoding": {"name": "topk-logq-u8", "params": ENC},
+           "splits": {"val": {"metrics": metrics or {}}}}
+    return {**out, **changes}
+
+
+def stored_metrics(store, key: str, root) -> dict:
+    from vspw_ray.evaluate import evaluate_store_folds
+
+    folds = evaluate_store_folds(store.uri, key, root, "val", fold_seed=0, processes=1)
+    return {f"val_{f}/miou": folds[f]["miou"] for f in ("A", "B")}
+
+
+def experiment(root, storage, *overrides, groups=GROUPS, variants=VARIANTS):
+    data = to_dict(load_config(EXPERIMENT, [f"data.root={root}", f"storage.path={storage}",
+                                            "ensemble.sample_rate=0.1", *overrides]))
+    data["variants"] = variants
+    data["ensemble"]["groups"] = groups
+    return config_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory, synth_root) -> Path:
+    """Runs with a training checkpoint per variant and the designed scores in the store, plus
+    broken members (named by store key) for the error tests."""
+    from vspw_ray.checkpoints import write_checkpoint
+    from vspw_ray.layout import RunLayout, member_key
+    from vspw_ray.scores import ScoreStore
+
+    runs = tmp_path_factory.mktemp("ensemble") / "runs"
+    cfg, layout = experiment(synth_root, runs), RunLayout(str(runs))
+    store = ScoreStore(layout.scores)
+    for k, spec in enumerate(VARIANTS):
+        resolved = resolve_variant(cfg, spec["name"])
+        vid = variant_id(resolved)
+        write_checkpoint(f"{layout.train_run(vid)}/checkpoint_000000", {
+            "variant_id": vid, "iteration": 10, "kind": "train", "config": to_dict(resolved),
+            "metrics": {"val_A/miou": 0.5}})
+        key = member_key(vid, 10, resolved.infer)
+        info = manifest(key, vid, resolved.model.family, synth_root)
+        write_member(store, synth_root, key, k, info)
+        write_member(store, synth_root, key, k, {**info, "splits": {"val": {
+            "metrics": stored_metrics(store, key, synth_root)}}})
+    good = {"metrics": {"val_A/miou": 0.5}}
+    write_member(store, synth_root, "short", 0, manifest("short", "x", "upernet", synth_root, **good),
+                 drop_video="synth_003_00004")
+    write_member(store, synth_root, "gappy", 0, manifest("gappy", "x", "upernet", synth_root, **good),
+                 drop_frame="synth_003_00005/00000003")
+    write_member(store, synth_root, "relabelled", 0, manifest(
+        "relabelled", "x", "upernet", synth_root, class_names=list("abcdef"), **good))
+    write_member(store, synth_root, "seed1", 0, manifest("seed1", "x", "upernet", synth_root,
+                                                         fold_seed=1, **good))
+    write_member(store, synth_root, "testonly", 0, manifest("testonly", "x", "upernet", synth_root,
+                                                            **good), splits=("test",))
+    write_member(store, synth_root, "leaky", 1, manifest("leaky", "x", "upernet", synth_root,
+                                                         train_split="val", **good))
+    return runs
+
+
+def near(weights: dict, tol: float) -> bool:
+    return abs(weights["weak"] - A_STAR) <= tol and abs(weights["aux"] - B_STAR) <= tol
+
+
+def test_grid_recovers_the_weights_and_the_submission_scores_as_reported(
+        ray_local, synth_root, storage):
+    from vspw_ray.evaluate import evaluate_predictions
+    from vspw_ray.metrics import mean_iou
+
+    cfg = experiment(synth_root, storage, "ensemble.method=grid")
+    out = run_ensemble(cfg, apply="val", track=False)
+    assert out.searched and out.method == "grid"
+    assert out.weights == pytest.approx({"weak": A_STAR, "aux": B_STAR})
+    assert list(out.groups) == ["strong", "weak", "aux"]
+    figures = out.report["figures"]
+    assert figures["ensemble"]["A"]["miou"] == pytest.approx(1.0, abs=0.002)
+    assert out.report["search"]["points"] == 21 * 21
+    assert out.metrics["final/val_B/miou"] == figures["ensemble"]["B"]["miou"]
+    # the designed landscape: equal weights and (0, 0) each at least a point worse on fold A
+    by_point = {(r["weak"], r["aux"]): r["val_A_miou"] for r in _csv_rows(out.path)}
+    assert max(by_point.values()) - by_point[1.0, 1.0] >= 0.01
+    assert max(by_point.values()) - by_point[0.0, 0.0] >= 0.01
+    # the rescored fold-A confusion is the grid's at the chosen point, bit for bit
+    chosen = out.report["selection"]["chosen"]
+    assert mean_iou(np.array(figures["ensemble"]["A"]["confusion"])) == pytest.approx(
+        _csv_value(out.path, chosen), abs=1e-12)
+    for v in ("single", "mean"):
+        assert figures["ensemble"]["B"]["miou"] - figures[v]["B"]["miou"] > 0.01
+    best = next(m for m in out.report["members"] if m["key"] == out.report["best_single"])
+    assert figures["single"]["A"]["miou"] == pytest.approx(best["miou_a"], abs=1e-12)
+    # the submission's PNGs, scored by `vspw-ray evaluate`, give the report's fold figures
+    sub = Path(out.submission.folder)
+    for fold in ("A", "B"):
+        scored = evaluate_predictions(sub, synth_root, "val", fold=fold, fold_seed=0,
+                                      processes=1)
+        for k in ("miou", "fwiou", "vc8", "vc16"):
+            assert scored[k] == pytest.approx(figures["ensemble"][fold][k], abs=1e-12,
+                                              nan_ok=True), (fold, k)
+    with zipfile.ZipFile(out.submission.zip) as z:
+        names = sorted(z.namelist())
+    assert names == sorted(str(p.relative_to(sub)) for p in sub.glob("*/*.png"))
+    assert len(names) == 24 and names[0] == "synth_003_00004/00000000.png"
+    manifest = json.loads((sub / "manifest.json").read_text())
+    assert manifest["weights"] == out.weights and manifest["method"] == "grid"
+    assert manifest["val_figures"]["ensemble"]["B"]["miou"] == figures["ensemble"]["B"]["miou"]
+    assert all(m["checkpoint"].endswith("checkpoint_000000/checkpoint.pt")
+               for m in manifest["members"])
+
+    # a re-run reuses the weights and the complete submission; a half-written one is finished
+    again = run_ensemble(cfg, apply="val", track=False)
+    assert not again.searched and again.weights == out.weights
+    assert again.submission.written == 0
+    (sub / "manifest.json").unlink()
+    (sub / "synth_003_00005" / "00000007.png").unlink()
+    (sub / "synth_003_00005" / ".tmp-00000008.png").write_bytes(b"cut off")
+    third = run_ensemble(cfg, apply="val", track=False)
+    assert third.submission.written == 1 and (sub / "manifest.json").is_file()
+    assert not list(sub.glob("*/.tmp-*"))
+    # a member without the requested split
+    with pytest.raises(UserError, match="has no scores for split 'test'"):
+        run_ensemble(cfg, apply="test", track=False)
+
+
+def _csv_value(folder: str, number: int) -> float:
+    import csv
+
+    with open(Path(folder) / "trials.csv") as f:
+        row = next(r for r in csv.DictReader(f) if int(r["number"]) == number)
+    return float(row["val_A_miou"])
+
+
+
+
+def test_tune_recovers_the_weights_and_tracks_the_trials_as_child_runs(
+        ray_local, synth_root, storage):
+    import mlflow
+    import optuna
+
+    # TPE with 32 trials lands within 0.2 of the optimum on this landscape (bare Optuna loops
+    # over 16 seeds: at most 0.17 off); each 0.1 off costs about a point of fold-A mIoU
+    n = 32
+    cfg = experiment(synth_root, storage, "ensemble.method=tune", f"ensemble.num_samples={n}",
+                     "ensemble.sample_rate=0.3")
+    out = run_ensemble(cfg, track=True)
+    assert near(out.weights, 0.2), out.weights
+    figures = out.report["figures"]["ensemble"]
+    assert figures["A"]["miou"] > 0.97
+    assert out.report["search"]["trials"] == n and out.report["search"]["trials_per_s"] > 0
+    # the study lives where `vspw-ray tune` keeps its studies
+    study = optuna.load_study(study_name=out.ensemble_id,
+                              storage=f"sqlite:///{storage / 'tune' / 'optuna.db'}")
+    assert len(study.trials) == n and study.best_value == max(
+        r["val_A_miou"] for r in _csv_rows(out.path))
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    run = client.get_run(out.run_id)
+    assert run.data.tags["stage"] == "ensemble" and run.data.tags["ensemble_id"] == out.ensemble_id
+    assert run.data.params["method"] == "tune"
+    assert json.loads(run.data.params["weights"]) == pytest.approx(out.weights)
+    assert json.loads(run.data.params["groups"]) == out.groups
+    assert run.data.metrics["final/val_B/miou"] == pytest.approx(figures["B"]["miou"])
+    assert "single/val_A/miou" in run.data.metrics and "mean/val_B/vc8" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(out.run_id)}
+    assert {"report.json", "report.txt", "trials.csv", "weights_heatmap.png",
+            "per_class_change.png"} <= artifacts
+    children = client.search_runs([run.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{out.run_id}'")
+    assert len(children) == n
+    assert {c.data.tags["optuna_trial"] for c in children} == {str(t.number) for t in study.trials}
+
+
+def _csv_rows(folder: str) -> list[dict]:
+    import csv
+
+    with open(Path(folder) / "trials.csv") as f:
+        return [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+
+
+def test_greedy_recovers_the_weights_over_single_members(ray_local, synth_root, storage):
+    cfg = experiment(synth_root, storage, "ensemble.method=greedy", "ensemble.greedy_rounds=20")
+    out = run_ensemble(cfg, track=False)
+    keys = {m["name"]: m["key"] for m in out.report["members"]}
+    weights = {out.report["base_group"]: 1.0, **out.weights}
+    assert set(out.groups) <= set(keys.values()) and keys["strong"] in weights
+    ratio = {name: weights.get(keys[name], 0.0) / weights[keys["strong"]] for name in keys}
+    assert near(ratio, 0.1), ratio
+    rows = _csv_rows(out.path)
+    assert rows[-1]["val_A_miou"] == max(r["val_A_miou"] for r in rows)
+    assert out.report["figures"]["ensemble"]["B"]["miou"] > 0.99
+
+
+def test_leakage_guard_refuses_or_flags_a_member_trained_on_val(ray_local, synth_root, storage):
+    base = ["ensemble.members=[strong,leaky]", "ensemble.strong=1", "ensemble.method=grid",
+            "ensemble.grid_step=1.0"]
+    with pytest.raises(UserError, match=r"leaky: 'val' shares 2 videos with 'val' "
+                                        r"\(synth_003_00004, synth_003_00005\)"):
+        run_ensemble(experiment(synth_root, storage, *base, groups={}), track=False)
+    out = run_ensemble(experiment(synth_root, storage, *base, "ensemble.allow_val_trained=true",
+                                  groups={}), track=False)
+    assert out.report["val_trained"] == {"leaky": ["synth_003_00004", "synth_003_00005"]}
+    assert "FLAGGED: member leaky" in out.summary
+    keys = {m["name"]: m["key"] for m in out.report["members"]}
+    assert out.groups == {"strong": [keys["strong"]], "weak": ["leaky"]}  # the seed's rule
+
+
+def _bad(root, storage, *overrides, groups=GROUPS):
+    return experiment(root, storage, *overrides, groups=groups)
+
+
+@pytest.mark.parametrize("overrides, groups, message", [
+    (["ensemble.members=[strong,nope]"], {}, r"'nope' is neither a variant of experiment"),
+    (["ensemble.members=[strong]"], {}, r"at least two members, got \['strong \("),
+    (["ensemble.members=[strong,short]"], {}, r"member short holds other val videos .* lacking "
+                                              r"\['synth_003_00004'\]"),
+    (["ensemble.members=[strong,relabelled]"], {}, r"class table .*'relabelled'"),
+    (["ensemble.members=[strong,seed1]"], {}, r"fold seed other than 0: \{'seed1': 1\}"),
+    (["ensemble.members=[strong,testonly]"], {}, r"member testonly has no scores for split 'val'"),
+    ([], {"strong": ["strong"], "weak": ["nope"]}, r"ensemble.groups.weak': 'nope' is not an "
+                                                    r"ensemble member"),
+    ([], {"strong": ["strong", "weak"], "weak": ["weak"]}, r"in groups 'strong' and 'weak'"),
+    (["ensemble.grid_step=0.3"], GROUPS, r"grid_step': 0.3 does not divide"),
+    (["ensemble.members=[strong,weak]", "ensemble.strong=5"], {}, r"has one group"),
+])
+def test_bad_input_is_named_before_ray_starts(synth_root, storage, overrides, groups, message):
+    cfg = _bad(synth_root, storage, *overrides, groups=groups)
+    with pytest.raises(UserError, match=message):
+        run_ensemble(cfg, track=False)
+
+
+def test_more_bad_input(ray_local, synth_copy, synth_root, storage, tmp_path, capsys):
+    from vspw_ray.cli import main
+    from vspw_ray.config import ConfigError, dump_yaml
+
+    with pytest.raises(ConfigError, match="weight_range"):
+        _bad(synth_root, storage, "ensemble.weight_range=[-1,2]")
+    # members holding different frames of a video: named when the pass meets them
+    cfg = _bad(synth_root, storage, "ensemble.members=[strong,gappy]", "ensemble.method=grid",
+               "ensemble.grid_step=1.0", groups={"strong": ["strong"], "weak": ["gappy"]})
+    with pytest.raises(UserError, match=r"'gappy' hold different frames of val video "
+                                        r"'synth_003_00005'"):
+        run_ensemble(cfg, track=False)
+    # a split without masks where scores are needed
+    (synth_copy / "data" / "synth_003_00005" / "mask" / "00000004.png").unlink()
+    with pytest.raises(UserError, match=r"synth_003_00005' frame '00000004'.* against its masks"):
+        run_ensemble(_bad(synth_copy, storage), track=False)
+    # the command line prints the error in one line and exits 2
+    path = tmp_path / "exp.yaml"
+    path.write_text(dump_yaml(_bad(synth_root, storage, "ensemble.members=[strong,nope]")))
+    assert main(["ensemble", str(path), "--no-track"]) == 2
+    assert "error: config key 'ensemble.members': 'nope'" in capsys.readouterr().err
