@@ -1,0 +1,367 @@
+"""The ensemble's Ray-free core: fusion, automatic groups, the one-pass grid (exactly a
+brute-force grid), the weighted pixel sample, greedy selection and a bare Optuna loop, on
+synthetic scores whose best weights are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vspw_ray.data import label_lut, list_frames, read_raw_mask, read_split, reduce_mask
+from vspw_ray.ensemble.fusion import (
+    MemberInfo,
+    auto_groups,
+    fuse,
+    fused_labels,
+    group_means,
+    group_order,
+)
+from vspw_ray.ensemble.greedy import greedy_select
+from vspw_ray.ensemble.grid import (
+    GridConfusions,
+    grid_axis,
+    grid_confusions,
+    grid_search_store,
+    make_grid,
+    shard_videos,
+)
+from vspw_ray.ensemble.sample import (
+    concat_samples,
+    frame_rng,
+    sample_frame,
+    sample_miou,
+    sample_store,
+    weighted_confusion,
+)
+from vspw_ray.metrics import confusion, mean_iou
+
+A_STAR, B_STAR = 0.6, 1.4  # the designed optimum: inside 0..2, off the corners
+SLOPE = 0.4
+AXIS = grid_axis(0.0, 2.0, 0.1)
+GRID = make_grid([AXIS, AXIS])
+
+
+def designed_scores(rng, frames: int, h: int, w: int, c: int = 6, hard: float = 0.2):
+    """Group scores ``[F, 3, C, H, W]`` (base, weak, aux) and reduced ground truth
+    ``[F, H, W]`` whose fused mIoU is 100 % exactly for alpha in (0.55, 0.65) and beta in
+    (1.35, 1.45), and falls off step by step away from there.
+
+    Each pixel has its true class and a rival; the fused margin true - rival is
+    ``m0 + alpha m1 + beta m2``. "Easy" pixels (1 - ``hard``) win at every weight; each hard
+    pixel type flips at one threshold ``t`` of one weight: correct iff alpha > t (thresholds
+    0.55, 0.45, ...) or alpha < t (0.65, 0.75, ...), likewise for beta around 1.4.
+    """
+    types = [(0.3, 0.3, 0.3)]
+    for axis, best in ((1, A_STAR), (2, B_STAR)):
+        for t in np.round(np.arange(best - 0.05, 0, -0.1), 2):
+            m = [-SLOPE * t, 0.0, 0.0]
+            m[axis] = SLOPE
+            types.append(m)
+        for t in np.round(np.arange(best + 0.05, 2, 0.1), 2):
+            m = [SLOPE * t, 0.0, 0.0]
+            m[axis] = -SLOPE
+            types.append(m)
+    types = np.array(types)
+    n = frames * h * w
+    kind = rng.choice(len(types), size=n, p=np.r_[1 - hard, np.full(len(types) - 1, hard / (len(types) - 1))])
+    true = rng.integers(0, c, n)
+    rival = (true + rng.integers(1, c, n)) % c
+    margins = types[kind].T
+    scores = np.full((3, c, n), 0.1 / (c - 2), np.float32)  # the other classes never win
+    cols = np.arange(n)
+    for k in range(3):
+        scores[k, true, cols] = 0.45 + margins[k] / 2
+        scores[k, rival, cols] = 0.45 - margins[k] / 2
+    gt = true.astype(np.uint8)
+    gt[rng.random(n) < 0.05] = 255
+    scores = scores.reshape(3, c, frames, h, w).transpose(2, 0, 1, 3, 4)
+    return np.ascontiguousarray(scores), gt.reshape(frames, h, w)
+
+
+def brute_force_grid(frames, points, c):
+    """Every point fused and scored on its own, in plain numpy."""
+    out = np.zeros((len(points), c, c), np.int64)
+    for p, w in enumerate(points):
+        for s, gt in frames:
+            fused = s[0]
+            for j, wj in enumerate(w, 1):
+                fused = fused + np.float32(wj) * s[j]
+            out[p] += confusion(fused.argmax(0), gt, c)
+    return out
+
+
+def point_index(w) -> int:
+    return int(np.flatnonzero(np.isclose(GRID, w).all(1))[0])
+
+
+@pytest.fixture(scope="module")
+def designed():
+    return designed_scores(np.random.default_rng(0), 8, 60, 80)
+
+
+@pytest.fixture(scope="module")
+def designed_large():
+    """~0.9 M pixels: enough that a few-percent sample has a small sampling error."""
+    return designed_scores(np.random.default_rng(1), 32, 120, 240)
+
+
+# ---------------------------------------------------------------------------------- fusion
+def test_group_means_fuse_and_labels():
+    g = torch.Generator().manual_seed(0)
+    probs = {m: torch.rand(4, 5, 6, generator=g).softmax(0) for m in "abcd"}
+    groups = {"strong": ["a", "b"], "weak": ["c"], "aux": ["d"]}
+    means = group_means(probs, groups, "prob")
+    assert torch.allclose(means["strong"], (probs["a"] + probs["b"]) / 2)
+    logs = group_means(probs, groups, "log")
+    assert torch.allclose(logs["strong"].exp(), (probs["a"] * probs["b"]).sqrt(), atol=1e-6)
+    fused = fuse(means, {"weak": 1.4, "aux": 0.5}, "strong")
+    assert torch.allclose(fused, means["strong"] + 1.4 * means["weak"] + 0.5 * means["aux"])
+    labels = fused_labels(means, {"weak": 1.4, "aux": 0.5, "strong": 1.0}, "strong")
+    assert labels.dtype == np.uint8 and (labels == fused.argmax(0).numpy()).all()
+    assert group_order(groups, "weak") == ["weak", "strong", "aux"]
+    with pytest.raises(ValueError, match="fixed at 1"):
+        fuse(means, {"strong": 2.0, "weak": 1.0, "aux": 1.0}, "strong")
+    with pytest.raises(ValueError, match="missing"):
+        fuse(means, {"weak": 1.0}, "strong")
+    with pytest.raises(ValueError, match="prob"):
+        group_means(probs, groups, "linear")
+
+
+def test_auto_groups_follow_the_seed_rule():
+    members = [MemberInfo("mf1", "maskformer", 0.50), MemberInfo("mf2", "maskformer", 0.55),
+               MemberInfo("mf3", "maskformer", 0.45), MemberInfo("mf4", "maskformer", 0.48),
+               MemberInfo("up1", "upernet", 0.52), MemberInfo("up2", "upernet", 0.40),
+               MemberInfo("up3", "upernet", 0.47)]
+    assert auto_groups(members, strong=2, auxiliary=2) == {
+        "strong": ["mf2", "mf1"], "weak": ["mf4", "mf3"], "aux": ["up1", "up3"]}
+    # the best member's family is the base even when the other family is larger
+    assert auto_groups(members[4:] + members[:1], strong=3, auxiliary=0) == {
+        "strong": ["up1", "up3", "up2"]}
+    groups = auto_groups(members[4:] + members[:1], strong=3, auxiliary=1)
+    assert groups == {"strong": ["up1", "up3", "up2"], "aux": ["mf1"]}  # empty "weak" dropped
+    with pytest.raises(ValueError, match="two model families"):
+        auto_groups(members + [MemberInfo("x", "segformer", 0.1)], 1, 1)
+    with pytest.raises(ValueError, match="strong"):
+        auto_groups(members, 0, 1)
+
+
+# ---------------------------------------------------------------------------------- grid
+@pytest.mark.parametrize("k, space, axes", [
+    (3, "prob", [AXIS, AXIS]),
+    (3, "log", [AXIS, AXIS]),
+    (2, "prob", [grid_axis(0.5, 1.5, 0.05)]),
+    (4, "prob", [grid_axis(0, 2, 0.5)] * 3),
+])
+def test_one_pass_grid_equals_brute_force_exactly(k, space, axes):
+    """Point by point, the same matrices as fusing and scoring every point separately; scores
+    quantised to 1/8 so that exact ties (resolved to the lower class) occur often."""
+    rng = np.random.default_rng(k)
+    c, points = 5, make_grid(axes)
+    frames = []
+    for _ in range(3):
+        p = rng.dirichlet(np.full(c, 0.7), size=(k, 24, 32)).transpose(0, 3, 1, 2)
+        p = np.maximum(np.round(p * 8) / 8, 1e-3).astype(np.float32)
+        s = np.log(p) if space == "log" else p
+        gt = rng.integers(0, c, (24, 32)).astype(np.uint8)
+        gt[rng.random((24, 32)) < 0.1] = 255
+        frames.append((s.astype(np.float32), gt))
+    acc = GridConfusions(points, c)
+    for s, gt in frames:
+        acc.add_frame(s, gt)
+    np.testing.assert_array_equal(acc.total(), brute_force_grid(frames, points, c))
+    assert acc.common.sum() > 0 and acc.contested.sum() > 0  # both paths were taken
+
+
+def test_grid_finds_the_designed_optimum(designed):
+    scores, gt = designed
+    raw = np.where(gt == 255, 255, gt + 1).astype(np.uint8)  # raw VSPW ids
+    matrices = grid_confusions(zip(scores, raw), GRID, 6)
+    miou = np.array([mean_iou(m) for m in matrices])
+    np.testing.assert_allclose(GRID[miou.argmax()], [A_STAR, B_STAR])
+    assert miou.max() == 1.0
+    # the construction: equal weights and (0, 0) are each at least a point worse
+    assert miou.max() - miou[point_index((1, 1))] >= 0.01
+    assert miou.max() - miou[point_index((0, 0))] >= 0.01
+    assert (np.sort(miou)[-2] < 1.0)  # a unique best grid point
+
+
+# ---------------------------------------------------------------------------------- sample
+def test_weighted_sample_miou_is_close_to_the_full_miou(designed_large):
+    scores, gt = designed_large
+    box = [(0.0, 2.0), (0.0, 2.0)]
+    sample = concat_samples([
+        sample_frame(s, g, rate=0.2, min_per_class=16, box=box, rng=frame_rng(0, "v", str(i)))
+        for i, (s, g) in enumerate(zip(scores, gt))])
+    valid = int((gt != 255).sum())
+    assert sample.size < 0.06 * valid  # contested pixels only: a few percent of all
+    for w in [(0, 0), (1, 1), (A_STAR, B_STAR), (0.3, 1.8), (2.0, 0.5)]:
+        full = mean_iou(sum(confusion((s[0] + np.float32(w[0]) * s[1] + np.float32(w[1]) * s[2])
+                                      .argmax(0), g, 6) for s, g in zip(scores, gt)))
+        assert abs(sample_miou(sample, w) - full) < 0.003, w
+    with pytest.raises(ValueError, match="outside"):
+        sample_miou(sample, [2.5, 1.0])
+
+
+def test_plain_sample_weights_and_every_class_kept():
+    """Without a box: each class of a frame keeps max(min_per_class, rate * n) pixels, weights
+    n / m restore the class counts exactly, and the draw is reproducible."""
+    rng = np.random.default_rng(3)
+    gt = rng.choice([0, 1, 2, 255], size=(50, 60), p=[0.9, 0.07, 0.002, 0.028]).astype(np.uint8)
+    scores = [rng.random((3, 50, 60), dtype=np.float32) for _ in range(2)]
+    a = sample_frame(scores, gt, rate=0.03, min_per_class=10, rng=frame_rng(7, "v", "f"))
+    b = sample_frame(scores, gt, rate=0.03, min_per_class=10, rng=frame_rng(7, "v", "f"))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    counts = np.bincount(gt[gt != 255], minlength=3)
+    np.testing.assert_allclose(np.bincount(a.labels, weights=a.weights, minlength=3), counts)
+    kept = np.bincount(a.labels, minlength=3)
+    assert kept[2] == min(counts[2], 10) and kept[0] == int(np.ceil(0.03 * counts[0]))
+    cm = weighted_confusion(a.labels, a.scores[0].argmax(-1), a.weights, 3)
+    assert cm.sum() == pytest.approx(counts.sum())
+
+
+# ---------------------------------------------------------------------------------- searches
+def test_greedy_and_optuna_recover_the_designed_optimum(designed):
+    scores, gt = designed
+    frames = list(zip(scores, gt))
+    plain = concat_samples([sample_frame(s, g, rate=0.1, min_per_class=16,
+                                         rng=frame_rng(0, "v", str(i)))
+                            for i, (s, g) in enumerate(frames)])
+    counts, history = greedy_select(plain.scores, plain.labels, plain.weights, rounds=20)
+    assert counts[0] > 0 and len(history) == 20
+    assert abs(counts[1] / counts[0] - A_STAR) <= 0.1 and abs(counts[2] / counts[0] - B_STAR) <= 0.1
+
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sample = concat_samples([sample_frame(s, g, rate=0.2, min_per_class=16, box=[(0, 2), (0, 2)],
+                                          rng=frame_rng(0, "v", str(i)))
+                             for i, (s, g) in enumerate(frames)])
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=0))
+    study.optimize(lambda t: sample_miou(sample, [t.suggest_float("alpha", 0, 2),
+                                                  t.suggest_float("beta", 0, 2)]), n_trials=100)
+    best = study.best_params
+    assert abs(best["alpha"] - A_STAR) <= 0.1 and abs(best["beta"] - B_STAR) <= 0.1
+
+
+def reference_greedy(scores, labels, weights, rounds):
+    """Caruana et al.'s loop written out: mean of the chosen members, IoU by hand."""
+    m, _, c = scores.shape
+    chosen, history = [], []
+    for _ in range(rounds):
+        best = None
+        for j in range(m):
+            pred = np.mean([scores[i] for i in chosen + [j]], axis=0).argmax(-1)
+            cm = np.zeros((c, c))
+            np.add.at(cm, (labels, pred), weights)
+            ious = [cm[k, k] / (cm[k].sum() + cm[:, k].sum() - cm[k, k])
+                    for k in range(c) if cm[k].sum() > 0]
+            score = float(np.mean(ious))
+            if best is None or score > best[0]:
+                best = (score, j)
+        chosen.append(best[1])
+        history.append(best[0])
+    keep = history.index(max(history)) + 1
+    return np.bincount(chosen[:keep], minlength=m), history
+
+
+def test_greedy_equals_a_reference_implementation():
+    rng = np.random.default_rng(5)
+    m, n, c = 5, 300, 4
+    labels = rng.integers(0, c, n)
+    scores = rng.dirichlet(np.ones(c), size=(m, n)).astype(np.float32)
+    scores[:, np.arange(n), labels] += rng.random((m, 1)) * 0.3  # members of unequal skill
+    weights = rng.uniform(0.5, 3.0, n)
+    counts, history = greedy_select(scores, labels, weights, rounds=8)
+    ref_counts, ref_history = reference_greedy(scores, labels, weights, 8)
+    np.testing.assert_array_equal(counts, ref_counts)
+    np.testing.assert_allclose(history, ref_history, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- store
+def _write_members(store_uri, root, split, c, members):
+    """Members' scores from the masks plus member-specific noise, through the real encoding."""
+    from vspw_ray.scores import ScoreEncoding, ScoreStore, encode
+
+    store, enc, lut = ScoreStore(store_uri), ScoreEncoding(scale=0.25, top_k=4), label_lut(c)
+    for i, member in enumerate(members):
+        gen = torch.Generator().manual_seed(i)
+        store.write_manifest(member, {"num_classes": c, "encoding": {"params": enc.to_dict()}})
+        for video in read_split(root, split):
+            rows = []
+            for frame in list_frames(root, video):
+                gt = torch.from_numpy(reduce_mask(read_raw_mask(frame), lut).astype(np.int64))
+                onehot = torch.nn.functional.one_hot(gt.clamp_max(c - 1), c).permute(2, 0, 1)
+                logits = 2.5 * onehot + 1.5 * torch.randn(onehot.shape, generator=gen)
+                e = encode(logits.softmax(0), enc)
+                rows.append({"video": video, "frame": frame.name, "height": e.height,
+                             "width": e.width, "score_height": e.classes.shape[1],
+                             "score_width": e.classes.shape[2], "classes": e.classes.tobytes(),
+                             "codes": e.codes.tobytes()})
+            store.write_video(member, split, video, rows)
+
+
+MEMBERS = ["m0", "m1", "m2", "m3"]
+GROUPS = {"strong": ["m0", "m1"], "weak": ["m2"], "aux": ["m3"]}
+
+
+@pytest.fixture(scope="module")
+def member_store(tmp_path_factory, synth_root) -> str:
+    uri = str(tmp_path_factory.mktemp("ensemble") / "store")
+    _write_members(uri, synth_root, "val", 6, MEMBERS)
+    return uri
+
+
+@pytest.mark.parametrize("space", ["prob", "log"])
+def test_store_grid_equals_brute_force_on_decoded_scores(member_store, synth_root, space):
+    from vspw_ray.scores import ScoreStore, decode
+
+    c, split, groups = 6, "val", GROUPS
+    videos = read_split(synth_root, split)
+    points = make_grid([grid_axis(0, 2, 0.5), grid_axis(0, 2, 0.5)])
+
+    store, frames = ScoreStore(member_store), []
+    enc = store.encoding("m0")
+    for video in videos:
+        stored = {m: dict(store.read_video(m, split, video)) for m in MEMBERS}
+        for frame in list_frames(synth_root, video):
+            p = {m: decode(stored[m][frame.name], c, enc) for m in stored}
+            if space == "log":
+                p = {m: v.clamp_min(1e-12).log() for m, v in p.items()}
+            s = np.stack([((p["m0"] + p["m1"]) / 2).numpy(), p["m2"].numpy(), p["m3"].numpy()])
+            frames.append((s, read_raw_mask(frame)))
+    expected = np.zeros((len(points), c, c), np.int64)
+    for p, w in enumerate(points):
+        for s, raw in frames:
+            fused = s[0] + np.float32(w[0]) * s[1] + np.float32(w[1]) * s[2]
+            expected[p] += confusion(fused.argmax(0), raw, c, raw=True)
+
+    jobs_seen = []
+
+    def serial(fn, jobs):
+        jobs_seen.extend(jobs)
+        return map(fn, jobs)
+
+    got = grid_search_store(member_store, groups, split, videos, str(synth_root),
+                            points, space=space, shards=2, map_fn=serial, batch_frames=5)
+    assert len(jobs_seen) == 2
+    np.testing.assert_array_equal(got, expected)
+    if space == "prob":  # the in-process default path, and a full-rate sample of the same frames
+        np.testing.assert_array_equal(
+            grid_search_store(member_store, groups, split, videos, str(synth_root),
+                              points, processes=1), expected)
+        # a full-rate sample, plain and with the box (settled pixels exact, contested pixels
+        # with their candidate classes only), scores exactly as the grid
+        for box in (None, [(0, 2), (0, 2)]):
+            sample = sample_store(member_store, split, str(synth_root), videos, groups,
+                                  rate=1.0, box=box, dtype=np.float32)
+            for p in range(len(points)):
+                assert sample_miou(sample, points[p]) == pytest.approx(mean_iou(expected[p]),
+                                                                       abs=1e-12)
+
+
+def test_shard_videos_covers_every_video_once():
+    videos = [f"v{i}" for i in range(7)]
+    shards = shard_videos(videos, 3)
+    assert len(shards) == 3 and sum(shards, []) == videos
+    assert shard_videos(videos[:2], 5) == [["v0"], ["v1"]]
