@@ -82,3 +82,114 @@ def test_seed_recipe_plan_has_22_variants_in_stage_order(tmp_path):
     assert all("8 worker(s) x {CPU 1, GPU 1}" in line for line in train_rows)
     assert "GPU-hours" in out.stdout.splitlines()[-1]
     assert not (tmp_path / "runs" / "pipeline").exists()  # a dry run writes nothing
+
+
+def _tiny_experiment(tmp_path: Path, *, variants: str, splits: str, swa: str) -> Path:
+    """The quickstart cut down to seconds: few iterations, one TTA scale, a coarse grid."""
+    import re
+
+    text = QUICKSTART.read_text()
+    text = re.sub(r"\ntrain:\n  iters: \d+", "\ntrain:\n  iters: 8", text)
+    text = re.sub(r"\n  val_interval: \d+", "\n  val_interval: 8", text)
+    text = re.sub(r"\n  warmup_iters: \d+", "\n  warmup_iters: 1", text)
+    text = re.sub(r"\n  log_interval: \d+", "\n  log_interval: 4", text)
+    text = re.sub(r"\n  loader_workers: \d+", "\n  loader_workers: 0", text)
+    text = re.sub(r"\nswa: \{extra_iters: \d+, every: \d+,", f"\nswa: {{{swa},", text)
+    text = re.sub(r"\ninfer:\n  scales: \[[^\]]*\]", "\ninfer:\n  scales: [1.0]", text)
+    text = text.replace("  method: tune ", "  method: grid ").replace("  grid_step: 0.1", "  grid_step: 0.5")
+    text = re.sub(r"\n  splits: \[[^\]]*\]", f"\n  splits: {splits}", text)
+    text = text[:text.index("variants:\n")] + variants
+    path = tmp_path / "tiny_pipeline.yaml"
+    path.write_text(text)
+    return path
+
+
+ONE_VARIANT = """variants:
+- name: upernet_crop64
+  seed: 0
+  overrides:
+    data.crop_size: [64, 64]
+"""
+
+
+def test_pipeline_killed_after_an_swa_snapshot_resumes_without_retraining(synth_root, tmp_path):
+    from tests.test_train_ray import wait_for_registered
+    from vspw_ray.checkpoints import list_checkpoints, read_state
+
+    exp = _tiny_experiment(tmp_path, variants=ONE_VARIANT, splits="[val]",
+                           swa="extra_iters: 40, every: 10")
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "vspw_ray", "pipeline", str(exp), "--no-track",
+           f"data.root={synth_root}", f"storage.path={storage}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                start_new_session=True)
+        try:  # the first SWA snapshot registered: training is done and recorded
+            wait_for_registered(storage, lambda: proc.poll() is None, "the kill",
+                                timeout_s=400, stage="swa")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    plan = {line.split()[0]: line.split()[1] for line in rerun.stdout.splitlines()
+            if line.startswith(("train:", "swa:", "infer:"))}
+    assert plan["train:upernet_crop64"] == "skip"  # training is not redone
+    assert plan["swa:upernet_crop64"] == "run"
+    assert "it 4/8" not in rerun.stdout + rerun.stderr  # no training iteration ran again
+    swa_runs = [p for p in (storage / "swa").iterdir() if p.is_dir()]
+    average = [f for f, s in list_checkpoints(str(swa_runs[0])) if s["kind"] == "swa_average"]
+    state = read_state(f"{average[0]}/checkpoint.pt")
+    assert state["resumes"] and state["resumes"][0] >= 10  # SWA resumed from its snapshot
+    assert len(list((storage / "scores").glob("*/val/*.parquet"))) > 0
+
+
+TWO_FAMILIES = ONE_VARIANT + """- name: maskformer_crop64
+  seed: 0
+  overrides:
+    data.crop_size: [64, 64]
+    model.family: maskformer
+    model.num_queries: 8
+    model.hidden_dim: 32
+    model.mask_dim: 32
+    model.dec_layers: 1
+    model.nheads: 2
+    model.dim_feedforward: 64
+"""
+
+
+def test_tiny_pipeline_end_to_end_then_nothing_to_do(ray_local, synth_root, tmp_path):
+    import mlflow
+
+    from vspw_ray.pipeline.run import run_pipeline
+
+    exp = _tiny_experiment(tmp_path, variants=TWO_FAMILIES, splits="[val, test]",
+                           swa="extra_iters: 4, every: 2")
+    storage = tmp_path / "runs"
+    overrides = [f"data.root={synth_root}", f"storage.path={storage}"]
+    out = run_pipeline(load_config(exp, overrides))
+    assert not out.nothing_to_do and "ensemble:all" in out.ran
+    submission = out.outputs["ensemble:all"]["submission"]
+    assert submission and list(Path(submission).rglob("*.png"))
+    assert Path(out.outputs["ensemble:all"]["zip"]).is_file()
+
+    mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["quickstart"], output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{out.run_id}'")
+    stages = sorted(r.data.tags["stage"] for r in runs)
+    assert stages.count("train") == 2 and stages.count("swa") == 2 and "ensemble" in stages
+    assert stages.count("infer") == 4
+    members = [r for r in runs if r.data.tags["stage"] in ("train", "swa", "infer")
+               and r.data.tags.get("split", "val") == "val"]
+    for run in members:  # every member run carries the common keys
+        assert "final/val_A/miou" in run.data.metrics and "final/val_B/miou" in run.data.metrics
+        assert {"family", "crop", "ohem", "tau", "distill", "swa", "tta"} <= set(run.data.params)
+
+    again = subprocess.run([sys.executable, "-m", "vspw_ray", "pipeline", str(exp), *overrides],
+                           capture_output=True, text=True, cwd=REPO, timeout=120,
+                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to do" in again.stdout
+    assert "started a local Ray instance" not in again.stderr  # decided without Ray

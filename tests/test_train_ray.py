@@ -46,11 +46,11 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 PLANTED = "checkpoint_0000-half-written"
 
 
-def registered_checkpoints(storage: Path) -> list[Path]:
-    """The complete checkpoint folders Ray Train has registered in any training run under
-    ``storage``."""
+def registered_checkpoints(storage: Path, stage: str = "train") -> list[Path]:
+    """The complete checkpoint folders Ray Train has registered in any run of ``stage``
+    (train, swa) under ``storage``."""
     found = []
-    for snapshot in Path(storage).glob(f"train/*/{RAY_SNAPSHOT}"):
+    for snapshot in Path(storage).glob(f"{stage}/*/{RAY_SNAPSHOT}"):
         try:
             state = json.loads(snapshot.read_text())
         except (OSError, ValueError):  # not there yet, or being rewritten
@@ -59,10 +59,11 @@ def registered_checkpoints(storage: Path) -> list[Path]:
     return [folder for folder in found if is_complete(str(folder))]
 
 
-def wait_for_registered(storage: Path, alive, what: str, timeout_s: float = 180) -> Path:
+def wait_for_registered(storage: Path, alive, what: str, timeout_s: float = 180,
+                        stage: str = "train") -> Path:
     """Poll until Ray Train has registered a complete checkpoint; that folder."""
     deadline = time.time() + timeout_s
-    while not (found := registered_checkpoints(storage)):
+    while not (found := registered_checkpoints(storage, stage)):
         assert alive() and time.time() < deadline, f"no registered checkpoint before {what}"
         time.sleep(0.1)
     return found[-1]

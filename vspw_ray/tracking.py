@@ -81,8 +81,11 @@ def open_run(uri: str, experiment: str, storage_path: str, *, run_id: str | None
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     mlflow.set_tracking_uri(uri)
     exp_id = _experiment_id(mlflow, experiment, storage_path)
+    # nested inside a run this thread holds open (a stage run inside the pipeline's): MLflow's
+    # fluent API keeps one stack of active runs per thread
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                           run_name=run_name, tags=dict(tags or {}))
+                           run_name=run_name, tags=dict(tags or {}),
+                           nested=mlflow.active_run() is not None)
     try:
         if params and not run_id:
             items = list(params.items())

@@ -170,16 +170,16 @@ def _infer(ctx: Context, v: Variant, split: str) -> dict:
 
 
 def ensemble_step(ctx: Context, step: Step, variants: list[Variant]) -> dict:
+    """The ensemble search and, with test among ``pipeline.splits``, the submission."""
     from vspw_ray.ensemble.stage import run_ensemble
 
     cfg = _with_variants(ctx.cfg, variants)
-    apply = "test" if "test" in ctx.cfg.pipeline.splits else None
+    apply = cfg.data.test_split if cfg.data.test_split in ctx.cfg.pipeline.splits else None
     out = run_ensemble(cfg, apply=apply, address=ctx.stage.address, track=ctx.track)
-    finals = {k: v for k, v in vars(out).items() if k.startswith("final/")} if hasattr(
-        out, "__dict__") else {}
-    return {"ensemble_id": getattr(out, "ensemble_id", None),
-            "submission": getattr(out, "submission", None),
-            "run_id": getattr(out, "run_id", None), **finals}
+    return {"ensemble_id": out.ensemble_id, "method": out.method, "weights": out.weights,
+            "submission": out.submission.folder if out.submission else None,
+            "zip": out.submission.zip if out.submission else None, "run_id": out.run_id,
+            **{k: v for k, v in out.metrics.items() if k.startswith("final/")}}
 
 
 def _with_variants(cfg: ExperimentConfig, variants: list[Variant]) -> ExperimentConfig:
