@@ -112,6 +112,10 @@ def test_train_from_s3_infer_and_tune_report_keep_everything_under_the_uri(
                  s3_env, work)
     checkpoints = [p for p in _s3_files(s3_env, "runs/train") if p.endswith("checkpoint.pt")]
     assert checkpoints, _s3_files(s3_env, "runs")
+    # the console holds our progress lines, not Ray Train's dumps or State API complaints
+    console = train.stdout + train.stderr
+    assert "it 2/4" in console and "it 4/4" in console
+    assert "Reporting training result" not in console and "State API" not in console
 
     # the variant trained from those weights (init_checkpoint is part of its identity): its
     # checkpoint is found in the run layout on S3
