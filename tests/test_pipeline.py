@@ -192,3 +192,28 @@ def test_tiny_pipeline_end_to_end_then_nothing_to_do(ray_local, synth_root, tmp_
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to do" in again.stdout
     assert "started a local Ray instance" not in again.stderr  # decided without Ray
+
+
+def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path):
+    from types import SimpleNamespace
+
+    from vspw_ray.pipeline.plan import Step
+    from vspw_ray.pipeline.records import read_record
+    from vspw_ray.pipeline.run import PipelineResult
+    from vspw_ray.pipeline.steps import Context, StageFailed
+
+    cfg = load_config(QUICKSTART, [f"storage.path={tmp_path / 'runs'}"])
+    layout = RunLayout(str(tmp_path / "runs"))
+    step = Step("swa", "upernet_crop64", "k1", ("train:upernet_crop64",), True, "not done yet")
+    ctx = Context(cfg, SimpleNamespace(layout=layout, run_id=None), 1, PipelineResult([step]))
+
+    def broken(c, s):
+        raise FileNotFoundError("no complete training checkpoint under .../train/up-1")
+
+    with pytest.raises(StageFailed, match=r"swa:upernet_crop64 failed \(swa of upernet_crop64\)"
+                                          r".*no complete training checkpoint.*re-run the same"):
+        ctx.run(step, broken)
+    assert read_record(layout, cfg.name, step.id) is None  # a failed step is not recorded
+    assert ctx.run(step, lambda c, s: {"checkpoint": "x", "final/val_A/miou": 0.5}) is None
+    assert read_record(layout, cfg.name, step.id)["key"] == "k1"
+    assert ctx.result.ran == [step.id] and ctx.result.headline[step.id] == 0.5

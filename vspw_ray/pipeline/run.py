@@ -18,19 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vspw_ray.config import ExperimentConfig
-from vspw_ray.errors import UserError
 from vspw_ray.layout import RunLayout
 from vspw_ray.pipeline.plan import Step, Variant, build_plan, format_plan, variants_of
+from vspw_ray.pipeline.steps import StageFailed
 from vspw_ray.runtime import PARENT_RUN_ENV, open_stage
 from vspw_ray.storage import check_cluster_settings, resolve_storage
 
 __all__ = ["PipelineResult", "StageFailed", "run_pipeline", "plan_pipeline", "format_summary"]
 
 log = logging.getLogger("vspw_ray.pipeline")
-
-
-class StageFailed(UserError):
-    """A step failed: names the stage, the variant and the command that re-runs it."""
 
 
 @dataclass

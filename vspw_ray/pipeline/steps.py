@@ -10,15 +10,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vspw_ray.config import ExperimentConfig
+from vspw_ray.errors import UserError
 from vspw_ray.metrics import fold_metric
 from vspw_ray.pipeline.plan import Step, Variant
 from vspw_ray.pipeline.records import read_record, write_record
 
-__all__ = ["Context", "data_step", "search_step", "recorded_variants", "variant_chain",
+__all__ = ["StageFailed", "Context", "data_step", "search_step", "recorded_variants", "variant_chain",
            "ensemble_step", "members_rows", "FINAL_METRICS"]
 
 FINAL_METRICS = tuple(fold_metric(f, k) for f in ("A", "B") for k in ("miou", "fwiou", "vc8",
                                                                        "vc16"))
+
+
+class StageFailed(UserError):
+    """A step failed: names the stage, the variant and the command that re-runs it."""
 
 
 @dataclass
@@ -37,8 +42,6 @@ class Context:
         """Run ``fn`` for ``step`` unless it is done (then its record's outputs stand in);
         record it when it finishes; a failure names the stage, the item and the command that
         re-runs it."""
-        from vspw_ray.pipeline.run import StageFailed
-
         if not step.run:
             outputs = (read_record(self.stage.layout, self.cfg.name, step.id) or {}).get(
                 "outputs", {})
