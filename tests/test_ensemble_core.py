@@ -147,15 +147,24 @@ def test_auto_groups_follow_the_seed_rule():
 
 
 # ---------------------------------------------------------------------------------- grid
-@pytest.mark.parametrize("k, space, axes", [
-    (3, "prob", [AXIS, AXIS]),
-    (3, "log", [AXIS, AXIS]),
-    (2, "prob", [grid_axis(0.5, 1.5, 0.05)]),
-    (4, "prob", [grid_axis(0, 2, 0.5)] * 3),
+@pytest.mark.parametrize("k, space, axes, small_blocks", [
+    (3, "prob", [AXIS, AXIS], False),
+    (3, "prob", [AXIS, AXIS], True),
+    (3, "log", [AXIS, AXIS], False),
+    (2, "prob", [grid_axis(0.5, 1.5, 0.05)], False),
+    (4, "prob", [grid_axis(0, 2, 0.5)] * 3, False),
 ])
-def test_one_pass_grid_equals_brute_force_exactly(k, space, axes):
+def test_one_pass_grid_equals_brute_force_exactly(k, space, axes, small_blocks, monkeypatch):
     """Point by point, the same matrices as fusing and scoring every point separately; scores
-    quantised to 1/8 so that exact ties (resolved to the lower class) occur often."""
+    quantised to 1/8 so that exact ties (resolved to the lower class) occur often.
+    ``small_blocks``: pixel chunks, point blocks and candidate buckets far smaller than the
+    data, so that every boundary and the all-classes path are crossed."""
+    import vspw_ray.ensemble.grid as grid
+
+    if small_blocks:
+        monkeypatch.setattr(grid, "CHUNK", 100)
+        monkeypatch.setattr(grid, "BLOCK_VALUES", 1000)
+        monkeypatch.setattr(grid, "BUCKETS", (2,))
     rng = np.random.default_rng(k)
     c, points = 5, make_grid(axes)
     frames = []
