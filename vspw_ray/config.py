@@ -234,6 +234,7 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float | None = None
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA, eager on CPU
     log_interval: int = 50
     val_interval: int = 16_000
     num_workers: int = 1
@@ -257,6 +258,8 @@ class TrainConfig:
         _check(self.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
         _check(0 < self.warmup_ratio <= 1, "train.warmup_ratio", "must be in (0, 1]")
         _check(self.amp in ("auto", "bf16", "fp16", "fp32"), "train.amp", "auto, bf16, fp16 or fp32")
+        _check(self.compile in ("auto", "on", "off"), "train.compile",
+               "auto (compiled on CUDA, eager on CPU), on or off")
         _check(self.log_interval > 0, "train.log_interval", "must be positive")
         _check(self.val_interval > 0, "train.val_interval", "must be positive")
         _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1: retry forever)")

@@ -27,17 +27,22 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ohem_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
-    """Boolean ``[B, H, W]``: the pixels OHEM keeps."""
+    """Boolean ``[B, H, W]``: the pixels OHEM keeps.
+
+    Shapes stay static (no boolean indexing, no branch on the number of valid pixels), so the
+    loss compiles into one graph: void pixels sort last with probability 2, and the index of the
+    ``min_kept * B``-th smallest probability is clamped to the last valid one on the device.
+    """
     valid = target != IGNORE_INDEX
     prob = logits.float().softmax(dim=1)
     gt_prob = prob.gather(1, target.clamp(max=logits.shape[1] - 1).masked_fill(~valid, 0)
                           .unsqueeze(1)).squeeze(1)
-    valid_prob = gt_prob[valid]
-    threshold = torch.tensor(thresh, device=logits.device)
-    if valid_prob.numel() > 0:
-        batch_kept = min_kept * target.shape[0]
-        kth = valid_prob.sort().values[min(batch_kept, valid_prob.numel() - 1)]
-        threshold = torch.maximum(threshold, kth)
+    ranked = gt_prob.masked_fill(~valid, 2.0).flatten().sort().values
+    batch_kept = min_kept * target.shape[0]
+    index = (valid.sum() - 1).clamp(min=0, max=min(batch_kept, ranked.numel() - 1))
+    kth = ranked.index_select(0, index.view(1)).squeeze(0)
+    # no valid pixel: kth is 2 and nothing is kept anyway
+    threshold = torch.clamp(kth, min=thresh)
     return valid & (gt_prob < threshold)
 
 

@@ -110,31 +110,27 @@ class TTAPredictor:
         import torch
         from PIL import Image
 
-        from vspw_ray.data.transforms import normalize
-        from vspw_ray.infer.tta import tta_probs
+        from vspw_ray.infer.tta import tta_frames
 
-        pngs, classes, codes, sh, sw = [], [], [], [], []
-        for raw, h, w, err in zip(batch["image"], batch["height"], batch["width"],
-                                  batch["error"]):
-            if err:
-                pngs.append(b"")
-                classes.append(b"")
-                codes.append(b"")
-                sh.append(0)
-                sw.append(0)
-                continue
-            img = np.frombuffer(raw, np.uint8).reshape(int(h), int(w), 3)
-            x = normalize(img, self.mean, self.std).unsqueeze(0).to(self.device)
-            probs = tta_probs(self.model, x, self.infer.scales, self.infer.flip, self.autocast)
+        n = len(batch["error"])
+        pngs, classes, codes = [b""] * n, [b""] * n, [b""] * n
+        sh, sw = [0] * n, [0] * n
+        good = [i for i in range(n) if not batch["error"][i]]
+        frames = [np.frombuffer(batch["image"][i], np.uint8).reshape(
+            int(batch["height"][i]), int(batch["width"][i]), 3) for i in good]
+        # the frames of one size in batches, each scale's flip pair in one forward
+        for k, probs in tta_frames(self.model, frames, mean=self.mean, std=self.std,
+                                   scales=self.infer.scales, flip=self.infer.flip,
+                                   autocast=self.autocast, device=self.device,
+                                   batch_size=self.infer.batch_size):
+            i = good[k]
             pred = probs.argmax(0).to(torch.uint8).cpu().numpy()
             buf = io.BytesIO()
             Image.fromarray(pred, mode="L").save(buf, format="PNG")
-            pngs.append(buf.getvalue())
+            pngs[i] = buf.getvalue()
             enc = encode(probs, self.enc)
-            classes.append(enc.classes.tobytes())
-            codes.append(enc.codes.tobytes())
-            sh.append(enc.classes.shape[1])
-            sw.append(enc.classes.shape[2])
+            classes[i], codes[i] = enc.classes.tobytes(), enc.codes.tobytes()
+            sh[i], sw[i] = enc.classes.shape[1], enc.classes.shape[2]
         out = {k: batch[k] for k in ("video", "frame", "index", "height", "width", "error")}
         return {**out, "png": np.array(pngs, dtype=object),
                 "classes": np.array(classes, dtype=object), "codes": np.array(codes, dtype=object),

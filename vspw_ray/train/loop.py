@@ -1,5 +1,9 @@
 """The training loop as plain functions, every dependency passed in (torchvision-references
-style): optimizer and schedule construction, ``train_steps`` and ``evaluate_model``.
+style): optimizer and schedule construction, ``forward_loss`` (the model's forward and loss,
+compiled or eager), ``train_steps`` and ``evaluate_model``.
+
+A step never waits for the device: loss terms stay device tensors until whoever reports them
+converts them (``float(v)``), once per ``train.log_interval``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ __all__ = [
     "lr_factor",
     "build_scheduler",
     "autocast_context",
+    "compile_enabled",
+    "forward_loss",
     "train_steps",
     "evaluate_model",
 ]
@@ -75,26 +81,59 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """``train.compile``: ``auto`` compiles on CUDA only (on a CPU the compile of even the tiny
+    model takes minutes and the step gains little), ``on`` and ``off`` say it."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"train.compile must be auto, on or off, got {setting!r}")
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def forward_loss(model: nn.Module, *, compile: bool = False, backend: str = "inductor") -> LossFn:
+    """``(images, targets) -> (loss, terms)``: the model's loss terms and their sum.
+
+    With ``compile`` the model's forward and loss run compiled (``torch.compile``,
+    ``dynamic=False``: training crops have one shape); ``model`` itself stays eager, for
+    evaluation on whole frames of any size. Make it once per run: the compiled graphs live on
+    it. A DDP-wrapped ``model`` is compiled as PyTorch documents it (DDP first, then compile),
+    so gradient buckets still overlap the backward.
+    """
+    net = torch.compile(model, dynamic=False, backend=backend) if compile else model
+
+    def step(images: torch.Tensor, targets: torch.Tensor):
+        terms = net(images, targets)
+        return torch.stack(list(terms.values())).sum(), terms
+
+    return step
+
+
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterator,
                 steps: int, *, device: torch.device, autocast=None, scaler=None,
                 grad_clip: float | None = None,
-                on_step: Callable[[int, dict[str, float], float], None] | None = None) -> dict:
+                on_step: Callable[[int, dict[str, torch.Tensor], float], None] | None = None,
+                forward: LossFn | None = None) -> dict[str, torch.Tensor]:
     """Run ``steps`` optimisation steps on batches ``{"image", "mask"}`` from ``batches``.
 
-    ``on_step(step_index, loss_terms, seconds)`` is called after each step. Returns the last
-    step's loss terms (floats).
+    ``forward`` is :func:`forward_loss` of ``model`` (eager when None). ``on_step(step_index,
+    loss_terms, seconds)`` is called after each step; ``seconds`` is host time (a GPU step is
+    measured only where something waits for it). Returns the last step's loss terms and their
+    sum (``"loss"``) as detached 0-dim device tensors: nothing here synchronises with the
+    device, ``float(terms["loss"])`` does.
     """
     model.train()
+    forward = forward or forward_loss(model)
     autocast = autocast or contextlib.nullcontext()
-    terms: dict[str, float] = {}
+    terms: dict[str, torch.Tensor] = {}
     for i in range(steps):
         start = time.perf_counter()
         batch = next(batches)
         images = batch["image"].to(device, non_blocking=True)
         targets = batch["mask"].to(device, non_blocking=True)
         with autocast:
-            losses = model(images, targets)
-        loss = sum(losses.values())
+            loss, losses = forward(images, targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -109,8 +148,8 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, b
         else:
             optimizer.step()
         scheduler.step()
-        terms = {k: float(v.detach()) for k, v in losses.items()}
-        terms["loss"] = float(loss.detach())
+        terms = {k: v.detach() for k, v in losses.items()}
+        terms["loss"] = loss.detach()
         if on_step:
             on_step(i, terms, time.perf_counter() - start)
     return terms
