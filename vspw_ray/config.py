@@ -707,7 +707,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
 # that moving the dataset or adding workers keeps a variant's checkpoints and scores.
 _RUNTIME_KEYS = {
     "data": {"root", "loader_workers", "skip_bad_frames"},
-    "train": {"log_interval", "use_gpu", "resources_per_worker", "max_failures", "resource_wait_s"},
+    "train": {"log_interval", "use_gpu", "resources_per_worker", "max_failures", "resource_wait_s",
+              "compile"},
     "model": {"pretrained", "sync_bn"},
 }
 _IDENTITY_SECTIONS = ("data", "model", "loss", "train")

@@ -164,6 +164,7 @@ class Worker:
     model: torch.nn.Module  # DDP-wrapped when world > 1
     autocast: Any
     scaler: Any
+    forward: Any = None  # (images, targets) -> (loss, terms): compiled when train.compile says
 
 
 def quiet_report_dumps() -> None:
@@ -187,7 +188,7 @@ def setup_worker(config: dict) -> Worker:
     from vspw_ray.data.stats import load_prior
     from vspw_ray.models import build_model
     from vspw_ray.models.distill import load_model_weights
-    from vspw_ray.train.loop import autocast_context
+    from vspw_ray.train.loop import autocast_context, compile_enabled, forward_loss
 
     cfg = config_from_dict(config["experiment"])
     ctx = ray.train.get_context()
@@ -210,7 +211,8 @@ def setup_worker(config: dict) -> Worker:
     if rank == 0:  # training and SWA alike: a restarted group first clears what a loss left
         for folder in remove_unregistered_checkpoints():
             log.info("[%s] removed half-written checkpoint %s", config["variant_id"], folder)
-    return Worker(cfg, rank, world, device, table, model, autocast, scaler)
+    forward = forward_loss(model, compile=compile_enabled(cfg.train.compile, device))
+    return Worker(cfg, rank, world, device, table, model, autocast, scaler, forward)
 
 
 def train_batches(w: Worker, *, seed: int, start_iter: int, num_iters: int):
@@ -319,7 +321,8 @@ def train_loop_per_worker(config: dict) -> None:
     for it in range(start, total):
         step_seed(w, it)
         terms = train_steps(model, optimizer, scheduler, batches, 1, device=w.device,
-                            autocast=w.autocast, scaler=w.scaler, grad_clip=cfg.train.grad_clip)
+                            autocast=w.autocast, scaler=w.scaler, grad_clip=cfg.train.grad_clip,
+                            forward=w.forward)
         done = it + 1
         progress.step(done, terms, scheduler.get_last_lr()[0])
         if done % cfg.train.val_interval == 0 or done == total:

@@ -65,7 +65,7 @@ def swa_steps(model: nn.Module, average: AveragedModel, optimizer, scheduler, ba
               grad_clip: float | None = None,
               before_step: Callable[[int], None] | None = None,
               on_step: Callable[[int, dict, float], None] | None = None,
-              on_snapshot: Callable[[int], None] | None = None) -> None:
+              on_snapshot: Callable[[int], None] | None = None, forward=None) -> None:
     """SWA iterations ``start..swa.extra_iters``: one optimisation step each, a snapshot folded
     into ``average`` at the end of every cycle. ``before_step(i)`` seeds the step;
     ``on_step(done, loss_terms, lr)`` and ``on_snapshot(done)`` report."""
@@ -76,7 +76,8 @@ def swa_steps(model: nn.Module, average: AveragedModel, optimizer, scheduler, ba
             before_step(i)
         lr = scheduler.get_last_lr()[0]
         terms = train_steps(model, optimizer, scheduler, batches, 1, device=device,
-                            autocast=autocast, scaler=scaler, grad_clip=grad_clip)
+                            autocast=autocast, scaler=scaler, grad_clip=grad_clip,
+                            forward=forward)
         done = i + 1
         if on_step:
             on_step(done, terms, lr)
@@ -202,7 +203,7 @@ def swa_loop_per_worker(config: dict) -> None:
               grad_clip=cfg.train.grad_clip,
               before_step=lambda i: step_seed(w, base_iter + i),
               on_step=lambda done, terms, lr: progress.step(done, terms, lr),
-              on_snapshot=on_snapshot)
+              on_snapshot=on_snapshot, forward=w.forward)
 
     snapshot_metrics = val(model)
     if has_batchnorm(average.module) and swa.bn_batches:
