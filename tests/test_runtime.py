@@ -15,7 +15,6 @@ import pytest
 from tests.conftest import free_port
 from vspw_ray.config import ConfigError, load_config
 from vspw_ray.layout import RunLayout, member_key
-from vspw_ray.runtime import RayConnectionError, connect_ray
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "tiny_synth.yaml"
@@ -43,15 +42,26 @@ def test_a_stale_cluster_file_does_not_stop_a_local_run():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_a_dead_address_is_a_one_line_error_naming_it(monkeypatch):
+def test_a_dead_address_is_a_one_line_error_naming_it():
+    """In a fresh process (this one may hold the session's Ray instance already)."""
     port = free_port()  # nothing listens there
-    with pytest.raises(RayConnectionError, match=f"127.0.0.1:{port}.*nothing answers"):
-        connect_ray(f"127.0.0.1:{port}")
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
-    with pytest.raises(RayConnectionError, match=f"127.0.0.1:{port}"):
-        connect_ray(None)
-    with pytest.raises(RayConnectionError, match="is not HOST:PORT"):
-        connect_ray("head-node")
+    code = ("import os, sys\nfrom vspw_ray.runtime import RayConnectionError, connect_ray\n"
+            "for address in sys.argv[1:]:\n"
+            "    os.environ.pop('RAY_ADDRESS', None)\n"
+            "    if address.startswith('env:'):\n"
+            "        os.environ['RAY_ADDRESS'], address = address[4:], None\n"
+            "    try:\n        connect_ray(address)\n        print('CONNECTED')\n"
+            "    except RayConnectionError as err:\n        print('ERROR', err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}",
+                          f"env:127.0.0.1:{port}", "head-node"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3, out.stdout + out.stderr[-2000:]
+    assert lines[0].startswith("ERROR") and f"127.0.0.1:{port}" in lines[0]
+    assert "nothing answers" in lines[0]
+    assert lines[1].startswith("ERROR") and f"127.0.0.1:{port}" in lines[1]  # from RAY_ADDRESS
+    assert lines[2].startswith("ERROR") and "is not HOST:PORT" in lines[2]
 
 
 def test_cli_reports_a_dead_address_in_one_line(synth_root, tmp_path):
