@@ -13,8 +13,8 @@ from pathlib import Path
 
 from vspw_ray.config import ConfigError, ExperimentConfig
 
-__all__ = ["is_uri", "resolve_storage", "filesystem", "check_cluster_settings",
-           "SHARED_MOUNT_ENV"]
+__all__ = ["is_uri", "resolve_storage", "filesystem", "write_atomic", "check_cluster_settings",
+           "SHARED_MOUNT_ENV", "TMP_PREFIX"]
 
 SHARED_MOUNT_ENV = "VSPW_RAY_SHARED_MOUNT"  # comma-separated mount points known to be shared
 
@@ -30,6 +30,21 @@ def filesystem(path: str):
     if is_uri(path):
         return pyarrow.fs.FileSystem.from_uri(path)
     return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+TMP_PREFIX = ".tmp-"  # a file being written; readers skip it, a re-run removes it
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` (a path inside the pyarrow filesystem ``fs``) whole: under a
+    temporary name in the same folder, then moved (an object store writes an object whole
+    anyway; a local folder gets an atomic rename)."""
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/{TMP_PREFIX}{name}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
 
 
 def resolve_storage(path: str) -> str:

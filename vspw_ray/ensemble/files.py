@@ -8,17 +8,7 @@ from typing import Any
 
 __all__ = ["TMP_PREFIX", "write_atomic", "read_json"]
 
-TMP_PREFIX = ".tmp-"
-
-
-def write_atomic(fs, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` (a path inside ``fs``) whole: temporary name, then move."""
-    parent, name = path.rsplit("/", 1)
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/{TMP_PREFIX}{name}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
+from vspw_ray.storage import TMP_PREFIX, write_atomic  # noqa: F401 - used by the stage
 
 
 def read_json(fs, path: str) -> Any:

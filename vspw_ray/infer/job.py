@@ -29,7 +29,7 @@ from vspw_ray.runtime import open_stage
 from vspw_ray.scores.encoding import ScoreEncoding, encode
 from vspw_ray.scores.store import (ENCODING_DOC, ENCODING_NAME, SCHEMA_DOC, ScoreStore,
                                    StoreError, frame_row)
-from vspw_ray.storage import filesystem, is_uri
+from vspw_ray.storage import filesystem, is_uri, write_atomic
 
 __all__ = ["InferResult", "run_inference", "load_inference_model", "decode_frames",
            "TTAPredictor", "num_actors"]
@@ -169,17 +169,6 @@ class InferResult:
     store_bytes: int
     metrics: dict | None  # val metrics from the stored scores (when the split has masks)
     run_id: str | None
-
-
-def _write_png(fs, path: str, data: bytes) -> None:
-    """One prediction PNG, local or remote: written whole under a temporary name, then moved
-    (an object store writes an object whole anyway)."""
-    parent, name = path.rsplit("/", 1)
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.tmp-{name}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
 
 
 @dataclass
@@ -394,7 +383,7 @@ def _write_stream(batches, scores, member: _Member, split: str, video_frames: di
                 print(f"skipped: {batch['error'][i]}", flush=True)
                 skipped.setdefault(video, []).append(name)
             else:
-                _write_png(fs, f"{pred_root}/{video}/{name}.png", bytes(batch["png"][i]))
+                write_atomic(fs, f"{pred_root}/{video}/{name}.png", bytes(batch["png"][i]))
                 pending[video].append(frame_row(
                     video, name, int(batch["height"][i]), int(batch["width"][i]),
                     bytes(batch["classes"][i]), bytes(batch["codes"][i]),

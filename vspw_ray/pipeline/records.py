@@ -7,7 +7,7 @@ import json
 import time
 
 from vspw_ray.layout import RunLayout
-from vspw_ray.storage import filesystem
+from vspw_ray.storage import filesystem, write_atomic
 
 __all__ = ["read_record", "write_record"]
 
@@ -26,10 +26,5 @@ def write_record(layout: RunLayout, pipeline: str, step: str, key: str,
                  outputs: dict | None = None) -> None:
     """Mark ``step`` complete for ``key`` (written whole under a temporary name, then moved)."""
     fs, path = filesystem(layout.pipeline_record(pipeline, step))
-    parent, name = path.rsplit("/", 1)
-    fs.create_dir(parent, recursive=True)
     record = {"step": step, "key": key, "outputs": outputs or {}, "finished_at": time.time()}
-    tmp = f"{parent}/.tmp-{name}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(record, indent=1, default=str).encode())
-    fs.move(tmp, path)
+    write_atomic(fs, path, json.dumps(record, indent=1, default=str).encode())

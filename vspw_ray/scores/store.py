@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from vspw_ray.errors import StoreError
 from vspw_ray.scores.encoding import EncodedScores, ScoreEncoding
-from vspw_ray.storage import filesystem
+from vspw_ray.storage import TMP_PREFIX, filesystem, write_atomic
 
 __all__ = ["ScoreStore", "SCHEMA", "SCHEMA_DOC", "ENCODING_NAME", "ENCODING_DOC", "AlignedBatch",
            "StoreError", "frame_row"]
@@ -47,7 +47,6 @@ ENCODING_NAME = "topk-logq-u8"
 ENCODING_DOC = ("classes/codes: uint8 [top_k, score_height, score_width]; p = exp(-code * step); "
                 "the remaining mass is spread evenly over the other classes; resize bilinearly "
                 "to height x width")
-TMP_PREFIX = ".tmp-"
 
 
 def frame_row(video: str, frame: str, height: int, width: int, classes: bytes, codes: bytes,
@@ -111,12 +110,7 @@ class ScoreStore:
 
     # ------------------------------------------------------------------ writing
     def _atomic_write(self, path: str, data: bytes) -> None:
-        parent, name = path.rsplit("/", 1)
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/{TMP_PREFIX}{name}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, path)
+        write_atomic(self.fs, path, data)
 
     def write_video(self, vid: str, split: str, video: str, rows: Sequence[dict]) -> int:
         """Write one video's frames (dicts with the schema's fields), atomically; returns
