@@ -49,8 +49,8 @@ def _is_spot(node_type: dict) -> bool:
 def _overrides(entrypoint: str) -> dict[str, object]:
     """The ``section.key=value`` overrides of a ``vspw-ray`` command line, values parsed as the
     CLI parses them (YAML)."""
-    return {k: yaml.safe_load(v) for k, _, v in
-            (a.partition("=") for a in shlex.split(entrypoint) if "=" in a and "." in a.split("=")[0])}
+    pairs = (a.partition("=") for a in shlex.split(entrypoint) if "." in a.split("=")[0])
+    return {k: yaml.safe_load(v) for k, sep, v in pairs if sep}
 
 
 def test_cluster_yaml_is_valid_for_rays_cluster_launcher(cluster):
@@ -73,7 +73,8 @@ def test_a_broken_cluster_yaml_is_caught_by_the_schema(cluster):
     assert not jsonschema.Draft7Validator(schema).is_valid(broken)
     types = {**cluster["available_node_types"]}
     types["gpu_spot"] = {**types["gpu_spot"], "resources": {"CPU": 46, "GPU": 0.5}}
-    assert not jsonschema.Draft7Validator(schema).is_valid({**cluster, "available_node_types": types})
+    broken = {**cluster, "available_node_types": types}
+    assert not jsonschema.Draft7Validator(schema).is_valid(broken)
 
 
 def test_head_runs_drivers_and_keeps_work_off(cluster):
@@ -157,8 +158,8 @@ def test_rayjob_has_the_fields_kuberay_requires(rayjob):
         assert container["image"] == head["template"]["spec"]["containers"][0]["image"]
         limits = container["resources"]["limits"]
         assert int(limits["nvidia.com/gpu"]) >= 1, group["groupName"]
-    with_driver = [g["groupName"] for g in groups
-                   if TUNE_DRIVER in json.loads(json.loads(g["rayStartParams"].get("resources", '"{}"')))]
+    with_driver = [g["groupName"] for g in groups if TUNE_DRIVER in
+                   json.loads(json.loads(g["rayStartParams"].get("resources", '"{}"')))]
     assert with_driver == ["gpu-ondemand"]
 
 
