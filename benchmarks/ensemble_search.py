@@ -20,6 +20,11 @@ size.
   system (the default allocator's total peaks are printed and reported beside).
 * **Sample**: time of one ``sample_miou`` on a pixel sample of the same frames (rate 0.2 of the
   contested pixels) and its gap to the grid's mIoU at the grid's best point.
+* **Tune**: the ensemble's own ``run_tuner`` (Ray Tune + OptunaSearch, seeded TPE, SQLite
+  study, function trainable, ``reuse_actors``, 2 concurrent) for ``--tune-trials`` trials on
+  the pixel sample, against a bare ``study.optimize`` loop with the same sampler, storage kind
+  and trial count on the same sample (trials/s each, Ray's start excluded); Tune's best weights
+  re-scored on every pixel against the grid's best (3 groups: 2 free weights).
 * **Fidelity at VSPW size**: 124 classes at 853x480 (Voronoi label maps), 6 members
   (2 + 2 + 2), fused with the seed's weights (1.4, 1.0): mIoU of the fusion of
   encoded-then-decoded scores against the same fusion of the dense scores, the same with the
@@ -27,6 +32,7 @@ size.
   and Parquet bytes per member-frame against dense fp16.
 
     python benchmarks/ensemble_search.py [--threads 2] [--naive-points 2] [--fidelity-frames 4]
+        [--tune-trials 48]
 
 Prints JSON lines last: {"metric", "value", "target", "unit"}.
 """
@@ -304,7 +310,51 @@ def time_sample(store: str, root: Path, videos: list[str], best, best_miou: floa
           f"({sample.scores.nbytes / 1e6:.2f} MB, built in {t_build:.1f}s); "
           f"{1e3 * t_eval:.2f} ms per sample_miou; mIoU at the grid best {gap:+.3f} points "
           f"from the full one", flush=True)
-    return {"eval": t_eval, "gap": gap}
+    return {"eval": t_eval, "gap": gap, "sample": sample}
+
+
+def time_tune(store: str, root: Path, videos: list[str], sample, grid_best_miou: float,
+              trials: int, tmp: Path) -> dict:
+    """Ray Tune + OptunaSearch (the ensemble's own ``run_tuner``) against a bare Optuna loop
+    with the same seeded TPE, storage kind and trial count on the same pixel sample; the Tune
+    winner re-scored on every pixel of the frames against the grid's best."""
+    import optuna
+    import ray
+
+    from vspw_ray.ensemble.grid import grid_search_store
+    from vspw_ray.ensemble.sample import sample_miou
+    from vspw_ray.ensemble.tune_search import TuneSetup, run_tuner
+    from vspw_ray.metrics import mean_iou
+    from vspw_ray.runtime import connect_ray
+
+    names = ("weak", "aux")
+    connect_ray(num_cpus=2)
+    try:
+        setup = TuneSetup(f"sqlite:///{tmp / 'optuna.db'}", "bench_tune", str(tmp / "tune"),
+                          "bench_tune", concurrency=2)
+        t = time.perf_counter()
+        rows = run_tuner(sample, names, 0.0, 2.0, trials, 0, setup)
+        t_tune = time.perf_counter() - t
+    finally:
+        ray.shutdown()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", study_name="bench_bare",
+                                sampler=optuna.samplers.TPESampler(seed=0),
+                                storage=f"sqlite:///{tmp / 'optuna.db'}")
+    t = time.perf_counter()
+    study.optimize(lambda tr: sample_miou(sample, [tr.suggest_float(n, 0.0, 2.0) for n in names]),
+                   n_trials=trials)
+    t_bare = time.perf_counter() - t
+    best = max(rows, key=lambda r: r.val_a)
+    weights = np.array([[best.params[n] for n in names]])
+    full = mean_iou(grid_search_store(store, GROUPS, "val", videos, str(root), weights,
+                                      processes=1)[0])
+    gap = 100 * (full - grid_best_miou)
+    print(f"Tune: {len(rows)} trials in {t_tune:.1f}s ({len(rows) / t_tune:.1f}/s, Ray start "
+          f"excluded, 2 concurrent); bare Optuna loop: {trials} in {t_bare:.1f}s "
+          f"({trials / t_bare:.1f}/s); Tune's best {weights[0].round(3).tolist()} scores "
+          f"{100 * full:.2f} on every pixel, {gap:+.3f} points from the grid's best", flush=True)
+    return {"tune_rate": len(rows) / t_tune, "bare_rate": trials / t_bare, "gap": gap}
 
 
 def main() -> None:
@@ -312,6 +362,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--naive-points", type=int, default=2)
     parser.add_argument("--fidelity-frames", type=int, default=4)
+    parser.add_argument("--tune-trials", type=int, default=48)
     parser.add_argument("--memory-child", nargs=2, metavar=("STORE", "ROOT"))
     args = parser.parse_args()
     import torch
@@ -328,6 +379,8 @@ def main() -> None:
               f"{CLASSES} classes, {HEIGHT}x{WIDTH}", flush=True)
         grid = time_grid(store4, root4, args.naive_points)
         sample = time_sample(store4, root4, grid["videos"], grid["best"], grid["best_miou"])
+        tuned = time_tune(store4, root4, grid["videos"], sample["sample"], grid["best_miou"],
+                          args.tune_trials, Path(tmp))
         mem = {(x, fixed): peak_memory(store, root, fixed) for x, store, root in
                ((1, store1, root1), (4, store4, root4)) for fixed in (True, False)}
         above = {k: v["peak_mb"] - v["after_imports_mb"] for k, v in mem.items()}
@@ -361,6 +414,12 @@ def main() -> None:
          "unit": "ms"},
         {"metric": "sample_vs_full_miou_gap_at_grid_best", "value": round(sample["gap"], 3),
          "target": 0.3, "unit": "points"},
+        {"metric": "tune_trials_per_s", "value": round(tuned["tune_rate"], 2), "target": None,
+         "unit": "trials/s (Ray Tune + OptunaSearch, 2 concurrent, sample_miou trials)"},
+        {"metric": "bare_optuna_trials_per_s", "value": round(tuned["bare_rate"], 2),
+         "target": None, "unit": "trials/s (study.optimize, same sampler and storage)"},
+        {"metric": "tune_best_vs_grid_best_full_miou_gap", "value": round(tuned["gap"], 3),
+         "target": -0.1, "unit": "points (3 groups; target: no more than 0.1 below)"},
         {"metric": "store_vs_dense_fused_miou_diff_vspw_124cls_6members",
          "value": round(diff, 3), "target": 0.1, "unit": "points"},
         {"metric": "full_res_encoding_vs_dense_fused_miou_diff_vspw",

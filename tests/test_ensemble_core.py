@@ -374,3 +374,17 @@ def test_shard_videos_covers_every_video_once():
     shards = shard_videos(videos, 3)
     assert len(shards) == 3 and sum(shards, []) == videos
     assert shard_videos(videos[:2], 5) == [["v0"], ["v1"]]
+
+
+def test_one_pass_decodes_each_member_once_per_frame(member_store, synth_root, monkeypatch):
+    import vspw_ray.scores.encoding as encoding
+    from vspw_ray.ensemble.grid import group_frames
+
+    calls = []
+    real = encoding.decode
+    monkeypatch.setattr(encoding, "decode",
+                        lambda scores, *a, **k: calls.append(1) or real(scores, *a, **k))
+    videos = read_split(synth_root, "val")
+    frames = list(group_frames(member_store, "val", str(synth_root), videos, GROUPS))
+    assert len(frames) == sum(len(list_frames(synth_root, v)) for v in videos)
+    assert len(calls) == len(frames) * len(MEMBERS)  # membership checks decode nothing

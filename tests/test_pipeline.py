@@ -26,20 +26,26 @@ def _complete(cfg, layout):
         write_record(layout, cfg.name, step.id, step.key)
 
 
-@pytest.mark.parametrize("change, reruns", [
-    ([], set()),
-    (["swa.every=5"], {"swa", "infer", "ensemble"}),
-    (["infer.scales=[1.0]"], {"infer", "ensemble"}),
-    (["ensemble.weight_range=[0.0,3.0]"], {"ensemble"}),
-    (["train.lr=0.001"], {"train", "swa", "infer", "ensemble"}),
+# the quickstart's distilled student learns from a teacher's SWA average: a new SWA setting
+# also re-trains the student (and only the student)
+STUDENT_TRAIN = {"train:upernet_crop96_distill"}
+
+
+@pytest.mark.parametrize("change, reruns, also", [
+    ([], set(), set()),
+    (["swa.every=5"], {"swa", "infer", "ensemble"}, STUDENT_TRAIN),
+    (["infer.scales=[1.0]"], {"infer", "ensemble"}, set()),
+    (["ensemble.weight_range=[0.0,3.0]"], {"ensemble"}, set()),
+    (["train.lr=0.001"], {"train", "swa", "infer", "ensemble"}, set()),
 ])
-def test_a_changed_setting_reruns_exactly_its_stage_and_later_ones(tmp_path, change, reruns):
+def test_a_changed_setting_reruns_exactly_its_stage_and_later_ones(tmp_path, change, reruns,
+                                                                   also):
     layout = RunLayout(str(tmp_path / "runs"))
     cfg = load_config(QUICKSTART, [f"storage.path={tmp_path / 'runs'}"])
     _complete(cfg, layout)
     changed = build_plan(load_config(QUICKSTART, [f"storage.path={tmp_path / 'runs'}", *change]),
                          layout)
-    assert {s.stage for s in changed if s.run} == reruns
+    assert {s.id for s in changed if s.run and s.stage not in reruns} == also
     if reruns:  # every step of a re-run stage runs, for every variant
         assert all(s.run for s in changed if s.stage in reruns)
         assert any("settings changed" in s.reason for s in changed if s.run)
@@ -57,6 +63,85 @@ def test_a_variant_override_reruns_only_that_variant(tmp_path):
     ran = {s.id for s in plan if s.run}
     assert ran == {"train:upernet_crop64", "swa:upernet_crop64", "infer:upernet_crop64/val",
                    "infer:upernet_crop64/test", "ensemble:all"}
+
+
+STUDENT_FIRST = """variants:
+- name: student
+  seed: 1
+  overrides:
+    data.crop_size: [64, 64]
+    loss.distill.enabled: true
+    loss.distill.teacher: variant:teacher
+- name: teacher
+  seed: 0
+  overrides:
+    data.crop_size: [64, 64]
+"""
+
+
+def _with_variants(tmp_path: Path, variants: str, name: str = "distill.yaml") -> Path:
+    text = QUICKSTART.read_text()
+    path = tmp_path / name
+    path.write_text(text[:text.index("variants:\n")] + variants)
+    return path
+
+
+def test_a_student_waits_for_its_teacher_variant_and_follows_its_changes(tmp_path):
+    from vspw_ray.config import resolve_variant, variant_id
+
+    runs = f"storage.path={tmp_path / 'runs'}"
+    layout = RunLayout(str(tmp_path / "runs"))
+    exp = _with_variants(tmp_path, STUDENT_FIRST)
+    cfg = load_config(exp, [runs])
+    plan = build_plan(cfg, layout)
+    ids = [s.id for s in plan]
+    assert ids.index("swa:teacher") < ids.index("train:student")  # teachers first
+    student_train = next(s for s in plan if s.id == "train:student")
+    assert student_train.needs == ("data:all", "swa:teacher")  # its SWA average, pipeline.swa
+    teacher = resolve_variant(cfg, "teacher")
+    pinned = resolve_variant(cfg, "student").loss.distill.teacher
+    assert pinned.startswith(f"variant:teacher@{variant_id(teacher)}+swa-")
+    _complete(cfg, layout)
+    # the teacher's training changes: both chains re-run; its SWA changes: the student too
+    for change in (["train.lr=0.001"], ["swa.every=5"]):
+        changed = build_plan(load_config(exp, [runs, *change]), layout)
+        assert {s.id for s in changed if s.run} >= {"train:student", "swa:student"}
+    # only the student's own setting changes: the teacher stays done
+    text = exp.read_text().replace("    loss.distill.enabled: true\n",
+                                   "    loss.distill.enabled: true\n    loss.distill.weight: 0.5\n")
+    exp.write_text(text)
+    ran = {s.id for s in build_plan(load_config(exp, [runs]), layout) if s.run}
+    assert not any(step.endswith(":teacher") or ":teacher/" in step for step in ran)
+    assert "train:student" in ran
+    # without pipeline.swa the student learns from the teacher's training checkpoint
+    plain = build_plan(load_config(exp, [runs, "pipeline.swa=false"]), layout)
+    assert next(s for s in plain if s.id == "train:student").needs == ("data:all",
+                                                                       "train:teacher")
+
+
+@pytest.mark.parametrize("variants, message", [
+    (STUDENT_FIRST.replace("variant:teacher", "variant:nobody"), "names no variant"),
+    (STUDENT_FIRST.replace("variant:teacher", "variant:student"), "circle"),
+    (STUDENT_FIRST + "    model.channels: 32\n", "model keys ['channels'] differ"),
+])
+def test_a_bad_teacher_variant_is_refused_naming_the_key(tmp_path, variants, message):
+    from vspw_ray.config import ConfigError
+
+    cfg = load_config(_with_variants(tmp_path, variants))
+    with pytest.raises(ConfigError, match="loss.distill.teacher") as err:
+        build_plan(cfg, RunLayout(str(tmp_path / "runs")))
+    assert message in str(err.value)
+
+
+def test_a_student_trained_alone_before_its_teacher_names_the_command(tmp_path):
+    from vspw_ray.config import ConfigError
+    from vspw_ray.train.driver import train_variant
+
+    cfg = load_config(_with_variants(tmp_path, STUDENT_FIRST), [f"storage.path={tmp_path}"])
+    with pytest.raises(ConfigError, match="teacher variant 'teacher' has no complete training "
+                                          "checkpoint") as err:
+        train_variant(cfg, "student", track=False)
+    assert "vspw-ray train" in str(err.value) and "--variant teacher" in str(err.value)
 
 
 def test_seed_recipe_plan_has_22_variants_in_stage_order(tmp_path):
@@ -159,12 +244,22 @@ TWO_FAMILIES = ONE_VARIANT + """- name: maskformer_crop64
 """
 
 
+STUDENT = """- name: student
+  seed: 1
+  overrides:
+    data.crop_size: [64, 64]
+    loss.distill.enabled: true
+    loss.distill.teacher: variant:upernet_crop64
+"""
+
+
 def test_tiny_pipeline_end_to_end_then_nothing_to_do(ray_local, synth_root, tmp_path):
     import mlflow
 
+    from vspw_ray.checkpoints import read_state
     from vspw_ray.pipeline.run import run_pipeline
 
-    exp = _tiny_experiment(tmp_path, variants=TWO_FAMILIES, splits="[val, test]",
+    exp = _tiny_experiment(tmp_path, variants=TWO_FAMILIES + STUDENT, splits="[val, test]",
                            swa="extra_iters: 4, every: 2")
     storage = tmp_path / "runs"
     overrides = [f"data.root={synth_root}", f"storage.path={storage}"]
@@ -178,8 +273,16 @@ def test_tiny_pipeline_end_to_end_then_nothing_to_do(ray_local, synth_root, tmp_
     runs = mlflow.search_runs(experiment_names=["quickstart"], output_format="list",
                               filter_string=f"tags.mlflow.parentRunId = '{out.run_id}'")
     stages = sorted(r.data.tags["stage"] for r in runs)
-    assert stages.count("train") == 2 and stages.count("swa") == 2 and "ensemble" in stages
-    assert stages.count("infer") == 4
+    assert stages.count("train") == 3 and stages.count("swa") == 3 and "ensemble" in stages
+    assert stages.count("infer") == 6
+    # the student learnt from its teacher's SWA average, and started after it was made
+    teacher_swa = out.outputs["swa:upernet_crop64"]
+    state = read_state(out.outputs["train:student"]["checkpoint"] + "/checkpoint.pt")
+    assert state["config"]["loss"]["distill"]["teacher_checkpoint"] == \
+        teacher_swa["checkpoint"] + "/checkpoint.pt"
+    by_id = {r.info.run_id: r for r in runs}
+    assert by_id[out.outputs["train:student"]["run_id"]].info.start_time >= \
+        by_id[teacher_swa["run_id"]].info.end_time
     members = [r for r in runs if r.data.tags["stage"] in ("train", "swa", "infer")
                and r.data.tags.get("split", "val") == "val"]
     for run in members:  # every member run carries the common keys

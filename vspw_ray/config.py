@@ -49,6 +49,7 @@ __all__ = [
     "apply_overrides",
     "parse_override",
     "resolve_variant",
+    "teacher_variant",
     "variant_id",
     "to_dict",
     "dump_yaml",
@@ -189,9 +190,14 @@ class LogitAdjustConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     enabled: bool = False
-    teacher: str | None = None  # checkpoint of a model with the same architecture
+    # a checkpoint of a model with the same architecture, or ``variant:NAME``: the model of the
+    # experiment's variant NAME (its SWA average when ``pipeline.swa`` is on), trained first
+    teacher: str | None = None
     weight: float = 1.0
     temperature: float = 1.0
+    # runtime: the checkpoint a ``variant:`` teacher was found at (not part of the variant_id;
+    # the pinned reference is)
+    teacher_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.weight >= 0, "loss.distill.weight", "must be >= 0")
@@ -200,7 +206,7 @@ class DistillConfig:
             _check(
                 self.teacher is not None,
                 "loss.distill.teacher",
-                "self-distillation needs a teacher checkpoint path",
+                "self-distillation needs a teacher: a checkpoint path or variant:NAME",
             )
 
 
@@ -710,6 +716,7 @@ _RUNTIME_KEYS = {
     "train": {"log_interval", "use_gpu", "resources_per_worker", "max_failures", "resource_wait_s",
               "compile"},
     "model": {"pretrained", "sync_bn"},
+    "loss": {"distill.teacher_checkpoint"},
 }
 _IDENTITY_SECTIONS = ("data", "model", "loss", "train")
 
@@ -718,8 +725,14 @@ def resolve_variant(cfg: ExperimentConfig, name: str | None) -> ExperimentConfig
     """The config one variant trains with: the base config plus the variant's overrides and seed.
 
     ``name`` may be a variant name or its variant_id; ``None`` selects the base config when the
-    experiment lists no variants, and is an error otherwise.
+    experiment lists no variants, and is an error otherwise. A ``variant:NAME`` teacher is
+    pinned to the teacher's own identity (see :func:`teacher_variant`).
     """
+    return _resolve_variant(cfg, name, ())
+
+
+def _resolve_variant(cfg: ExperimentConfig, name: str | None,
+                     students: tuple[str, ...]) -> ExperimentConfig:
     if name is None:
         if not cfg.variants:
             return cfg
@@ -732,7 +745,7 @@ def resolve_variant(cfg: ExperimentConfig, name: str | None) -> ExperimentConfig
             data = to_dict(dataclasses.replace(cfg, variants=()))
             data = apply_overrides(data, spec.overrides)
             data["seed"] = spec.seed
-            return config_from_dict(data)
+            return _pin_teacher(cfg, config_from_dict(data), spec.name, students)
     for spec in cfg.variants:
         resolved = resolve_variant(cfg, spec.name)
         if variant_id(resolved) == name:
@@ -743,8 +756,64 @@ def resolve_variant(cfg: ExperimentConfig, name: str | None) -> ExperimentConfig
     raise ConfigError(f"experiment '{cfg.name}' has no variant '{name}'; known: {known}")
 
 
+TEACHER_PREFIX = "variant:"
+
+
+def teacher_variant(teacher: str | None) -> str | None:
+    """The variant NAME a ``loss.distill.teacher`` of the form ``variant:NAME`` names (resolved
+    variants hold ``variant:NAME@VARIANT_ID``, plus ``+swa-HASH`` when the teacher's SWA average
+    is meant), else None."""
+    if teacher and teacher.startswith(TEACHER_PREFIX):
+        return teacher[len(TEACHER_PREFIX):].split("@", 1)[0]
+    return None
+
+
+def _pin_teacher(cfg: ExperimentConfig, student: ExperimentConfig, name: str,
+                 students: tuple[str, ...]) -> ExperimentConfig:
+    """``variant:NAME`` -> ``variant:NAME@<the teacher's variant_id>[+swa-<its swa section>]``:
+    the student's variant_id then changes exactly when its teacher's model does."""
+    d = student.loss.distill
+    teacher = teacher_variant(d.teacher)
+    if not d.enabled or teacher is None:
+        return student
+    key = f"config key 'loss.distill.teacher' of variant '{name}'"
+    chain = (*students, name)
+    if teacher in chain:
+        raise ConfigError(f"{key}: the teachers form a circle ({' -> '.join((*chain, teacher))}); "
+                          f"a variant cannot learn from itself or from its own students")
+    if teacher not in {v.name for v in cfg.variants}:
+        raise ConfigError(f"{key}: '{d.teacher}' names no variant of experiment '{cfg.name}'; "
+                          f"known: {[v.name for v in cfg.variants]}")
+    model = _resolve_variant(cfg, teacher, chain)
+    mine, theirs = (_architecture(c) for c in (student, model))
+    if mine != theirs:
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise ConfigError(f"{key}: teacher '{teacher}' has another architecture (model keys "
+                          f"{diff} differ); self-distillation needs the same model section")
+    ref = f"{TEACHER_PREFIX}{teacher}@{variant_id(model)}"
+    if cfg.pipeline.swa:
+        swa = hashlib.sha256(json.dumps(to_dict(model.swa), sort_keys=True).encode())
+        ref += f"+swa-{swa.hexdigest()[:8]}"
+    return dataclasses.replace(student, loss=dataclasses.replace(
+        student.loss, distill=dataclasses.replace(d, teacher=ref)))
+
+
+def _architecture(cfg: ExperimentConfig) -> dict:
+    values = to_dict(cfg.model)
+    for key in (*_RUNTIME_KEYS["model"], "init_checkpoint", "drop_path_rate", "dropout",
+                "dec_dropout"):
+        values.pop(key, None)
+    return values
+
+
 def check_trainable(cfg: ExperimentConfig) -> None:
     """Rules across sections that a training run needs (single sections check themselves)."""
+    d = cfg.loss.distill
+    if d.enabled and teacher_variant(d.teacher) and not d.teacher_checkpoint:
+        raise ConfigError(f"config key 'loss.distill.teacher': '{d.teacher}' is a variant whose "
+                          f"checkpoint was not looked up; train the variant through its "
+                          f"experiment (vspw-ray train EXPERIMENT.yaml --variant NAME or "
+                          f"vspw-ray pipeline EXPERIMENT.yaml), not from a resolved config")
     if cfg.loss.logit_adjust.enabled and not cfg.loss.logit_adjust.prior:
         raise ConfigError("config key 'loss.logit_adjust.prior': logit adjustment is on but no "
                           "class prior is set; run `vspw-ray data stats ROOT --out DIR` and set "
@@ -758,7 +827,11 @@ def variant_id(cfg: ExperimentConfig) -> str:
     for section in _IDENTITY_SECTIONS:
         values = to_dict(getattr(cfg, section))
         for key in _RUNTIME_KEYS.get(section, ()):
-            values.pop(key, None)
+            *outer, last = key.split(".")
+            node = values
+            for part in outer:
+                node = node.get(part, {})
+            node.pop(last, None)
         identity[section] = values
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return f"{cfg.model.family[:2]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

@@ -28,7 +28,7 @@ from typing import Any
 
 from vspw_ray.config import ExperimentConfig, InferConfig, SwaConfig, to_dict, variant_id
 
-__all__ = ["RunLayout", "swa_variant_id", "infer_hash", "member_key", "SCORE_AFFECTING_INFER_KEYS"]
+__all__ = ["RunLayout", "bind_teacher", "swa_variant_id", "infer_hash", "member_key", "SCORE_AFFECTING_INFER_KEYS"]
 
 # the infer keys that change the stored scores; actors, batch size and the bad-frame policy
 # change how the job runs, not what it writes
@@ -136,3 +136,58 @@ class RunLayout:
         ``tune.metric``."""
         best = self.best_train_checkpoint(variant_id(cfg), cfg.tune.metric)
         return self.swa_average(cfg, best) or best
+
+    def teacher_checkpoint(self, experiment: ExperimentConfig, student: ExperimentConfig) -> str:
+        """The checkpoint file of a resolved student's ``variant:NAME`` teacher: the teacher's
+        SWA average when the pinned reference names one (``+swa-``), else its best complete
+        training checkpoint.
+
+        Raises:
+            ConfigError: the teacher has no such checkpoint yet (the command that makes it is
+                named).
+        """
+        from vspw_ray.checkpoints import checkpoint_file
+        from vspw_ray.config import ConfigError, resolve_variant, teacher_variant
+
+        ref = student.loss.distill.teacher
+        name = teacher_variant(ref)
+        teacher = resolve_variant(experiment, name)
+        pinned = ref.split("@", 1)[1].split("+", 1)[0] if "@" in ref else None
+        if pinned is not None and pinned != variant_id(teacher):
+            raise ConfigError(f"config key 'loss.distill.teacher': '{ref}' was pinned to "
+                              f"variant_id {pinned}, but variant '{name}' of experiment "
+                              f"'{experiment.name}' now resolves to {variant_id(teacher)}; "
+                              f"resolve the student from the same experiment file")
+        command = f"vspw-ray {{}} {experiment.name}.yaml --variant {name}"
+        try:
+            best = self.best_train_checkpoint(variant_id(teacher), teacher.tune.metric)
+        except FileNotFoundError:
+            raise ConfigError(f"config key 'loss.distill.teacher': teacher variant '{name}' has "
+                              f"no complete training checkpoint under {self.storage} yet; train "
+                              f"it first ({command.format('train')}, or run the pipeline, "
+                              f"which orders teachers first)") from None
+        if "+swa-" not in ref:
+            return checkpoint_file(best)
+        average = self.swa_average(teacher, best)
+        if average is None:
+            raise ConfigError(f"config key 'loss.distill.teacher': teacher variant '{name}' has "
+                              f"no SWA average under {self.storage} yet (pipeline.swa is on, so "
+                              f"the student learns from it); make it first "
+                              f"({command.format('swa')}, or run the pipeline)")
+        return checkpoint_file(average)
+
+
+def bind_teacher(experiment: ExperimentConfig, student: ExperimentConfig) -> ExperimentConfig:
+    """``student`` with ``loss.distill.teacher_checkpoint`` set when its teacher is a variant
+    of ``experiment`` (looked up in the student's storage); otherwise ``student`` unchanged."""
+    from dataclasses import replace
+
+    from vspw_ray.config import teacher_variant
+    from vspw_ray.storage import resolve_storage
+
+    d = student.loss.distill
+    if not d.enabled or teacher_variant(d.teacher) is None or d.teacher_checkpoint:
+        return student
+    found = RunLayout(resolve_storage(student.storage.path)).teacher_checkpoint(experiment, student)
+    return replace(student, loss=replace(student.loss, distill=replace(
+        d, teacher_checkpoint=found)))

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vspw_ray.config import ExperimentConfig, check_trainable, to_dict
+from vspw_ray.config import ExperimentConfig, check_trainable, teacher_variant, to_dict
 from vspw_ray.errors import UserError
 from vspw_ray.layout import RunLayout
 from vspw_ray.storage import check_cluster_settings, is_uri, resolve_storage
@@ -117,7 +117,10 @@ def prepare_config(cfg: ExperimentConfig, *, trainable: bool = True) -> Experime
         model=replace(cfg.model, pretrained=absolute(cfg.model.pretrained),
                       init_checkpoint=absolute(cfg.model.init_checkpoint)),
         loss=replace(cfg.loss, logit_adjust=replace(la, prior=absolute(la.prior)),
-                     distill=replace(distill, teacher=absolute(distill.teacher))),
+                     distill=replace(distill, teacher=(
+                         distill.teacher if teacher_variant(distill.teacher)
+                         else absolute(distill.teacher)),
+                         teacher_checkpoint=absolute(distill.teacher_checkpoint))),
     )
 
 

@@ -232,6 +232,9 @@ class _Decoded(Mapping):
 
         return decode(self.encoded[member], self.num_classes, self.encodings[member])
 
+    def __contains__(self, member: object) -> bool:  # Mapping's default would decode
+        return member in self.encoded
+
     def __iter__(self):
         return iter(self.encoded)
 

@@ -71,7 +71,10 @@ def build_model(cfg: ExperimentConfig, num_classes: int,
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.loss.distill.enabled:
         d = cfg.loss.distill
+        if d.teacher and d.teacher.startswith("variant:") and not d.teacher_checkpoint:
+            raise ValueError(f"loss.distill.teacher '{d.teacher}' was not looked up: train the "
+                             f"student through its experiment (vspw-ray train/pipeline)")
         teacher = MODEL_BUILDERS[cfg.model.family](cfg, num_classes, prior)
         model = SelfDistillation(model, teacher, weight=d.weight, temperature=d.temperature,
-                                 teacher_checkpoint=d.teacher)
+                                 teacher_checkpoint=d.teacher_checkpoint or d.teacher)
     return model

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vspw_ray.config import ExperimentConfig, resolve_variant
+from vspw_ray.config import ExperimentConfig, resolve_variant, teacher_variant
 from vspw_ray.layout import RunLayout
 from vspw_ray.pipeline.keys import data_key, ensemble_key, infer_key, swa_key, train_key
 from vspw_ray.pipeline.records import read_record
 
-__all__ = ["Step", "Variant", "variants_of", "build_plan", "format_plan", "STAGES"]
+__all__ = ["Step", "Variant", "variants_of", "teacher_of", "build_plan", "format_plan",
+           "STAGES"]
 
 STAGES = ("data", "search", "train", "swa", "infer", "ensemble")
 
@@ -43,10 +44,24 @@ class Step:
 
 
 def variants_of(cfg: ExperimentConfig) -> list[Variant]:
-    """The experiment's variants, resolved (the base config when it lists none)."""
+    """The experiment's variants, resolved (the base config when it lists none), each after
+    the variant it learns from (``loss.distill.teacher: variant:NAME``)."""
     if not cfg.variants:
         return [Variant("base", resolve_variant(cfg, None))]
-    return [Variant(v.name, resolve_variant(cfg, v.name)) for v in cfg.variants]
+    pending = [Variant(v.name, resolve_variant(cfg, v.name)) for v in cfg.variants]
+    ordered: list[Variant] = []
+    while pending:  # resolve_variant refused circles, so every pass places one at least
+        placed = {v.name for v in ordered}
+        ready = [v for v in pending if teacher_of(v) in (None, *placed)]
+        ordered += ready
+        pending = [v for v in pending if v not in ready]
+    return ordered
+
+
+def teacher_of(v: Variant) -> str | None:
+    """The name of the variant ``v`` distils from, if it learns from one of the experiment's."""
+    d = v.cfg.loss.distill
+    return teacher_variant(d.teacher) if d.enabled else None
 
 
 def _decide(layout: RunLayout, pipeline: str, step_id: str, key: str,
@@ -91,15 +106,20 @@ def _infer_gpu_hours(v: ExperimentConfig, frames: int | None) -> float | None:
     return frames / (TTA_FRAMES_PER_S_12_VIEWS[v.model.family] * 12 / views) / 3600
 
 
-def _variant_steps(layout, cfg, v: Variant, data: Step, frames: dict) -> list[Step]:
+def _variant_steps(layout, cfg, v: Variant, data: Step, frames: dict,
+                   models: dict[str, Step]) -> list[Step]:
+    """train -> SWA -> inference steps of ``v``; its training also waits for its teacher's
+    model step (in ``models``, filled in here for later students)."""
     p, c = cfg.name, v.cfg
-    train = _step(layout, p, "train", v.name, train_key(c), [data], _resources(c),
+    upstream = [data] + ([models[teacher_of(v)]] if teacher_of(v) else [])
+    train = _step(layout, p, "train", v.name, train_key(c), upstream, _resources(c),
                   _train_gpu_hours(c, c.train.iters))
     steps, model = [train], train
     if cfg.pipeline.swa:
         model = _step(layout, p, "swa", v.name, swa_key(c), [train], _resources(c),
                       _train_gpu_hours(c, c.swa.extra_iters))
         steps.append(model)
+    models[v.name] = model
     for split in cfg.pipeline.splits:
         steps.append(_step(layout, p, "infer", f"{v.name}/{split}",
                            infer_key(c, split, swa=cfg.pipeline.swa), [model],
@@ -136,8 +156,9 @@ def build_plan(cfg: ExperimentConfig, layout: RunLayout,
         return steps + [search]  # the variants are known once the sweep has run
     frames = _split_frames(cfg)
     variants = variants if variants is not None else variants_of(cfg)
+    models: dict[str, Step] = {}
     for v in variants:
-        steps += _variant_steps(layout, cfg, v, data, frames)
+        steps += _variant_steps(layout, cfg, v, data, frames, models)
     infers = [s for s in steps if s.stage == "infer"]
     if len(variants) >= 2:
         steps.append(_step(layout, p, "ensemble", "all",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,8 +97,9 @@ def _execute(cfg: ExperimentConfig, stage, result: PipelineResult, threads: int)
             run_steps.recorded_variants(ctx)
         result.steps = build_plan(cfg, stage.layout, variants)
         by_id = {s.id: s for s in result.steps}
+    models = {v.name: Future() for v in variants}  # teachers come first in ``variants``
     with ThreadPoolExecutor(_concurrency(cfg, variants)) as pool:
-        chains = [pool.submit(run_steps.variant_chain, ctx, v, by_id) for v in variants]
+        chains = [pool.submit(run_steps.variant_chain, ctx, v, by_id, models) for v in variants]
         for chain in chains:
             chain.result()  # the first failure stops the pipeline, naming its step
     if "ensemble:all" in by_id:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from vspw_ray.config import ExperimentConfig
 from vspw_ray.errors import UserError
 from vspw_ray.metrics import fold_metric
-from vspw_ray.pipeline.plan import Step, Variant
+from vspw_ray.layout import bind_teacher
+from vspw_ray.pipeline.plan import Step, Variant, teacher_of
 from vspw_ray.pipeline.records import read_record, write_record
 
 __all__ = ["StageFailed", "Context", "data_step", "search_step", "recorded_variants", "variant_chain",
@@ -128,11 +130,24 @@ def best_variants(cfg: ExperimentConfig, paths: list[str]) -> list[Variant]:
     return variants
 
 
-def variant_chain(ctx: Context, v: Variant, by_id: dict[str, Step]) -> None:
-    """train -> SWA -> inference of each split, for one variant."""
-    ctx.run(by_id[f"train:{v.name}"], lambda c, s: _train(c, v))
-    if f"swa:{v.name}" in by_id:
-        ctx.run(by_id[f"swa:{v.name}"], lambda c, s: _swa(c, v))
+def variant_chain(ctx: Context, v: Variant, by_id: dict[str, Step],
+                  models: dict[str, Future]) -> None:
+    """train -> SWA -> inference of each split, for one variant. A self-distillation student
+    first waits for its teacher's model (``models[teacher]``, resolved once the teacher's
+    training or SWA step is done); ``models[v.name]`` is resolved likewise for its students."""
+    mine = models[v.name]
+    try:
+        teacher = teacher_of(v)
+        if teacher:
+            models[teacher].result()  # raises when the teacher's chain failed
+            v = Variant(v.name, bind_teacher(ctx.cfg, v.cfg))
+        ctx.run(by_id[f"train:{v.name}"], lambda c, s: _train(c, v))
+        if f"swa:{v.name}" in by_id:
+            ctx.run(by_id[f"swa:{v.name}"], lambda c, s: _swa(c, v))
+    except BaseException as err:
+        mine.set_exception(err)
+        raise
+    mine.set_result(True)
     for split in ctx.cfg.pipeline.splits:
         ctx.run(by_id[f"infer:{v.name}/{split}"], lambda c, s, split=split: _infer(c, v, split))
 

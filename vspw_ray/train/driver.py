@@ -15,7 +15,7 @@ from vspw_ray.config import (
 )
 from vspw_ray.data import load_class_table, split_frames
 from vspw_ray.data.stats import load_prior
-from vspw_ray.layout import RunLayout
+from vspw_ray.layout import RunLayout, bind_teacher
 from vspw_ray.metrics import VAL_A_MIOU
 from vspw_ray.runtime import open_stage
 from vspw_ray.train.resources import check_feasible, wait_for_resources
@@ -53,7 +53,7 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                   address: str | None = None, track: bool = True,
                   torch_threads: int = 1) -> TrainResult:
     """Train one variant of ``cfg`` to ``train.iters`` (resuming when its run exists)."""
-    resolved = resolve_variant(cfg, variant)
+    resolved = bind_teacher(cfg, resolve_variant(cfg, variant))
     vid = variant_id(resolved)
     check_inputs(resolved)
     tags = {"family": resolved.model.family, "variant": variant or "base",

@@ -245,10 +245,10 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                 track: bool = True, torch_threads: int = 1) -> SwaResult:
     """Run (or resume, or find finished) the SWA job of one variant."""
     from vspw_ray.config import resolve_variant, variant_id
-    from vspw_ray.layout import RunLayout
+    from vspw_ray.layout import RunLayout, bind_teacher
     from vspw_ray.storage import resolve_storage
 
-    resolved = resolve_variant(cfg, variant)
+    resolved = bind_teacher(cfg, resolve_variant(cfg, variant))
     parent = variant_id(resolved)
     layout = RunLayout(resolve_storage(resolved.storage.path))
     if from_checkpoint and not is_uri(from_checkpoint):
