@@ -199,6 +199,15 @@ def test_grid_recovers_the_weights_and_the_submission_scores_as_reported(
         assert figures["ensemble"]["B"]["miou"] - figures[v]["B"]["miou"] > 0.01
     best = next(m for m in out.report["members"] if m["key"] == out.report["best_single"])
     assert figures["single"]["A"]["miou"] == pytest.approx(best["miou_a"], abs=1e-12)
+    # per-video matrices (what the fold-B intervals resample) sum to the fold's matrix
+    from vspw_ray.data import read_split, split_folds
+
+    fold_b = split_folds(read_split(synth_root, "val"), 0)[1]
+    with np.load(Path(out.path) / "video_confusions.npz") as z:
+        for v in ("ensemble", "single", "mean"):
+            assert np.array_equal(sum(z[f"{v}/{video}"] for video in fold_b),
+                                  np.array(figures[v]["B"]["confusion"]))
+    assert len(fold_b) == 1 and out.report["fold_b_intervals"] == {}  # nothing to resample
     # the submission's PNGs, scored by `vspw-ray evaluate`, give the report's fold figures
     sub = Path(out.submission.folder)
     for fold in ("A", "B"):

@@ -133,3 +133,47 @@ def test_raw_ground_truth_rows_and_out_of_table_ids():
         confusion(np.zeros((1, 2), np.uint8), np.array([[1, 4]], np.uint8), 3, raw=True)
     with pytest.raises(ValueError, match=r"ids \[3\] outside the class table"):
         confusion(np.zeros((1, 2), np.uint8), np.array([[0, 3]], np.uint8), 3)
+
+
+def _video_matrices(rng, videos, c, noise):
+    out = {}
+    for v in videos:
+        truth = rng.integers(50, 200, size=c)
+        wrong = rng.integers(0, noise + 1, size=(c, c))
+        out[v] = np.diag(truth) + wrong - np.diag(np.diag(wrong))
+    return out
+
+
+def test_bootstrap_difference_equals_a_straightforward_loop():
+    from vspw_ray.metrics import bootstrap_miou_difference, mean_iou
+
+    rng = np.random.default_rng(3)
+    videos = [f"v{i}" for i in range(7)]
+    x = [_video_matrices(rng, videos, 5, 20) for _ in range(2)]  # 2 seeds each side
+    y = [_video_matrices(rng, videos, 5, 40) for _ in range(2)]
+    got = bootstrap_miou_difference(x, y, videos, samples=300, seed=11, chunk=128)
+    draws_rng, diffs = np.random.default_rng(11), []
+    for start in range(0, 300, 128):  # the same draws, one resample at a time
+        for draw in draws_rng.integers(0, 7, size=(min(128, 300 - start), 7)):
+            picked = [videos[i] for i in draw]
+            diffs.append(np.mean([mean_iou(sum(x[s][v] for v in picked))
+                                  - mean_iou(sum(y[s][v] for v in picked)) for s in range(2)]))
+    observed = np.mean([mean_iou(sum(x[s].values())) - mean_iou(sum(y[s].values()))
+                        for s in range(2)])
+    assert got.value == pytest.approx(observed, abs=1e-12)
+    assert got.low == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
+    assert got.high == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
+    assert got.low > 0 and got.excludes_zero  # x is less noisy on every video
+
+
+def test_bootstrap_of_identical_sides_is_zero_and_of_swapped_sides_is_mirrored():
+    from vspw_ray.metrics import bootstrap_miou_difference
+
+    rng = np.random.default_rng(0)
+    videos = [f"v{i}" for i in range(5)]
+    x, y = [_video_matrices(rng, videos, 4, 30)], [_video_matrices(rng, videos, 4, 30)]
+    same = bootstrap_miou_difference(x, x, videos, samples=200)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0) and not same.excludes_zero
+    ab = bootstrap_miou_difference(x, y, videos, samples=200)
+    ba = bootstrap_miou_difference(y, x, videos, samples=200)
+    assert ab.value == pytest.approx(-ba.value) and ab.low == pytest.approx(-ba.high)

@@ -25,7 +25,7 @@ from vspw_ray.data.layout import (
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
 from vspw_ray.parallel import map_videos
 
-__all__ = ["evaluate_predictions", "evaluate_store", "evaluate_store_folds", "format_report",
+__all__ = ["evaluate_predictions", "evaluate_store", "evaluate_store_folds", "video_confusions", "format_report",
            "read_prediction", "write_report"]
 
 VC_WINDOWS = (8, 16)
@@ -163,6 +163,20 @@ def evaluate_store_folds(store: str | Path, variant: str, root: str | Path, spli
     by_video = [list_frames(root, video, require_masks=True) for video in videos]
     return _evaluate(("store", str(store), variant, split), videos, by_video, table, split,
                      members, processes, progress)
+
+
+def video_confusions(store: str | Path, variant: str, root: str | Path, split: str,
+                     videos: list[str] | None = None, *, processes: int | None = None,
+                     progress=None) -> dict[str, np.ndarray]:
+    """Each video's official confusion matrix ``[C, C]`` of one member's stored scores (the
+    matrices :func:`evaluate_store` sums), for bootstrap intervals over videos."""
+    root = Path(root)
+    table = load_class_table(root)
+    videos = list(videos) if videos is not None else read_split(root, split)
+    jobs = [(list_frames(root, v, require_masks=True), ("store", str(store), variant, split),
+             table.num_classes) for v in videos]
+    results = map_videos(_evaluate_video, jobs, processes=processes, progress=progress)
+    return {v: matrix for v, (matrix, _) in zip(videos, results)}
 
 
 def _pct(x: float | None) -> str:

@@ -20,7 +20,7 @@ accumulate a part and add them up.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +35,8 @@ VAL_A_MIOU = fold_metric("A")  # the selection metric: chosen on fold A ...
 VAL_B_MIOU = fold_metric("B")  # ... reported on fold B
 
 __all__ = [
+    "Interval",
+    "bootstrap_miou_difference",
     "VAL_A_MIOU",
     "VAL_B_MIOU",
     "fold_metric",
@@ -112,6 +114,66 @@ def mean_iou(matrix: np.ndarray) -> float:
     iou = iou_per_class(matrix)
     present = ~np.isnan(iou)
     return float(iou[present].mean()) if present.any() else math.nan
+
+
+def _batch_miou(m: np.ndarray) -> np.ndarray:
+    """:func:`mean_iou` of every matrix of ``m [..., C, C]``."""
+    diag = np.diagonal(m, axis1=-2, axis2=-1)
+    rows, cols = m.sum(-1), m.sum(-2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(rows > 0, diag / (rows + cols - diag), np.nan)
+        return np.nanmean(iou, axis=-1)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A difference of mIoU (fraction, not points) and its bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+    level: float
+    samples: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def bootstrap_miou_difference(x: Sequence[Mapping[str, np.ndarray]],
+                              y: Sequence[Mapping[str, np.ndarray]], videos: Sequence[str], *,
+                              samples: int = 2000, level: float = 0.95, seed: int = 0,
+                              chunk: int = 250) -> Interval:
+    """``mIoU(x) - mIoU(y)``, the mean over seeds, with a paired percentile bootstrap over
+    videos.
+
+    Args:
+        x, y: one mapping per seed (the same seeds, in the same order): video -> its confusion
+            matrix ``[C, C]`` (official mIoU is that of the summed matrix).
+        videos: the videos resampled (e.g. fold B's).
+
+    Each resample draws ``len(videos)`` videos with replacement, the same draw for every seed
+    and for both sides, so what varies between the sides is the models, not the videos.
+    """
+    if len(x) != len(y) or not x:
+        raise ValueError(f"bootstrap needs the same seeds on both sides, got {len(x)} and {len(y)}")
+    stack = [np.stack([np.asarray(side[s][v], np.float64) for v in videos])
+             for side in (x, y) for s in range(len(x))]
+    xs, ys = np.stack(stack[:len(x)]), np.stack(stack[len(x):])  # [S, V, C, C]
+    observed = float(np.mean(_batch_miou(xs.sum(1)) - _batch_miou(ys.sum(1))))
+    rng = np.random.default_rng(seed)
+    n = len(videos)
+    diffs = []
+    for start in range(0, samples, chunk):
+        draws = rng.integers(0, n, size=(min(chunk, samples - start), n))
+        counts = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
+        mx = _batch_miou(np.einsum("bv,svcd->bscd", counts, xs))
+        my = _batch_miou(np.einsum("bv,svcd->bscd", counts, ys))
+        diffs.append(np.nanmean(mx - my, axis=1))
+    d = np.concatenate(diffs)
+    tail = 100 * (1 - level) / 2
+    return Interval(observed, float(np.nanpercentile(d, tail)),
+                    float(np.nanpercentile(d, 100 - tail)), level, samples)
 
 
 def fw_iou(matrix: np.ndarray) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,11 @@ def _member_rows(members: Sequence[Member], flagged: Mapping[str, list[str]]) ->
 
 def build_report(eid: str, sel: Selection, members: Sequence[Member], totals: Mapping,
                  class_names: Sequence[str], *, space: str, split: str, fold_seed: int,
-                 flagged: Mapping[str, list[str]]) -> dict[str, Any]:
+                 flagged: Mapping[str, list[str]],
+                 intervals: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The report as plain JSON data. ``totals``: :func:`vspw_ray.ensemble.rescore.rescore`'s
-    result over folds A and B."""
+    result over folds A and B; ``intervals``: name -> :class:`vspw_ray.metrics.Interval` of
+    fold-B differences (see :func:`fold_b_intervals`)."""
     best = max(members, key=lambda m: (m.miou_a, m.name))
     figures = _figures(totals, class_names)
     chosen = ranked(sel.rows)[0]
@@ -76,7 +79,31 @@ def build_report(eid: str, sel: Selection, members: Sequence[Member], totals: Ma
                              for f in ("A", "B")},
         "selection": {**optimism, "chosen": chosen.number, "ties_on_a": len(ties)},
         "search": sel.stats, "val_trained": dict(flagged), "transfer_note": TRANSFER_NOTE,
+        "fold_b_intervals": {k: asdict(v) for k, v in (intervals or {}).items()},
     }
+
+
+def fold_b_intervals(by_video: Mapping[str, Mapping[str, Any]], videos: Sequence[str],
+                     seed: int) -> dict[str, Any]:
+    """Bootstrap intervals over fold B's videos of the ensemble's mIoU minus the best single
+    member's and minus the plain mean's (``by_video``: rescore's per-video matrices)."""
+    from vspw_ray.metrics import bootstrap_miou_difference
+
+    if len(videos) < 2:
+        return {}
+    return {f"ensemble_minus_{other}": bootstrap_miou_difference(
+        [by_video["ensemble"]], [by_video[other]], videos, seed=seed)
+        for other in ("single", "mean")}
+
+
+def _interval_lines(report: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name, iv in report.get("fold_b_intervals", {}).items():
+        verdict = "excludes 0" if iv["low"] > 0 or iv["high"] < 0 else "includes 0: noise"
+        lines.append(f"fold B {name.replace('_', ' ')}: {100 * iv['value']:+.2f} points, "
+                     f"{100 * iv['level']:.0f} % bootstrap interval over videos "
+                     f"[{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}] ({verdict})")
+    return lines
 
 
 def _pct(v: float | None) -> str:
@@ -131,7 +158,8 @@ def format_report(report: Mapping[str, Any], groups_text: str) -> str:
     lines = [f"ensemble {report['ensemble_id']}: method {report['method']}, space "
              f"{report['space']}, weights chosen on fold A of {report['split']} (fold seed "
              f"{report['fold_seed']})", groups_text, ""]
-    lines += _figure_lines(report) + [""] + _change_lines(report) + _selection_lines(report)
+    lines += _figure_lines(report) + [""] + _interval_lines(report) + _change_lines(report)
+    lines += _selection_lines(report)
     for label, videos in report["val_trained"].items():
         lines.append(f"FLAGGED: member {label} was trained on {len(videos)} val videos "
                      f"(ensemble.allow_val_trained=true): its val figures are optimistic")

@@ -112,8 +112,10 @@ class RescoreJob:
     plan: FusionPlan
 
 
-def run_rescore_job(job: RescoreJob) -> dict[tuple[str, str], tuple[np.ndarray, dict]]:
-    """``{(variant, fold): (confusion [C, C] int64, VC accumulators)}`` of one shard."""
+def run_rescore_job(job: RescoreJob) -> tuple[dict[tuple[str, str], tuple[np.ndarray, dict]],
+                                               dict[tuple[str, str], np.ndarray]]:
+    """``{(variant, fold): (confusion [C, C] int64, VC accumulators)}`` of one shard, and
+    ``{(variant, video): confusion}`` of each of its videos."""
     from vspw_ray.data import list_frames, read_raw_mask
     from vspw_ray.data.layout import DataError
     from vspw_ray.metrics import ConfusionMatrix, VideoConsistency
@@ -121,28 +123,34 @@ def run_rescore_job(job: RescoreJob) -> dict[tuple[str, str], tuple[np.ndarray, 
 
     store = ScoreStore(job.store)
     encodings = {m: store.encoding(m) for m in job.plan.used}
-    acc = {(v, f): (ConfusionMatrix(job.plan.num_classes), VideoConsistency(VC_WINDOWS))
+    c = job.plan.num_classes
+    acc = {(v, f): (ConfusionMatrix(c), VideoConsistency(VC_WINDOWS))
            for v in VARIANTS for f in set(job.folds.values())}
+    per_video = {}
     for video in job.videos:
         fold, listed = job.folds[video], {f.name: f for f in list_frames(job.root, video)}
+        mine = {v: ConfusionMatrix(c) for v in VARIANTS}
         for name, encoded in video_scores(store, job.plan, job.split, video, job.frames[video]):
             raw = read_raw_mask(listed[name])
             for variant, pred in frame_labels(job.plan, encoded, encodings).items():
                 if pred.shape != raw.shape:
                     raise DataError(f"stored scores of video '{video}' frame '{name}' are "
                                     f"{pred.shape} but the mask is {raw.shape}")
-                cm, vc = acc[variant, fold]
-                cm.update(pred, raw, raw=True)
-                vc.update(raw, pred)
+                mine[variant].update(pred, raw, raw=True)
+                acc[variant, fold][1].update(raw, pred)
         for variant in VARIANTS:
+            acc[variant, fold][0].matrix += mine[variant].matrix
             acc[variant, fold][1].end_video()
-    return {k: (cm.matrix, vc.accs) for k, (cm, vc) in acc.items()}
+            per_video[variant, video] = mine[variant].matrix
+    return {k: (cm.matrix, vc.accs) for k, (cm, vc) in acc.items()}, per_video
 
 
 def rescore(store: str, root: str, split: str, folds: Mapping[str, Sequence[str]],
             frames: Mapping[str, list[str]], plan: FusionPlan, shards: int,
-            map_fn) -> dict[str, dict[str, tuple[np.ndarray, object]]]:
+            map_fn) -> tuple[dict[str, dict[str, tuple[np.ndarray, object]]],
+                             dict[str, dict[str, np.ndarray]]]:
     """``{variant: {fold: (confusion [C, C], VideoConsistency)}}`` over the folds' videos,
+    and ``{variant: {video: confusion}}`` (what bootstrap intervals over videos resample),
     from one pass sharded into ``shards`` jobs run by ``map_fn(run_rescore_job, jobs)``.
     Shards are merged in video order, as ``vspw-ray evaluate`` merges videos."""
     from vspw_ray.ensemble.grid import shard_videos
@@ -155,9 +163,12 @@ def rescore(store: str, root: str, split: str, folds: Mapping[str, Sequence[str]
             for shard in shard_videos(videos, shards)]
     total = {v: {f: (np.zeros((plan.num_classes,) * 2, np.int64), VideoConsistency(VC_WINDOWS))
                  for f in folds} for v in VARIANTS}
-    for part in map_fn(run_rescore_job, jobs):
+    by_video: dict[str, dict[str, np.ndarray]] = {v: {} for v in VARIANTS}
+    for part, videos_part in map_fn(run_rescore_job, jobs):
         for (variant, fold), (matrix, accs) in part.items():
             cm, vc = total[variant][fold]
             cm += matrix
             vc.merge(VideoConsistency(VC_WINDOWS, accs))
-    return total
+        for (variant, video), matrix in videos_part.items():
+            by_video[variant][video] = matrix
+    return total, by_video

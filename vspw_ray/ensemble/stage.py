@@ -173,7 +173,7 @@ def _search(ctx: _Context) -> tuple[dict, str, Selection]:
     from vspw_ray.data import load_class_table
     from vspw_ray.ensemble.grouping import format_groups
     from vspw_ray.ensemble.raymap import parallelism, ray_map
-    from vspw_ray.ensemble.report import build_report, format_report
+    from vspw_ray.ensemble.report import build_report, fold_b_intervals, format_report
     from vspw_ray.ensemble.rescore import rescore
     from vspw_ray.runtime import connect_ray
 
@@ -182,20 +182,27 @@ def _search(ctx: _Context) -> tuple[dict, str, Selection]:
     sel = _select(ctx, shards)
     plan = _plan(ctx, sel.groups, sel.weights, baselines=True)
     start = time.perf_counter()
-    totals = rescore(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split, ctx.folds,
-                     ctx.frames, plan, shards, ray_map)
+    totals, by_video = rescore(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split,
+                               ctx.folds, ctx.frames, plan, shards, ray_map)
     sel.stats["rescore_seconds"] = time.perf_counter() - start
     names = load_class_table(ctx.cfg.data.root).names
     report = build_report(ctx.eid, sel, ctx.members, totals, names,
                           space=ctx.cfg.ensemble.space, split=ctx.cfg.data.val_split,
-                          fold_seed=ctx.cfg.data.fold_seed, flagged=ctx.flagged)
+                          fold_seed=ctx.cfg.data.fold_seed, flagged=ctx.flagged,
+                          intervals=fold_b_intervals(by_video, ctx.folds["B"],
+                                                     ctx.cfg.ensemble.seed))
     text = format_report(report, format_groups(sel.groups, sel.weights, ctx.members))
-    _write_outputs(ctx.folder, report, text, sel)
+    _write_outputs(ctx.folder, report, text, sel, by_video)
     return report, text, sel
 
 
-def _write_outputs(folder: str, report: dict, text: str, sel: Selection) -> None:
-    """The report's files into the ensemble folder (local or remote), ``report.json`` last."""
+def _write_outputs(folder: str, report: dict, text: str, sel: Selection,
+                   by_video: dict) -> None:
+    """The report's files into the ensemble folder (local or remote), ``report.json`` last;
+    ``video_confusions.npz`` holds each video's confusion matrix as ``VARIANT/VIDEO``
+    (ensemble, single, mean), for intervals over videos."""
+    import numpy as np
+
     from vspw_ray.ensemble.charts import class_change_chart, weights_heatmap
     from vspw_ray.ensemble.files import write_atomic
     from vspw_ray.ensemble.report import dumps, write_trials_csv
@@ -205,6 +212,8 @@ def _write_outputs(folder: str, report: dict, text: str, sel: Selection) -> None
     with tempfile.TemporaryDirectory() as d:
         local = Path(d)
         (local / "report.txt").write_text(text + "\n")
+        np.savez_compressed(local / "video_confusions.npz", **{
+            f"{variant}/{video}": m for variant, ms in by_video.items() for video, m in ms.items()})
         write_trials_csv(sel.rows, local / "trials.csv")
         if sel.heat is not None:
             weights_heatmap(sel.heat, local / "weights_heatmap.png")
