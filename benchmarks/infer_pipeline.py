@@ -88,9 +88,9 @@ def plain_frames_per_s(cfg, ckpt: Path, root: Path, split: str, threads: int) ->
 
     from vspw_ray.data import load_class_table, read_image, split_frames
     from vspw_ray.data.transforms import normalize
-    from vspw_ray.scores.encoding import ScoreEncoding, encode
     from vspw_ray.infer.job import load_inference_model
     from vspw_ray.infer.tta import tta_probs
+    from vspw_ray.scores.encoding import ScoreEncoding, encode
 
     torch.set_num_threads(threads)
     table = load_class_table(root)

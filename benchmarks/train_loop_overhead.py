@@ -113,7 +113,7 @@ def _run_cli(root: Path, storage: Path, iters: int, log: int) -> tuple[list[tupl
         if m and int(m.group(1)) in (CPU_FROM, ITERS):
             WORKER_CPU[int(m.group(1))] = _worker_cpu_seconds()
     if proc.wait() != 0:
-        raise RuntimeError("vspw-ray train failed:\n" + "".join(l for _, l in lines[-30:]))
+        raise RuntimeError("vspw-ray train failed:\n" + "".join(text for _, text in lines[-30:]))
     return lines, cpu
 
 

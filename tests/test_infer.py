@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.test_train_ray import EXPERIMENT
+from vspw_ray.infer.tta import tta_probs
 from vspw_ray.scores.encoding import ScoreEncoding, decode, encode
 from vspw_ray.scores.store import ScoreStore, StoreError
-from vspw_ray.infer.tta import tta_probs
 
 
 class Conv(nn.Module):

@@ -1,5 +1,7 @@
 """`vspw-ray pipeline`: the plan from config and storage alone, skipping by stage keys, the
-paper-scale plan, and a tiny pipeline end to end (submission, MLflow keys, "nothing to do")."""
+paper-scale plan, teachers before students, and a killed pipeline resumed. The end-to-end run
+(MLflow keys, a student after its teacher, "nothing to do") is the CamVid smoke run's, in
+tests/test_reproduce.py."""
 
 from __future__ import annotations
 
@@ -228,73 +230,6 @@ def test_pipeline_killed_after_an_swa_snapshot_resumes_without_retraining(synth_
     state = read_state(f"{average[0]}/checkpoint.pt")
     assert state["resumes"] and state["resumes"][0] >= 10  # SWA resumed from its snapshot
     assert len(list((storage / "scores").glob("*/val/*.parquet"))) > 0
-
-
-TWO_FAMILIES = ONE_VARIANT + """- name: maskformer_crop64
-  seed: 0
-  overrides:
-    data.crop_size: [64, 64]
-    model.family: maskformer
-    model.num_queries: 8
-    model.hidden_dim: 32
-    model.mask_dim: 32
-    model.dec_layers: 1
-    model.nheads: 2
-    model.dim_feedforward: 64
-"""
-
-
-STUDENT = """- name: student
-  seed: 1
-  overrides:
-    data.crop_size: [64, 64]
-    loss.distill.enabled: true
-    loss.distill.teacher: variant:upernet_crop64
-"""
-
-
-def test_tiny_pipeline_end_to_end_then_nothing_to_do(ray_local, synth_root, tmp_path):
-    import mlflow
-
-    from vspw_ray.checkpoints import read_state
-    from vspw_ray.pipeline.run import run_pipeline
-
-    exp = _tiny_experiment(tmp_path, variants=TWO_FAMILIES + STUDENT, splits="[val, test]",
-                           swa="extra_iters: 4, every: 2")
-    storage = tmp_path / "runs"
-    overrides = [f"data.root={synth_root}", f"storage.path={storage}"]
-    out = run_pipeline(load_config(exp, overrides))
-    assert not out.nothing_to_do and "ensemble:all" in out.ran
-    submission = out.outputs["ensemble:all"]["submission"]
-    assert submission and list(Path(submission).rglob("*.png"))
-    assert Path(out.outputs["ensemble:all"]["zip"]).is_file()
-
-    mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["quickstart"], output_format="list",
-                              filter_string=f"tags.mlflow.parentRunId = '{out.run_id}'")
-    stages = sorted(r.data.tags["stage"] for r in runs)
-    assert stages.count("train") == 3 and stages.count("swa") == 3 and "ensemble" in stages
-    assert stages.count("infer") == 6
-    # the student learnt from its teacher's SWA average, and started after it was made
-    teacher_swa = out.outputs["swa:upernet_crop64"]
-    state = read_state(out.outputs["train:student"]["checkpoint"] + "/checkpoint.pt")
-    assert state["config"]["loss"]["distill"]["teacher_checkpoint"] == \
-        teacher_swa["checkpoint"] + "/checkpoint.pt"
-    by_id = {r.info.run_id: r for r in runs}
-    assert by_id[out.outputs["train:student"]["run_id"]].info.start_time >= \
-        by_id[teacher_swa["run_id"]].info.end_time
-    members = [r for r in runs if r.data.tags["stage"] in ("train", "swa", "infer")
-               and r.data.tags.get("split", "val") == "val"]
-    for run in members:  # every member run carries the common keys
-        assert "final/val_A/miou" in run.data.metrics and "final/val_B/miou" in run.data.metrics
-        assert {"family", "crop", "ohem", "tau", "distill", "swa", "tta"} <= set(run.data.params)
-
-    again = subprocess.run([sys.executable, "-m", "vspw_ray", "pipeline", str(exp), *overrides],
-                           capture_output=True, text=True, cwd=REPO, timeout=120,
-                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "nothing to do" in again.stdout
-    assert "started a local Ray instance" not in again.stderr  # decided without Ray
 
 
 def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path):

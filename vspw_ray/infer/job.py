@@ -27,8 +27,14 @@ from vspw_ray.data.layout import DataError, Frame
 from vspw_ray.layout import infer_hash, member_key
 from vspw_ray.runtime import open_stage
 from vspw_ray.scores.encoding import ScoreEncoding, encode
-from vspw_ray.scores.store import (ENCODING_DOC, ENCODING_NAME, SCHEMA_DOC, ScoreStore,
-                                   StoreError, frame_row)
+from vspw_ray.scores.store import (
+    ENCODING_DOC,
+    ENCODING_NAME,
+    SCHEMA_DOC,
+    ScoreStore,
+    StoreError,
+    frame_row,
+)
 from vspw_ray.storage import filesystem, is_uri, write_atomic
 
 __all__ = ["InferResult", "run_inference", "load_inference_model", "decode_frames",

@@ -12,8 +12,8 @@ from typing import Any
 
 from vspw_ray.config import ExperimentConfig
 from vspw_ray.errors import UserError
-from vspw_ray.metrics import fold_metric
 from vspw_ray.layout import bind_teacher
+from vspw_ray.metrics import fold_metric
 from vspw_ray.pipeline.plan import Step, Variant, teacher_of
 from vspw_ray.pipeline.records import read_record, write_record
 

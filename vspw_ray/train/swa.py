@@ -131,8 +131,17 @@ def swa_loop_per_worker(config: dict) -> None:
 
     from vspw_ray.train.loop import build_optimizer
     from vspw_ray.train.ray_train import (
-        CHECKPOINT_FILE, ProgressLog, unwrap, load_training_state, report, setup_worker,
-        step_seed, train_batches, training_state, validate)
+        CHECKPOINT_FILE,
+        ProgressLog,
+        load_training_state,
+        report,
+        setup_worker,
+        step_seed,
+        train_batches,
+        training_state,
+        unwrap,
+        validate,
+    )
 
     w = setup_worker({**config, "skip_init_checkpoint": True})
     cfg, model, swa = w.cfg, w.model, w.cfg.swa

@@ -1,0 +1,407 @@
+"""Reproduce the seed's ablations at small scale on real data, through the product's own stages.
+
+``experiments/camvid_ablations.yaml`` on ``../shared/data/camvid`` (train -> val): tiny models of
+both families on the CPU, x 2 seeds, run by ``vspw-ray pipeline`` (train -> SWA -> TTA inference
+-> ensemble), every stage tracked in MLflow. Then, with the same stage functions:
+
+* single-scale inference (``infer.scales=[1.0]``, no flip) of the training and SWA checkpoints
+  of the baseline of each family (Table 2 and the TTA row);
+* one ensemble per seed over that seed's members (``vspw-ray ensemble`` with
+  ``ensemble.members``), and the seed's Table 3 rows (S, S+W, S+W+A at equal group weights)
+  rescored from the score store with the ensemble's own fusion.
+
+Every row gives fold A (where weights and settings are chosen) and fold B (held out) mIoU as
+mean +/- sd over seeds, and each claim a paired bootstrap interval over fold-B videos of the
+difference (mean over seeds) from per-video confusion matrices; a claim "held" only where the
+interval excludes 0. CamVid has no test split: fold B measures selection luck within val, not
+the seed's val-to-test shift.
+
+    python benchmarks/reproduce_camvid.py                  # the full run (<= 60 min, 2 cores)
+    python benchmarks/reproduce_camvid.py --smoke          # 1 seed, a few iterations, the 4
+                                                           # shortest train and val videos (CI)
+    python benchmarks/reproduce_camvid.py --root /data/VSPW_480p --sizes vspw --address auto \\
+        --storage s3://bucket/ablations                   # the same rows on VSPW, on a cluster
+
+Writes ``<storage>/reproduce/results.md`` and ``results.json``; prints the tables, then JSON
+lines ``{"metric", "value", "target", "unit"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EXPERIMENT = ROOT / "experiments" / "camvid_ablations.yaml"
+SMOKE = ["train.iters=6", "train.val_interval=6", "train.warmup_iters=1", "train.log_interval=3",
+         "swa.extra_iters=4", "swa.every=2", "infer.scales=[1.0]", "infer.flip=false",
+         "ensemble.grid_step=0.5", "ensemble.strong=1", "data.loader_workers=0"]
+SMOKE_VIDEOS = {"train": 4, "val": 4}  # the smoke's view of the data: the shortest videos
+SINGLE_SCALE = ["infer.scales=[1.0]", "infer.flip=false"]
+# (label, variant base name): the rows of each table; a claim compares a row with the first
+TABLES = {
+    "Table 1: crop size and OHEM (UperNet)": [
+        ("crop 135x180", "upernet_c180"), ("crop 180x240 (480:640)", "upernet_c240"),
+        ("crop 180x240 + OHEM", "upernet_c240_ohem")],
+    "Table 4: logit adjustment (tau 0.03)": [
+        ("UperNet", "upernet_c240"), ("UperNet + LA", "upernet_c240_la")],
+    "Table 5: self-distillation": [
+        ("UperNet", "upernet_c240"), ("UperNet + SD (teacher: same-seed UperNet)",
+                                      "upernet_c240_sd")],
+}
+CLAIMS = {  # table -> (row, baseline row, the seed's claim)
+    "Table 1: crop size and OHEM (UperNet)": [
+        (1, 0, "the larger crop helps"), (2, 1, "OHEM helps")],
+    "Table 4: logit adjustment (tau 0.03)": [(1, 0, "LA helps on val")],
+    "Table 5: self-distillation": [(1, 0, "SD helps on val")],
+}
+FAMILIES = [("UperNet", "upernet_c240"), ("MaskFormer", "maskformer_c240")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="1 seed, a few iterations (CI)")
+    p.add_argument("--root", help="a VSPW-layout dataset root (default: the experiment's)")
+    p.add_argument("--sizes", choices=("camvid", "vspw"), default="camvid",
+                   help="vspw: the seed's model, crops 480/640, schedule and TTA "
+                        "(experiments/vspw_seed.yaml) with the same rows")
+    p.add_argument("--storage", default="runs/reproduce_camvid",
+                   help="storage.path (a folder, or s3://... / gs://... on a cluster)")
+    p.add_argument("--address", help="Ray cluster address (default: a local instance)")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("overrides", nargs="*", help="section.key=value for every variant")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    """The ablation experiment: camvid sizes, or VSPW's; the seeds kept; the overrides."""
+    import yaml
+
+    from vspw_ray.config import apply_overrides, config_from_dict
+
+    data = yaml.safe_load(EXPERIMENT.read_text())
+    if args.sizes == "vspw":
+        data = vspw_sizes(data)
+    storage = args.storage.rstrip("/")
+    overrides = [f"storage.path={storage}",
+                 f"loss.logit_adjust.prior={storage}/stats/class_prior.json"]
+    root = args.root or data["data"]["root"]  # as the experiment writes it: from the cwd
+    if args.smoke:
+        root = smoke_view(root, smoke_folder(storage))
+    if root != data["data"]["root"]:
+        overrides.append(f"data.root={root}")
+    overrides += (SMOKE if args.smoke else []) + list(args.overrides)
+    data = apply_overrides(data, overrides)
+    seeds = 1 if args.smoke else args.seeds
+    data["variants"] = [v for v in data["variants"] if v["seed"] < seeds]
+    return config_from_dict(data), seeds
+
+
+def smoke_folder(storage: str) -> str:
+    """Where the smoke's data view lives: beside local runs, else in the temporary folder."""
+    import hashlib
+    import tempfile
+
+    from vspw_ray.storage import is_uri
+
+    if not is_uri(storage):
+        return f"{storage}/smoke_data"
+    return str(Path(tempfile.gettempdir()) / "vspw_ray_smoke" / hashlib.sha256(
+        storage.encode()).hexdigest()[:12])
+
+
+def smoke_view(root: str, dest: str) -> str:
+    """A view of ``root`` for the smoke run: its shortest train and val videos
+    (``SMOKE_VIDEOS``), as split files beside a link to its ``data`` folder and its class table
+    (nothing is copied). Returns the view's root."""
+    from vspw_ray.data import list_frames, read_split
+
+    src, view = Path(root).resolve(), Path(dest)
+    view.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "label_num_dic_final.json"):
+        if not (view / name).exists():
+            (view / name).symlink_to(src / name)
+    for split, n in SMOKE_VIDEOS.items():
+        videos = read_split(src, split)
+        shortest = sorted(videos, key=lambda v: (len(list_frames(src, v)), v))[:n]
+        (view / f"{split}.txt").write_text("".join(f"{v}\n" for v in videos if v in shortest))
+    return str(view)
+
+
+def vspw_sizes(data: dict) -> dict:
+    """The same rows at the seed's sizes: vspw_seed.yaml's sections (Swin-L, schedule, SWA, TTA,
+    GPUs), crops 480 / 640, OHEM's 200k, MaskFormer at paper scale, val only."""
+    import yaml
+
+    seed = yaml.safe_load((ROOT / "experiments" / "vspw_seed.yaml").read_text())
+    out = {**seed, "name": "vspw_ablations", "variants": []}
+    out["loss"] = {**seed["loss"], "ohem": {**seed["loss"]["ohem"], "enabled": False}}
+    out["pipeline"] = {**seed["pipeline"], "splits": ["val"]}
+    crops = {(135, 180): [480, 480], (180, 240): [640, 640]}
+    for v in data["variants"]:
+        ov = {k: x for k, x in v["overrides"].items()
+              if not k.startswith("model.") or k == "model.family"}
+        ov["data.crop_size"] = crops[tuple(ov["data.crop_size"])]
+        if "loss.ohem.min_kept" in ov:
+            ov["loss.ohem.min_kept"] = seed["loss"]["ohem"]["min_kept"]
+        out["variants"].append({**v, "overrides": ov})
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from vspw_ray.pipeline.run import run_pipeline
+
+    cfg, seeds = build_config(args)
+    start = time.perf_counter()
+    result = run_pipeline(cfg, address=args.address)
+    t_pipeline = time.perf_counter() - start
+    ctx = Context(cfg, seeds, args.address, result.outputs, args.bootstrap)
+    tables = {title: member_table(ctx, rows) for title, rows in TABLES.items()}
+    tables["Table 2: SWA (single scale)"] = swa_table(ctx)
+    tables["TTA: flip x scales vs single scale (SWA models)"] = tta_table(ctx)
+    tables["Table 3: hierarchical ensemble (per seed)"] = ensemble_table(ctx)
+    wall = time.perf_counter() - start
+    claims = judge(tables, ctx)
+    text = render(tables, claims, cfg, seeds, wall, t_pipeline, args.smoke)
+    write_results(cfg.storage.path, text, tables, claims, wall)
+    print(text, flush=True)
+    held = sum(c["verdict"] == "held" for c in claims)
+    for line in ({"metric": "reproduce_wall_time", "value": round(wall, 1),
+                  "target": None if args.smoke else 3600, "unit": "s"},
+                 {"metric": "seed_claims_held", "value": held, "target": None,
+                  "unit": f"of {len(claims)} (bootstrap interval of the difference excludes 0)"}):
+        print(json.dumps(line))
+
+
+class Context:
+    """The finished pipeline's outputs and what the tables share."""
+
+    def __init__(self, cfg, seeds: int, address: str | None, outputs: dict, samples: int):
+        from vspw_ray.data import read_split, split_folds
+        from vspw_ray.pipeline.plan import variants_of
+
+        self.cfg, self.seeds, self.address = cfg, seeds, address
+        self.outputs, self.samples = outputs, samples
+        self.variants = {v.name: v.cfg for v in variants_of(cfg)}
+        self.folds = dict(zip("AB", split_folds(read_split(cfg.data.root, cfg.data.val_split),
+                                                 cfg.data.fold_seed)))
+        self.store = f"{cfg.storage.path.rstrip('/')}/scores"
+        self._videos: dict[str, dict] = {}
+
+    def names(self, base: str) -> list[str]:
+        return [f"{base}_s{s}" for s in range(self.seeds)]
+
+    def member(self, name: str) -> dict:
+        """The pipeline's TTA'd member of a variant: its store key and fold figures."""
+        out = self.outputs[f"infer:{name}/{self.cfg.data.val_split}"]
+        return {"key": out["member_key"], "A": out["final/val_A/miou"],
+                "B": out["final/val_B/miou"]}
+
+    def videos(self, key: str) -> dict:
+        """Per-video confusion matrices of a store member on fold B (cached)."""
+        from vspw_ray.evaluate import video_confusions
+
+        if key not in self._videos:
+            self._videos[key] = video_confusions(self.store, key, self.cfg.data.root,
+                                                 self.cfg.data.val_split, self.folds["B"])
+        return self._videos[key]
+
+
+def row(label: str, per_seed: list[dict]) -> dict:
+    """A table row: per-seed ``{"A", "B", "videos"}`` -> mean and sd over seeds."""
+    a, b = (np.array([s[f] for s in per_seed]) for f in "AB")
+    return {"label": label, "A": float(a.mean()), "A_sd": _sd(a), "B": float(b.mean()),
+            "B_sd": _sd(b), "seeds": len(per_seed), "videos": [s["videos"] for s in per_seed]}
+
+
+def _sd(x: np.ndarray) -> float:
+    return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+
+
+def member_table(ctx: Context, rows) -> list[dict]:
+    out = []
+    for label, base in rows:
+        per_seed = []
+        for name in ctx.names(base):
+            m = ctx.member(name)
+            per_seed.append({**m, "videos": ctx.videos(m["key"])})
+        out.append(row(label, per_seed))
+    return out
+
+
+def single_scale(ctx: Context, name: str, checkpoint: str) -> dict:
+    """Single-scale, no-flip inference of one checkpoint through ``run_inference``."""
+    from vspw_ray.config import apply_overrides, config_from_dict, to_dict
+    from vspw_ray.infer.job import run_inference
+
+    cfg = config_from_dict(apply_overrides(to_dict(ctx.variants[name]), SINGLE_SCALE))
+    out = run_inference(cfg, checkpoint, ctx.cfg.data.val_split, address=ctx.address)
+    return {"key": out.key, "A": out.metrics["val_A/miou"], "B": out.metrics["val_B/miou"],
+            "videos": ctx.videos(out.key)}
+
+
+def swa_table(ctx: Context) -> list[dict]:
+    out = []
+    for family, base in FAMILIES:
+        for stage, label in (("train", family), ("swa", f"{family} + SWA")):
+            out.append(row(label, [single_scale(ctx, n, ctx.outputs[f"{stage}:{n}"]["checkpoint"])
+                                   for n in ctx.names(base)]))
+    return out
+
+
+def tta_table(ctx: Context) -> list[dict]:
+    out = []
+    for family, base in FAMILIES:
+        single = [single_scale(ctx, n, ctx.outputs[f"swa:{n}"]["checkpoint"])
+                  for n in ctx.names(base)]
+        tta = [{**ctx.member(n), "videos": ctx.videos(ctx.member(n)["key"])}
+               for n in ctx.names(base)]
+        out += [row(f"{family}, single scale", single), row(f"{family}, TTA", tta)]
+    return out
+
+
+def ensemble_table(ctx: Context) -> list[dict]:
+    """The seed's Table 3 rows, one ensemble per seed over that seed's members."""
+    per_seed = [seed_ensemble(ctx, s) for s in range(ctx.seeds)]
+    labels = [r for r, _ in per_seed[0]]
+    return [row(label, [dict(rows)[label] for rows in per_seed]) for label in labels]
+
+
+def seed_ensemble(ctx: Context, seed: int) -> list[tuple[str, dict]]:
+    from vspw_ray.config import apply_overrides, config_from_dict, to_dict
+    from vspw_ray.ensemble.stage import run_ensemble
+
+    names = [n for n in ctx.variants if n.endswith(f"_s{seed}")]
+    data = apply_overrides(to_dict(ctx.cfg), {"ensemble.members": names})
+    out = run_ensemble(config_from_dict(data), address=ctx.address)
+    fig, path = out.report["figures"], out.path
+    videos = load_npz(f"{path}/video_confusions.npz")
+    rows = [(f"best single ({out.report['best_single_name'].rsplit('_s', 1)[0]})", "single"),
+            (f"plain mean of {len(names)}", "mean")]
+    result = [(label, {"A": fig[v]["A"]["miou"], "B": fig[v]["B"]["miou"],
+                       "videos": videos[v]}) for label, v in rows]
+    result += group_rows(ctx, out.groups)
+    weights = ", ".join(f"{g} {w:.1f}" for g, w in out.weights.items())
+    result.append((f"searched weights ({out.method})", {
+        "A": fig["ensemble"]["A"]["miou"], "B": fig["ensemble"]["B"]["miou"],
+        "videos": videos["ensemble"], "note": weights}))
+    return result
+
+
+def group_rows(ctx: Context, groups: dict) -> list[tuple[str, dict]]:
+    """S, S+W, S+W+A at equal group weights, rescored with the ensemble's own fusion."""
+    from vspw_ray.data import list_frames
+    from vspw_ray.ensemble.rescore import FusionPlan, rescore
+    from vspw_ray.metrics import mean_iou
+
+    order = list(groups)
+    frames = {v: [f.name for f in list_frames(ctx.cfg.data.root, v)]
+              for fold in ctx.folds.values() for v in fold}
+    num_classes = _num_classes(ctx)
+    out = []
+    for k in range(1, len(order) + 1):
+        plan = FusionPlan({g: groups[g] for g in order[:k]}, (1.0,) * (k - 1),
+                          ctx.cfg.ensemble.space, num_classes)
+        totals, by_video = rescore(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split,
+                                   ctx.folds, frames, plan, 1, lambda fn, jobs: map(fn, jobs))
+        label = " + ".join(g[0].upper() for g in order[:k]) + \
+            (" (equal weights)" if k > 1 else f" (mean of {len(groups[order[0]])})")
+        out.append((label, {f: mean_iou(totals["ensemble"][f][0]) for f in "AB"} |
+                    {"videos": by_video["ensemble"]}))
+    return out
+
+
+def _num_classes(ctx: Context) -> int:
+    from vspw_ray.data import load_class_table
+
+    return load_class_table(ctx.cfg.data.root).num_classes
+
+
+def load_npz(path: str) -> dict[str, dict[str, np.ndarray]]:
+    """``video_confusions.npz`` (local or remote) -> ``{variant: {video: matrix}}``."""
+    import io
+
+    from vspw_ray.storage import filesystem
+
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as f, np.load(io.BytesIO(f.read())) as z:
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for name in z.files:
+            variant, video = name.split("/", 1)
+            out.setdefault(variant, {})[video] = z[name]
+    return out
+
+
+def judge(tables: dict, ctx: Context) -> list[dict]:
+    """Each claim: the fold-B difference (mean over seeds) and its bootstrap interval."""
+    from vspw_ray.metrics import bootstrap_miou_difference
+
+    pairs = [(t, i, j, claim) for t, cs in CLAIMS.items() for i, j, claim in cs]
+    pairs += [("Table 2: SWA (single scale)", 1, 0, "SWA helps UperNet"),
+              ("Table 2: SWA (single scale)", 3, 2, "SWA helps MaskFormer"),
+              ("TTA: flip x scales vs single scale (SWA models)", 1, 0, "TTA helps UperNet"),
+              ("TTA: flip x scales vs single scale (SWA models)", 3, 2, "TTA helps MaskFormer")]
+    t3 = "Table 3: hierarchical ensemble (per seed)"
+    last = len(tables[t3]) - 1
+    pairs += [(t3, last, 0, "the searched ensemble beats the best single model"),
+              (t3, last, 1, "the searched ensemble beats the plain mean")]
+    out = []
+    for table, i, j, claim in pairs:
+        x, y = tables[table][i], tables[table][j]
+        iv = bootstrap_miou_difference(x["videos"], y["videos"], ctx.folds["B"],
+                                       samples=ctx.samples)
+        verdict = ("held" if iv.low > 0 else "reversed" if iv.high < 0 else "undecided (noise)")
+        out.append({"table": table, "claim": claim, "row": x["label"], "baseline": y["label"],
+                    "diff_A": x["A"] - y["A"], **{f"diff_B_{k}": v for k, v in asdict(iv).items()},
+                    "verdict": verdict})
+    return out
+
+
+def _pm(mean: float, sd: float) -> str:
+    return f"{100 * mean:.2f}" + ("" if np.isnan(sd) else f" ± {100 * sd:.2f}")
+
+
+def render(tables: dict, claims: list[dict], cfg, seeds: int, wall: float, t_pipe: float,
+           smoke: bool) -> str:
+    lines = [f"# {cfg.name}: {seeds} seed(s), data {cfg.data.root}" + (" (smoke)" if smoke else ""),
+             f"wall time {wall / 60:.1f} min (pipeline {t_pipe / 60:.1f} min); mIoU in points, "
+             f"mean ± sd over seeds; fold A selects, fold B is held out", ""]
+    for title, rows in tables.items():
+        lines += [f"## {title}", "", "| row | fold A mIoU | fold B mIoU |", "|---|---|---|"]
+        lines += [f"| {r['label']} | {_pm(r['A'], r['A_sd'])} | {_pm(r['B'], r['B_sd'])} |"
+                  for r in rows]
+        lines.append("")
+    lines += ["## Claims (fold B, paired bootstrap over videos, 95 %)", "",
+              "| claim | difference A | difference B | interval B | verdict |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {c['claim']} | {100 * c['diff_A']:+.2f} | {100 * c['diff_B_value']:+.2f} | "
+              f"[{100 * c['diff_B_low']:+.2f}, {100 * c['diff_B_high']:+.2f}] | {c['verdict']} |"
+              for c in claims]
+    return "\n".join(lines)
+
+
+def write_results(storage: str, text: str, tables: dict, claims: list[dict],
+                  wall: float) -> None:
+    from vspw_ray.storage import filesystem, write_atomic
+
+    plain = {t: [{k: v for k, v in r.items() if k != "videos"} for r in rows]
+             for t, rows in tables.items()}
+    fs, root = filesystem(f"{storage.rstrip('/')}/reproduce")
+    fs.create_dir(root, recursive=True)
+    write_atomic(fs, f"{root}/results.md", (text + "\n").encode())
+    write_atomic(fs, f"{root}/results.json", json.dumps(
+        {"tables": plain, "claims": claims, "wall_s": wall}, indent=1).encode())
+
+
+if __name__ == "__main__":
+    main()

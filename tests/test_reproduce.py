@@ -1,0 +1,142 @@
+"""benchmarks/reproduce_camvid.py: the seed's ablation rows on real CamVid frames, through the
+pipeline (the smoke run, 1 seed), its numbers traced to the stages' MLflow runs, and the same
+rows at VSPW's sizes planned without Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(1800)  # the smoke run is set up by the first test using it
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "reproduce_camvid.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("reproduce_camvid", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def smoke(camvid_root, tmp_path_factory):
+    """The smoke run on CamVid: ``(storage, stdout, results.json)``."""
+    storage = tmp_path_factory.mktemp("reproduce") / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--root", str(camvid_root),
+                          "--storage", str(storage)], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return storage, out.stdout, json.loads((storage / "reproduce" / "results.json").read_text())
+
+
+def test_smoke_rows_are_the_stages_tracked_figures(smoke):
+    import mlflow
+
+    storage, stdout, results = smoke
+    tables = results["tables"]
+    assert len(tables) == 6 and all(r["seeds"] == 1 for rows in tables.values() for r in rows)
+    mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["camvid_ablations"], output_format="list")
+    # the pipeline's inference runs carry final/..., the script's own single-scale ones the
+    # stage's val/... keys
+    infer_b = [m[k] for r in runs if r.data.tags.get("stage") == "infer"
+               for m in [r.data.metrics] for k in ("final/val_B/miou", "val/val_B/miou") if k in m]
+    # every member row (Tables 1, 4, 5, 2 and TTA) is an inference run's tracked fold-B figure
+    member_tables = [t for t in tables if not t.startswith("Table 3")]
+    for title in member_tables:
+        for r in tables[title]:
+            assert min(abs(r["B"] - v) for v in infer_b) < 1e-9, (title, r["label"])
+    ensembles = [r for r in runs if r.data.tags.get("stage") == "ensemble"]
+    searched = tables["Table 3: hierarchical ensemble (per seed)"][-1]
+    assert any(abs(r.data.metrics["final/val_B/miou"] - searched["B"]) < 1e-9 for r in ensembles)
+    assert "## Claims" in stdout and json.loads(stdout.strip().splitlines()[-1])["metric"]
+
+
+def test_smoke_pipeline_runs_compare_in_mlflow_and_a_rerun_has_nothing_to_do(smoke, camvid_root):
+    """Issue 16's end-to-end checks on the smoke's pipeline: the stage runs are children of one
+    parent with the common keys, the distilled student started after its teacher's SWA average
+    was made and learnt from it, and the plan afterwards (from storage alone) runs nothing."""
+    import time
+
+    import mlflow
+
+    from vspw_ray.checkpoints import read_state
+    from vspw_ray.pipeline.records import read_record
+    from vspw_ray.pipeline.run import plan_pipeline
+
+    storage, _, _ = smoke
+    module = _module()
+    cfg, _ = module.build_config(module.parse_args(["--smoke", "--root", str(camvid_root),
+                                                    "--storage", str(storage)]))
+    start = time.perf_counter()
+    layout, steps = plan_pipeline(cfg)
+    assert time.perf_counter() - start < 10 and not [s.id for s in steps if s.run]
+    mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["camvid_ablations"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and sorted({r.data.tags["stage"] for r in children}) == [
+        "ensemble", "infer", "swa", "train"]
+    for run in children:
+        if run.data.tags["stage"] != "ensemble":
+            assert "final/val_A/miou" in run.data.metrics and "final/val_B/miou" in run.data.metrics
+            assert {"family", "crop", "ohem", "tau", "distill", "swa", "tta"} <= set(run.data.params)
+    teacher, student = (read_record(layout, cfg.name, step)["outputs"]
+                        for step in ("swa:upernet_c240_s0", "train:upernet_c240_sd_s0"))
+    state = read_state(student["checkpoint"] + "/checkpoint.pt")
+    assert state["config"]["loss"]["distill"]["teacher_checkpoint"] == \
+        teacher["checkpoint"] + "/checkpoint.pt"
+    by_id = {r.info.run_id: r for r in runs}
+    assert by_id[student["run_id"]].info.start_time >= by_id[teacher["run_id"]].info.end_time
+
+
+def test_smoke_claims_follow_their_intervals(smoke):
+    _, _, results = smoke
+    assert len(results["claims"]) == 10
+    for c in results["claims"]:
+        assert c["diff_B_low"] <= c["diff_B_value"] + 1e-12
+        assert c["diff_B_value"] <= c["diff_B_high"] + 1e-12
+        expected = ("held" if c["diff_B_low"] > 0 else "reversed" if c["diff_B_high"] < 0
+                    else "undecided (noise)")
+        assert c["verdict"] == expected
+
+
+def test_the_ensemble_on_real_members_is_at_least_the_best_single_on_fold_a(smoke):
+    """Issue 15's real-data check: CamVid members of both families, inferred with the
+    pipeline; the searched weights (which include the strong group alone) against the best
+    single member, on fold A where they were chosen."""
+    _, _, results = smoke
+    rows = {r["label"].split(" (")[0]: r
+            for r in results["tables"]["Table 3: hierarchical ensemble (per seed)"]}
+    assert rows["searched weights"]["A"] >= rows["best single"]["A"] - 1e-9
+    assert rows["searched weights"]["A"] >= rows["S + W + A"]["A"] - 1e-9  # grid holds (1, 1)
+
+
+def test_the_same_rows_at_vspw_sizes_plan_for_gpus(tmp_path):
+    from vspw_ray.pipeline.run import plan_pipeline
+
+    module = _module()
+    args = module.parse_args(["--sizes", "vspw", "--root", "/data/VSPW_480p", "--storage",
+                              str(tmp_path / "runs")])
+    cfg, seeds = module.build_config(args)
+    assert seeds == 2 and cfg.model.backbone.startswith("swin_large")
+    crops = {v.name: v.overrides["data.crop_size"] for v in cfg.variants}
+    assert crops["upernet_c180_s0"] == [480, 480] and crops["maskformer_c240_s1"] == [640, 640]
+    by_name = {v.name: v.overrides for v in cfg.variants}
+    assert by_name["upernet_c240_ohem_s0"]["loss.ohem.min_kept"] == 200000
+    assert by_name["maskformer_c240_s0"] == {"data.crop_size": [640, 640],
+                                             "model.family": "maskformer"}
+    _, steps = plan_pipeline(cfg)
+    trains = [s for s in steps if s.stage == "train"]
+    assert len(trains) == 12 and all("GPU 1" in s.resources for s in trains)
+    assert [s.id for s in steps][-1] == "ensemble:all"
+    assert all(s.gpu_hours and s.gpu_hours > 0 for s in trains)  # estimated from step rates
