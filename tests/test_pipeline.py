@@ -255,3 +255,25 @@ def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path):
     assert ctx.run(step, lambda c, s: {"checkpoint": "x", "final/val_A/miou": 0.5}) is None
     assert read_record(layout, cfg.name, step.id)["key"] == "k1"
     assert ctx.result.ran == [step.id] and ctx.result.headline[step.id] == 0.5
+
+
+def test_only_the_val_split_fills_the_common_final_keys(tmp_path, monkeypatch):
+    """A test split's inference figures are folds of *test*: they must not be recorded (or
+    logged to MLflow) as final/val_A/... beside the val members."""
+    from types import SimpleNamespace
+
+    import vspw_ray.infer.job as job
+    from vspw_ray.pipeline import steps
+    from vspw_ray.pipeline.plan import variants_of
+    from vspw_ray.pipeline.run import PipelineResult
+
+    cfg = load_config(QUICKSTART, [f"storage.path={tmp_path / 'runs'}"])
+    figures = {"val_A/miou": 0.3, "val_B/miou": 0.4}
+    monkeypatch.setattr(job, "run_inference", lambda *a, **k: SimpleNamespace(
+        key="m", variant_id="v", run_id=None, predictions="p", metrics=figures))
+    ctx = steps.Context(cfg, SimpleNamespace(layout=None, run_id=None, address=None), 1,
+                        PipelineResult([]))
+    v = variants_of(cfg)[0]
+    val, test = (steps._infer(ctx, v, split) for split in ("val", "test"))
+    assert val["final/val_A/miou"] == 0.3 and val["final/val_B/miou"] == 0.4
+    assert not [k for k in test if k.startswith("final/")]

@@ -181,7 +181,9 @@ def _infer(ctx: Context, v: Variant, split: str) -> dict:
     model = ctx.outputs(f"swa:{v.name}") or ctx.outputs(f"train:{v.name}")
     out = run_inference(v.cfg, model.get("checkpoint"), split, address=ctx.stage.address,
                         track=ctx.track, torch_threads=ctx.threads)
-    finals = _finals(out.metrics or {})
+    # the common final/val_{A,B}/... keys name folds of the val split: a test split's own
+    # figures stay under the stage's "<split>/..." keys, never relabelled as val
+    finals = _finals(out.metrics or {}) if split == v.cfg.data.val_split else {}
     _mark(ctx, out.run_id, finals, v, swa=bool(ctx.outputs(f"swa:{v.name}")))
     return {"member_key": out.key, "variant_id": out.variant_id, "run_id": out.run_id,
             "predictions": out.predictions, **finals}
