@@ -165,7 +165,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     result = run_pipeline(cfg, address=args.address)
     t_pipeline = time.perf_counter() - start
-    ctx = Context(cfg, seeds, args.address, result.outputs, args.bootstrap)
+    ctx = Context(cfg, seeds, args.address, recorded_outputs(cfg, result), args.bootstrap)
     tables = {title: member_table(ctx, rows) for title, rows in TABLES.items()}
     tables["Table 2: SWA (single scale)"] = swa_table(ctx)
     tables["TTA: flip x scales vs single scale (SWA models)"] = tta_table(ctx)
@@ -183,6 +183,17 @@ def main(argv=None) -> None:
         print(json.dumps(line))
 
 
+def recorded_outputs(cfg, result) -> dict:
+    """Every step's outputs: this run's, else its completion record's (a run that found
+    "nothing to do" returns none of its own)."""
+    from vspw_ray.pipeline.records import read_record
+    from vspw_ray.pipeline.run import plan_pipeline
+
+    layout, steps = plan_pipeline(cfg)
+    return {s.id: result.outputs.get(s.id) or (read_record(layout, cfg.name, s.id) or {}).get(
+        "outputs", {}) for s in steps}
+
+
 class Context:
     """The finished pipeline's outputs and what the tables share."""
 
@@ -197,6 +208,7 @@ class Context:
                                                  cfg.data.fold_seed)))
         self.store = f"{cfg.storage.path.rstrip('/')}/scores"
         self._videos: dict[str, dict] = {}
+        self._single: dict[str, dict] = {}  # checkpoint -> its single-scale row (Table 2, TTA)
 
     def names(self, base: str) -> list[str]:
         return [f"{base}_s{s}" for s in range(self.seeds)]
@@ -240,14 +252,18 @@ def member_table(ctx: Context, rows) -> list[dict]:
 
 
 def single_scale(ctx: Context, name: str, checkpoint: str) -> dict:
-    """Single-scale, no-flip inference of one checkpoint through ``run_inference``."""
+    """Single-scale, no-flip inference of one checkpoint through ``run_inference`` (once per
+    checkpoint: Table 2 and the TTA table share the SWA models' rows)."""
     from vspw_ray.config import apply_overrides, config_from_dict, to_dict
     from vspw_ray.infer.job import run_inference
 
+    if checkpoint in ctx._single:
+        return ctx._single[checkpoint]
     cfg = config_from_dict(apply_overrides(to_dict(ctx.variants[name]), SINGLE_SCALE))
     out = run_inference(cfg, checkpoint, ctx.cfg.data.val_split, address=ctx.address)
-    return {"key": out.key, "A": out.metrics["val_A/miou"], "B": out.metrics["val_B/miou"],
-            "videos": ctx.videos(out.key)}
+    ctx._single[checkpoint] = {"key": out.key, "A": out.metrics["val_A/miou"],
+                               "B": out.metrics["val_B/miou"], "videos": ctx.videos(out.key)}
+    return ctx._single[checkpoint]
 
 
 def swa_table(ctx: Context) -> list[dict]:
@@ -264,8 +280,7 @@ def tta_table(ctx: Context) -> list[dict]:
     for family, base in FAMILIES:
         single = [single_scale(ctx, n, ctx.outputs[f"swa:{n}"]["checkpoint"])
                   for n in ctx.names(base)]
-        tta = [{**ctx.member(n), "videos": ctx.videos(ctx.member(n)["key"])}
-               for n in ctx.names(base)]
+        tta = [{**m, "videos": ctx.videos(m["key"])} for m in map(ctx.member, ctx.names(base))]
         out += [row(f"{family}, single scale", single), row(f"{family}, TTA", tta)]
     return out
 

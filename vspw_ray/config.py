@@ -50,6 +50,7 @@ __all__ = [
     "parse_override",
     "resolve_variant",
     "teacher_variant",
+    "teacher_pin",
     "variant_id",
     "to_dict",
     "dump_yaml",
@@ -766,6 +767,15 @@ def teacher_variant(teacher: str | None) -> str | None:
     if teacher and teacher.startswith(TEACHER_PREFIX):
         return teacher[len(TEACHER_PREFIX):].split("@", 1)[0]
     return None
+
+
+def teacher_pin(teacher: str) -> tuple[str | None, bool]:
+    """``(the teacher's variant_id, whether its SWA average is meant)`` of a resolved
+    ``variant:NAME@VARIANT_ID[+swa-HASH]`` reference (``(None, False)`` before resolution)."""
+    if "@" not in teacher:
+        return None, False
+    pin = teacher.split("@", 1)[1]
+    return pin.split("+", 1)[0], "+swa-" in pin
 
 
 def _pin_teacher(cfg: ExperimentConfig, student: ExperimentConfig, name: str,

@@ -28,7 +28,8 @@ from typing import Any
 
 from vspw_ray.config import ExperimentConfig, InferConfig, SwaConfig, to_dict, variant_id
 
-__all__ = ["RunLayout", "bind_teacher", "swa_variant_id", "infer_hash", "member_key", "SCORE_AFFECTING_INFER_KEYS"]
+__all__ = ["RunLayout", "bind_teacher", "swa_variant_id", "infer_hash", "member_key",
+           "SCORE_AFFECTING_INFER_KEYS"]
 
 # the infer keys that change the stored scores; actors, batch size and the bad-frame policy
 # change how the job runs, not what it writes
@@ -147,12 +148,12 @@ class RunLayout:
                 named).
         """
         from vspw_ray.checkpoints import checkpoint_file
-        from vspw_ray.config import ConfigError, resolve_variant, teacher_variant
+        from vspw_ray.config import ConfigError, resolve_variant, teacher_pin, teacher_variant
 
         ref = student.loss.distill.teacher
         name = teacher_variant(ref)
         teacher = resolve_variant(experiment, name)
-        pinned = ref.split("@", 1)[1].split("+", 1)[0] if "@" in ref else None
+        pinned, swa = teacher_pin(ref)
         if pinned is not None and pinned != variant_id(teacher):
             raise ConfigError(f"config key 'loss.distill.teacher': '{ref}' was pinned to "
                               f"variant_id {pinned}, but variant '{name}' of experiment "
@@ -166,7 +167,7 @@ class RunLayout:
                               f"no complete training checkpoint under {self.storage} yet; train "
                               f"it first ({command.format('train')}, or run the pipeline, "
                               f"which orders teachers first)") from None
-        if "+swa-" not in ref:
+        if not swa:
             return checkpoint_file(best)
         average = self.swa_average(teacher, best)
         if average is None:
