@@ -17,8 +17,10 @@ interval excludes 0. CamVid has no test split: fold B measures selection luck wi
 the seed's val-to-test shift.
 
     python benchmarks/reproduce_camvid.py                  # the full run (<= 60 min, 2 cores)
-    python benchmarks/reproduce_camvid.py --smoke          # 1 seed, a few iterations, the 4
-                                                           # shortest train and val videos (CI)
+    python benchmarks/reproduce_camvid.py --smoke          # 1 seed, a few iterations, 4 of the
+                                                           # rows (SMOKE_ROWS), the 4 shortest
+                                                           # train and val videos, val cut to
+                                                           # 8 frames a video (CI)
     python benchmarks/reproduce_camvid.py --root /data/VSPW_480p --sizes vspw --address auto \\
         --storage s3://bucket/ablations                   # the same rows on VSPW, on a cluster
 
@@ -32,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,6 +48,9 @@ SMOKE = ["train.iters=6", "train.val_interval=6", "train.warmup_iters=1", "train
          "swa.extra_iters=4", "swa.every=2", "infer.scales=[1.0]", "infer.flip=false",
          "ensemble.grid_step=0.5", "ensemble.strong=1", "data.loader_workers=0"]
 SMOKE_VIDEOS = {"train": 4, "val": 4}  # the smoke's view of the data: the shortest videos
+SMOKE_VAL_FRAMES = 8  # of each val video: enough for VC8
+# the smoke's 4 variants: both crops, the self-distilled student and its teacher, MaskFormer
+SMOKE_ROWS = ("upernet_c180", "upernet_c240", "upernet_c240_sd", "maskformer_c240")
 SINGLE_SCALE = ["infer.scales=[1.0]", "infer.flip=false"]
 # (label, variant base name): the rows of each table; a claim compares a row with the first
 TABLES = {
@@ -57,11 +63,21 @@ TABLES = {
         ("UperNet", "upernet_c240"), ("UperNet + SD (teacher: same-seed UperNet)",
                                       "upernet_c240_sd")],
 }
-CLAIMS = {  # table -> (row, baseline row, the seed's claim)
+CLAIMS = {  # table -> (row, baseline row, the seed's claim); rows by their ids
     "Table 1: crop size and OHEM (UperNet)": [
-        (1, 0, "the larger crop helps"), (2, 1, "OHEM helps")],
-    "Table 4: logit adjustment (tau 0.03)": [(1, 0, "LA helps on val")],
-    "Table 5: self-distillation": [(1, 0, "SD helps on val")],
+        ("upernet_c240", "upernet_c180", "the larger crop helps"),
+        ("upernet_c240_ohem", "upernet_c240", "OHEM helps")],
+    "Table 4: logit adjustment (tau 0.03)": [("upernet_c240_la", "upernet_c240", "LA helps on val")],
+    "Table 5: self-distillation": [("upernet_c240_sd", "upernet_c240", "SD helps on val")],
+    "Table 2: SWA (single scale)": [
+        ("upernet_c240:swa", "upernet_c240:train", "SWA helps UperNet"),
+        ("maskformer_c240:swa", "maskformer_c240:train", "SWA helps MaskFormer")],
+    "TTA: flip x scales vs single scale (SWA models)": [
+        ("upernet_c240:tta", "upernet_c240:single", "TTA helps UperNet"),
+        ("maskformer_c240:tta", "maskformer_c240:single", "TTA helps MaskFormer")],
+    "Table 3: hierarchical ensemble (per seed)": [
+        ("searched", "single", "the searched ensemble beats the best single model"),
+        ("searched", "mean", "the searched ensemble beats the plain mean")],
 }
 FAMILIES = [("UperNet", "upernet_c240"), ("MaskFormer", "maskformer_c240")]
 
@@ -102,8 +118,14 @@ def build_config(args: argparse.Namespace):
     overrides += (SMOKE if args.smoke else []) + list(args.overrides)
     data = apply_overrides(data, overrides)
     seeds = 1 if args.smoke else args.seeds
-    data["variants"] = [v for v in data["variants"] if v["seed"] < seeds]
+    data["variants"] = [v for v in data["variants"] if v["seed"] < seeds and (
+        not args.smoke or base_name(v["name"]) in SMOKE_ROWS)]
     return config_from_dict(data), seeds
+
+
+def base_name(variant: str) -> str:
+    """``upernet_c240_s1`` -> ``upernet_c240``: the row a variant belongs to."""
+    return variant.rsplit("_s", 1)[0]
 
 
 def smoke_folder(storage: str) -> str:
@@ -121,20 +143,42 @@ def smoke_folder(storage: str) -> str:
 
 def smoke_view(root: str, dest: str) -> str:
     """A view of ``root`` for the smoke run: its shortest train and val videos
-    (``SMOKE_VIDEOS``), as split files beside a link to its ``data`` folder and its class table
-    (nothing is copied). Returns the view's root."""
+    (``SMOKE_VIDEOS``), val videos cut to their first ``SMOKE_VAL_FRAMES`` frames (every stage
+    scores val at full resolution: most of the smoke's compute), as split files and links to
+    the original frames, masks and class table (nothing is copied). Returns the view's root."""
     from vspw_ray.data import list_frames, read_split
 
     src, view = Path(root).resolve(), Path(dest)
-    view.mkdir(parents=True, exist_ok=True)
-    for name in ("data", "label_num_dic_final.json"):
-        if not (view / name).exists():
-            (view / name).symlink_to(src / name)
+    if (view / "data").is_symlink():  # an older smoke's view linked the whole folder
+        (view / "data").unlink()
+    (view / "data").mkdir(parents=True, exist_ok=True)
+    if not (view / "label_num_dic_final.json").exists():
+        (view / "label_num_dic_final.json").symlink_to(src / "label_num_dic_final.json")
     for split, n in SMOKE_VIDEOS.items():
         videos = read_split(src, split)
         shortest = sorted(videos, key=lambda v: (len(list_frames(src, v)), v))[:n]
+        for video in shortest:
+            _link_video(src, view, video, SMOKE_VAL_FRAMES if split == "val" else None)
         (view / f"{split}.txt").write_text("".join(f"{v}\n" for v in videos if v in shortest))
     return str(view)
+
+
+def _link_video(src: Path, view: Path, video: str, frames: int | None) -> None:
+    """``view/data/video`` -> the original video folder, or, with ``frames``, folders of links
+    to its first frames and their masks."""
+    from vspw_ray.data import list_frames
+
+    folder = view / "data" / video
+    if folder.exists() or folder.is_symlink():
+        return
+    if frames is None:
+        folder.symlink_to(src / "data" / video)
+        return
+    for sub in ("origin", "mask"):
+        (folder / sub).mkdir(parents=True)
+    for f in list_frames(src, video)[:frames]:
+        (folder / "origin" / f.image.name).symlink_to(f.image)
+        (folder / "mask" / f.mask.name).symlink_to(f.mask)
 
 
 def vspw_sizes(data: dict) -> dict:
@@ -167,6 +211,7 @@ def main(argv=None) -> None:
     t_pipeline = time.perf_counter() - start
     ctx = Context(cfg, seeds, args.address, recorded_outputs(cfg, result), args.bootstrap)
     tables = {title: member_table(ctx, rows) for title, rows in TABLES.items()}
+    tables = {title: rows for title, rows in tables.items() if len(rows) > 1}
     tables["Table 2: SWA (single scale)"] = swa_table(ctx)
     tables["TTA: flip x scales vs single scale (SWA models)"] = tta_table(ctx)
     tables["Table 3: hierarchical ensemble (per seed)"] = ensemble_table(ctx)
@@ -204,6 +249,7 @@ class Context:
         self.cfg, self.seeds, self.address = cfg, seeds, address
         self.outputs, self.samples = outputs, samples
         self.variants = {v.name: v.cfg for v in variants_of(cfg)}
+        self.bases = {base_name(name) for name in self.variants}
         self.folds = dict(zip("AB", split_folds(read_split(cfg.data.root, cfg.data.val_split),
                                                  cfg.data.fold_seed)))
         self.store = f"{cfg.storage.path.rstrip('/')}/scores"
@@ -229,10 +275,11 @@ class Context:
         return self._videos[key]
 
 
-def row(label: str, per_seed: list[dict]) -> dict:
-    """A table row: per-seed ``{"A", "B", "videos"}`` -> mean and sd over seeds."""
+def row(label: str, per_seed: list[dict], row_id: str) -> dict:
+    """A table row: per-seed ``{"A", "B", "videos"}`` -> mean and sd over seeds; ``row_id``
+    names it for the claims."""
     a, b = (np.array([s[f] for s in per_seed]) for f in "AB")
-    return {"label": label, "A": float(a.mean()), "A_sd": _sd(a), "B": float(b.mean()),
+    return {"id": row_id, "label": label, "A": float(a.mean()), "A_sd": _sd(a), "B": float(b.mean()),
             "B_sd": _sd(b), "seeds": len(per_seed), "videos": [s["videos"] for s in per_seed]}
 
 
@@ -241,13 +288,16 @@ def _sd(x: np.ndarray) -> float:
 
 
 def member_table(ctx: Context, rows) -> list[dict]:
+    """The rows whose variants this run has (the smoke has a few)."""
     out = []
     for label, base in rows:
+        if base not in ctx.bases:
+            continue
         per_seed = []
         for name in ctx.names(base):
             m = ctx.member(name)
             per_seed.append({**m, "videos": ctx.videos(m["key"])})
-        out.append(row(label, per_seed))
+        out.append(row(label, per_seed, base))
     return out
 
 
@@ -267,11 +317,15 @@ def single_scale(ctx: Context, name: str, checkpoint: str) -> dict:
 
 
 def swa_table(ctx: Context) -> list[dict]:
+    pairs = [(n, ctx.outputs[f"{stage}:{n}"]["checkpoint"]) for _, base in FAMILIES
+             for stage in ("train", "swa") for n in ctx.names(base)]
+    with ThreadPoolExecutor(2) as pool:  # two inference jobs at once, as the pipeline runs them
+        list(pool.map(lambda p: single_scale(ctx, *p), pairs))
     out = []
     for family, base in FAMILIES:
         for stage, label in (("train", family), ("swa", f"{family} + SWA")):
             out.append(row(label, [single_scale(ctx, n, ctx.outputs[f"{stage}:{n}"]["checkpoint"])
-                                   for n in ctx.names(base)]))
+                                   for n in ctx.names(base)], f"{base}:{stage}"))
     return out
 
 
@@ -281,18 +335,21 @@ def tta_table(ctx: Context) -> list[dict]:
         single = [single_scale(ctx, n, ctx.outputs[f"swa:{n}"]["checkpoint"])
                   for n in ctx.names(base)]
         tta = [{**m, "videos": ctx.videos(m["key"])} for m in map(ctx.member, ctx.names(base))]
-        out += [row(f"{family}, single scale", single), row(f"{family}, TTA", tta)]
+        out += [row(f"{family}, single scale", single, f"{base}:single"),
+                row(f"{family}, TTA", tta, f"{base}:tta")]
     return out
 
 
 def ensemble_table(ctx: Context) -> list[dict]:
     """The seed's Table 3 rows, one ensemble per seed over that seed's members."""
     per_seed = [seed_ensemble(ctx, s) for s in range(ctx.seeds)]
-    labels = [r for r, _ in per_seed[0]]
-    return [row(label, [dict(rows)[label] for rows in per_seed]) for label in labels]
+    ids = [r for r, _, _ in per_seed[0]]
+    labels = {r: label for r, label, _ in per_seed[0]}
+    return [row(labels[i], [{r: x for r, _, x in rows}[i] for rows in per_seed], i) for i in ids]
 
 
-def seed_ensemble(ctx: Context, seed: int) -> list[tuple[str, dict]]:
+def seed_ensemble(ctx: Context, seed: int) -> list[tuple[str, str, dict]]:
+    """``(row id, label, figures)`` of one seed's ensemble over that seed's members."""
     from vspw_ray.config import apply_overrides, config_from_dict, to_dict
     from vspw_ray.ensemble.stage import run_ensemble
 
@@ -301,19 +358,19 @@ def seed_ensemble(ctx: Context, seed: int) -> list[tuple[str, dict]]:
     out = run_ensemble(config_from_dict(data), address=ctx.address)
     fig, path = out.report["figures"], out.path
     videos = load_npz(f"{path}/video_confusions.npz")
-    rows = [(f"best single ({out.report['best_single_name'].rsplit('_s', 1)[0]})", "single"),
+    rows = [(f"best single ({base_name(out.report['best_single_name'])})", "single"),
             (f"plain mean of {len(names)}", "mean")]
-    result = [(label, {"A": fig[v]["A"]["miou"], "B": fig[v]["B"]["miou"],
-                       "videos": videos[v]}) for label, v in rows]
+    result = [(v, label, {"A": fig[v]["A"]["miou"], "B": fig[v]["B"]["miou"],
+                          "videos": videos[v]}) for label, v in rows]
     result += group_rows(ctx, out.groups)
     weights = ", ".join(f"{g} {w:.1f}" for g, w in out.weights.items())
-    result.append((f"searched weights ({out.method})", {
+    result.append(("searched", f"searched weights ({out.method})", {
         "A": fig["ensemble"]["A"]["miou"], "B": fig["ensemble"]["B"]["miou"],
         "videos": videos["ensemble"], "note": weights}))
     return result
 
 
-def group_rows(ctx: Context, groups: dict) -> list[tuple[str, dict]]:
+def group_rows(ctx: Context, groups: dict) -> list[tuple[str, str, dict]]:
     """S, S+W, S+W+A at equal group weights, rescored with the ensemble's own fusion."""
     from vspw_ray.data import list_frames
     from vspw_ray.ensemble.rescore import FusionPlan, rescore
@@ -331,7 +388,8 @@ def group_rows(ctx: Context, groups: dict) -> list[tuple[str, dict]]:
                                    ctx.folds, frames, plan, 1, lambda fn, jobs: map(fn, jobs))
         label = " + ".join(g[0].upper() for g in order[:k]) + \
             (" (equal weights)" if k > 1 else f" (mean of {len(groups[order[0]])})")
-        out.append((label, {f: mean_iou(totals["ensemble"][f][0]) for f in "AB"} |
+        row_id = "".join(g[0].upper() for g in order[:k])
+        out.append((row_id, label, {f: mean_iou(totals["ensemble"][f][0]) for f in "AB"} |
                     {"videos": by_video["ensemble"]}))
     return out
 
@@ -358,28 +416,24 @@ def load_npz(path: str) -> dict[str, dict[str, np.ndarray]]:
 
 
 def judge(tables: dict, ctx: Context) -> list[dict]:
-    """Each claim: the fold-B difference (mean over seeds) and its bootstrap interval."""
+    """Each claim whose rows this run has: the fold-B difference (mean over seeds) and its
+    bootstrap interval."""
     from vspw_ray.metrics import bootstrap_miou_difference
 
-    pairs = [(t, i, j, claim) for t, cs in CLAIMS.items() for i, j, claim in cs]
-    pairs += [("Table 2: SWA (single scale)", 1, 0, "SWA helps UperNet"),
-              ("Table 2: SWA (single scale)", 3, 2, "SWA helps MaskFormer"),
-              ("TTA: flip x scales vs single scale (SWA models)", 1, 0, "TTA helps UperNet"),
-              ("TTA: flip x scales vs single scale (SWA models)", 3, 2, "TTA helps MaskFormer")]
-    t3 = "Table 3: hierarchical ensemble (per seed)"
-    last = len(tables[t3]) - 1
-    pairs += [(t3, last, 0, "the searched ensemble beats the best single model"),
-              (t3, last, 1, "the searched ensemble beats the plain mean")]
     out = []
-    for table, i, j, claim in pairs:
-        x, y = tables[table][i], tables[table][j]
-        iv = bootstrap_miou_difference(x["videos"], y["videos"], ctx.folds["B"],
-                                       samples=ctx.samples)
-        verdict = ("held" if iv.low > 0 else "reversed" if iv.high < 0 else "undecided (noise)")
-        out.append({"table": table, "claim": claim, "row": x["label"], "baseline": y["label"],
-                    "diff_A": x["A"] - y["A"], **{f"diff_B_{k}": v for k, v in asdict(iv).items()},
-                    "verdict": verdict})
+    for table, claims in CLAIMS.items():
+        rows = {r["id"]: r for r in tables.get(table, [])}
+        out += [_claim(table, rows[i], rows[j], claim, ctx, bootstrap_miou_difference)
+                for i, j, claim in claims if i in rows and j in rows]
     return out
+
+
+def _claim(table: str, x: dict, y: dict, claim: str, ctx: Context, bootstrap) -> dict:
+    iv = bootstrap(x["videos"], y["videos"], ctx.folds["B"], samples=ctx.samples)
+    verdict = ("held" if iv.low > 0 else "reversed" if iv.high < 0 else "undecided (noise)")
+    return {"table": table, "claim": claim, "row": x["label"], "baseline": y["label"],
+            "diff_A": x["A"] - y["A"], **{f"diff_B_{k}": v for k, v in asdict(iv).items()},
+            "verdict": verdict}
 
 
 def _pm(mean: float, sd: float) -> str:

@@ -54,17 +54,34 @@ def test_local_ray_serves_the_state_api_unless_told_not_to():
     """By default the local instance runs the dashboard process that serves Ray's State API
     (Ray Train's helpers poll it; `ray list actors` works against a running job);
     `--no-dashboard` (VSPW_RAY_DASHBOARD=0) leaves it out. The preemption watcher stays off for
-    the one local node either way."""
+    the one local node either way, and the controller polls every 0.5 s unless the user set
+    another interval."""
     code = ("import os, ray; from vspw_ray.runtime import connect_ray; connect_ray(None); "
             "from ray.util.state import list_nodes\n"
             "try:\n    state = len(list_nodes(address=ray.get_runtime_context().gcs_address, timeout=20))\n"
             "except Exception:\n    state = 0\n"
-            "print('STATE', state, os.environ.get('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'))")
-    for setting, expect in ((None, True), ("0", False)):
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VSPW_RAY_DASHBOARD")}
+            "print('STATE', state, os.environ.get('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'), "
+            "os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'))")
+    unset = ("RAY_ADDRESS", "VSPW_RAY_DASHBOARD", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    for setting, expect, interval in ((None, True, "0.5"), ("0", False, "3")):
+        env = {k: v for k, v in os.environ.items() if k not in unset}
         if setting is not None:
             env["VSPW_RAY_DASHBOARD"] = setting
+            env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = interval  # the user's own setting
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              cwd=ROOT, env=env, check=True).stdout
-        nodes, watcher = out.strip().splitlines()[-1].split()[1:]
-        assert (nodes == "1") is expect and watcher == "0", out
+        nodes, watcher, polled = out.strip().splitlines()[-1].split()[1:]
+        assert (nodes == "1") is expect and watcher == "0" and polled == interval, out
+
+
+def test_the_local_ray_train_settings_are_variables_ray_passes_to_its_controller():
+    """LOCAL_RAY_TRAIN_ENV names Ray Train 2.60's environment variables; if Ray renames or
+    stops propagating them, the local settings would silently do nothing."""
+    from ray.train.v2._internal import constants
+
+    from vspw_ray.runtime import LOCAL_RAY_TRAIN_ENV
+
+    assert set(LOCAL_RAY_TRAIN_ENV) == {constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+                                        constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR}
+    assert set(LOCAL_RAY_TRAIN_ENV) <= set(constants.ENV_VARS_TO_PROPAGATE)

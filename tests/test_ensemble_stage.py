@@ -368,3 +368,26 @@ def test_more_bad_input(ray_local, synth_copy, synth_root, storage, tmp_path, ca
     path.write_text(dump_yaml(_bad(synth_root, storage, "ensemble.members=[strong,nope]")))
     assert main(["ensemble", str(path), "--no-track"]) == 2
     assert "error: config key 'ensemble.members': 'nope'" in capsys.readouterr().err
+
+
+def test_naming_every_member_is_the_default_ensemble_and_another_member_set_is_not():
+    """The ensemble's identity counts ``ensemble.members`` through the store keys it selects:
+    naming all variants reuses the default ensemble's weights; dropping one gives another."""
+    from vspw_ray.ensemble.members import Member, ensemble_id
+    from vspw_ray.pipeline.keys import ensemble_key
+
+    def member(name):
+        return Member(name, f"key-{name}", f"vid-{name}", None, "upernet", "train", 0, 0.5, C,
+                      tuple(map(str, range(C))))
+
+    cfg = load_config(EXPERIMENT)
+    named = config_from_dict({**to_dict(cfg), "ensemble": {
+        **to_dict(cfg.ensemble), "members": ["b", "a", "c"]}})
+    everyone = [member(n) for n in "abc"]
+    assert ensemble_id(named, everyone) == ensemble_id(cfg, everyone)
+    assert ensemble_key(named, [m.key for m in everyone]) == ensemble_key(
+        cfg, [m.key for m in everyone])
+    assert ensemble_id(named, everyone[:2]) != ensemble_id(cfg, everyone)
+    moved = config_from_dict({**to_dict(cfg), "ensemble": {**to_dict(cfg.ensemble),
+                                                           "grid_step": 0.25}})
+    assert ensemble_id(moved, everyone) != ensemble_id(cfg, everyone)

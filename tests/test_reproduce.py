@@ -43,7 +43,12 @@ def test_smoke_rows_are_the_stages_tracked_figures(smoke):
 
     storage, stdout, results = smoke
     tables = results["tables"]
-    assert len(tables) == 6 and all(r["seeds"] == 1 for rows in tables.values() for r in rows)
+    # the smoke's 4 variants: no OHEM or LA row, so no Table 4
+    assert sorted(t.split(":")[0] for t in tables) == ["TTA", "Table 1", "Table 2", "Table 3",
+                                                        "Table 5"]
+    assert [r["id"] for r in tables["Table 1: crop size and OHEM (UperNet)"]] == [
+        "upernet_c180", "upernet_c240"]
+    assert all(r["seeds"] == 1 for rows in tables.values() for r in rows)
     mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["camvid_ablations"], output_format="list")
     # the pipeline's inference runs carry final/..., the script's own single-scale ones the
@@ -101,7 +106,7 @@ def test_smoke_pipeline_runs_compare_in_mlflow_and_a_rerun_has_nothing_to_do(smo
 
 def test_smoke_claims_follow_their_intervals(smoke):
     _, _, results = smoke
-    assert len(results["claims"]) == 10
+    assert len(results["claims"]) == 8  # 10 of the full run less OHEM's and LA's
     for c in results["claims"]:
         assert c["diff_B_low"] <= c["diff_B_value"] + 1e-12
         assert c["diff_B_value"] <= c["diff_B_high"] + 1e-12

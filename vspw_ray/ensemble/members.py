@@ -237,8 +237,10 @@ def _split_of(members: Sequence[Member], label: str) -> str | None:
 
 def ensemble_id(cfg: ExperimentConfig, members: Sequence[Member]) -> str:
     """``<experiment>-ens-<hash>`` of the member keys, the ensemble section, the val split and
-    the fold seed: another member, setting or fold gives another ensemble."""
-    identity = {"members": sorted(m.key for m in members), "ensemble": to_dict(cfg.ensemble),
+    the fold seed: another member, setting or fold gives another ensemble. ``ensemble.members``
+    counts through the keys it selects only: naming every variant is the default ensemble."""
+    settings = {k: v for k, v in to_dict(cfg.ensemble).items() if k != "members"}
+    identity = {"members": sorted(m.key for m in members), "ensemble": settings,
                 "val_split": cfg.data.val_split, "fold_seed": cfg.data.fold_seed}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     return f"{cfg.name}-ens-{digest.hexdigest()[:10]}"

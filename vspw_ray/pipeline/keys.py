@@ -43,6 +43,7 @@ def infer_key(resolved: ExperimentConfig, split: str, *, swa: bool) -> str:
 
 
 def ensemble_key(cfg: ExperimentConfig, member_keys: list[str]) -> str:
-    """The ensemble and submission: its members' inference keys, the ``ensemble`` section and
-    the fold seed."""
-    return digest("ensemble", sorted(member_keys), to_dict(cfg.ensemble), cfg.data.fold_seed)
+    """The ensemble and submission: its members' inference keys, the ``ensemble`` section
+    (``members`` through the keys it selects) and the fold seed."""
+    settings = {k: v for k, v in to_dict(cfg.ensemble).items() if k != "members"}
+    return digest("ensemble", sorted(member_keys), settings, cfg.data.fold_seed)
