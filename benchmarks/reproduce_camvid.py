@@ -44,15 +44,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EXPERIMENT = ROOT / "experiments" / "camvid_ablations.yaml"
+SINGLE_SCALE = ["infer.scales=[1.0]", "infer.flip=false"]
 SMOKE = ["train.iters=6", "train.val_interval=6", "train.warmup_iters=1", "train.log_interval=3",
-         "swa.extra_iters=4", "swa.every=2", "infer.scales=[1.0]", "infer.flip=false",
-         "ensemble.grid_step=0.5", "ensemble.strong=1", "data.loader_workers=0"]
+         "swa.extra_iters=4", "swa.every=2", "ensemble.grid_step=0.5", "ensemble.strong=1",
+         "data.loader_workers=0", *SINGLE_SCALE]
 SMOKE_VIDEOS = {"train": 4, "val": 4}  # the smoke's view of the data: the shortest videos
 SMOKE_VAL_FRAMES = 8  # of each val video: enough for VC8
 # the smoke's 4 variants: both crops, the self-distilled student and its teacher, MaskFormer
 SMOKE_ROWS = ("upernet_c180", "upernet_c240", "upernet_c240_sd", "maskformer_c240")
-SINGLE_SCALE = ["infer.scales=[1.0]", "infer.flip=false"]
-# (label, variant base name): the rows of each table; a claim compares a row with the first
+# (label, variant base name): the member rows of each table, the base name its id in CLAIMS
 TABLES = {
     "Table 1: crop size and OHEM (UperNet)": [
         ("crop 135x180", "upernet_c180"), ("crop 180x240 (480:640)", "upernet_c240"),
@@ -260,10 +260,11 @@ class Context:
         return [f"{base}_s{s}" for s in range(self.seeds)]
 
     def member(self, name: str) -> dict:
-        """The pipeline's TTA'd member of a variant: its store key and fold figures."""
+        """The pipeline's TTA'd member of a variant: its store key, fold figures and fold-B
+        per-video confusion matrices."""
         out = self.outputs[f"infer:{name}/{self.cfg.data.val_split}"]
         return {"key": out["member_key"], "A": out["final/val_A/miou"],
-                "B": out["final/val_B/miou"]}
+                "B": out["final/val_B/miou"], "videos": self.videos(out["member_key"])}
 
     def videos(self, key: str) -> dict:
         """Per-video confusion matrices of a store member on fold B (cached)."""
@@ -293,11 +294,7 @@ def member_table(ctx: Context, rows) -> list[dict]:
     for label, base in rows:
         if base not in ctx.bases:
             continue
-        per_seed = []
-        for name in ctx.names(base):
-            m = ctx.member(name)
-            per_seed.append({**m, "videos": ctx.videos(m["key"])})
-        out.append(row(label, per_seed, base))
+        out.append(row(label, [ctx.member(n) for n in ctx.names(base)], base))
     return out
 
 
@@ -334,7 +331,7 @@ def tta_table(ctx: Context) -> list[dict]:
     for family, base in FAMILIES:
         single = [single_scale(ctx, n, ctx.outputs[f"swa:{n}"]["checkpoint"])
                   for n in ctx.names(base)]
-        tta = [{**m, "videos": ctx.videos(m["key"])} for m in map(ctx.member, ctx.names(base))]
+        tta = [ctx.member(n) for n in ctx.names(base)]
         out += [row(f"{family}, single scale", single, f"{base}:single"),
                 row(f"{family}, TTA", tta, f"{base}:tta")]
     return out

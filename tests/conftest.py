@@ -78,11 +78,10 @@ def ray_local():
     has, so a driver plus two Train workers fit."""
     import ray
 
-    from vspw_ray.runtime import LOCAL_RAY_TRAIN_ENV
+    from vspw_ray.runtime import use_local_ray_train_settings
 
     if not ray.is_initialized():
-        for key, value in LOCAL_RAY_TRAIN_ENV.items():  # as connect_ray sets them locally
-            os.environ.setdefault(key, value)
+        use_local_ray_train_settings()  # as connect_ray's local instances
         # with the dashboard, as the CLI's local instances: it serves the State API, without
         # which Ray Train's placement-group cleaner can take a live run's controller for dead
         ray.init(num_cpus=4, log_to_driver=False, include_dashboard=True)

@@ -46,6 +46,13 @@ LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+def use_local_ray_train_settings() -> None:
+    """Put :data:`LOCAL_RAY_TRAIN_ENV` into this process's environment (Ray's processes inherit
+    it) where the user has not set a value; call before a local ``ray.init``."""
+    for key, value in LOCAL_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def resolve_address(address: str | None) -> str | None:
     """``--address``, else ``RAY_ADDRESS``, else None (a local instance)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -80,8 +87,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
                 f"check that the head node is running (`ray status --address {address}`), or "
                 f"leave the address out to run on a local Ray instance") from None
         return
-    for key, value in LOCAL_RAY_TRAIN_ENV.items():  # inherited by Ray's processes
-        os.environ.setdefault(key, value)
+    use_local_ray_train_settings()
     dashboard = os.environ.get(DASHBOARD_ENV, "1") not in ("", "0")
     ray.init(address=LOCAL, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
              include_dashboard=dashboard, log_to_driver=True)

@@ -19,8 +19,7 @@ from vspw_ray.errors import DataError, StoreError, UserError
 from vspw_ray.metrics import VAL_A_MIOU
 
 __all__ = ["Member", "EnsembleError", "member_names", "load_members", "check_members", "check_split",
-           "check_scored",
-           "check_leakage", "ensemble_id"]
+           "check_scored", "check_leakage", "ensemble_settings", "ensemble_id"]
 
 
 class EnsembleError(UserError):
@@ -235,12 +234,17 @@ def _split_of(members: Sequence[Member], label: str) -> str | None:
     return next(m.train_split for m in members if m.label == label)
 
 
+def ensemble_settings(cfg: ExperimentConfig) -> dict:
+    """The ``ensemble`` section as an ensemble's identity counts it: without ``members``, which
+    counts through the store keys it selects (naming every variant is the default ensemble)."""
+    return {k: v for k, v in to_dict(cfg.ensemble).items() if k != "members"}
+
+
 def ensemble_id(cfg: ExperimentConfig, members: Sequence[Member]) -> str:
-    """``<experiment>-ens-<hash>`` of the member keys, the ensemble section, the val split and
-    the fold seed: another member, setting or fold gives another ensemble. ``ensemble.members``
-    counts through the keys it selects only: naming every variant is the default ensemble."""
-    settings = {k: v for k, v in to_dict(cfg.ensemble).items() if k != "members"}
-    identity = {"members": sorted(m.key for m in members), "ensemble": settings,
+    """``<experiment>-ens-<hash>`` of the member keys, the ensemble settings
+    (:func:`ensemble_settings`), the val split and the fold seed: another member, setting or
+    fold gives another ensemble."""
+    identity = {"members": sorted(m.key for m in members), "ensemble": ensemble_settings(cfg),
                 "val_split": cfg.data.val_split, "fold_seed": cfg.data.fold_seed}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     return f"{cfg.name}-ens-{digest.hexdigest()[:10]}"

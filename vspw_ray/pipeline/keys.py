@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from vspw_ray.config import ExperimentConfig, to_dict, variant_id
+from vspw_ray.ensemble.members import ensemble_settings
 from vspw_ray.layout import infer_hash
 
 __all__ = ["digest", "data_key", "train_key", "swa_key", "infer_key", "ensemble_key"]
@@ -43,7 +44,6 @@ def infer_key(resolved: ExperimentConfig, split: str, *, swa: bool) -> str:
 
 
 def ensemble_key(cfg: ExperimentConfig, member_keys: list[str]) -> str:
-    """The ensemble and submission: its members' inference keys, the ``ensemble`` section
-    (``members`` through the keys it selects) and the fold seed."""
-    settings = {k: v for k, v in to_dict(cfg.ensemble).items() if k != "members"}
-    return digest("ensemble", sorted(member_keys), settings, cfg.data.fold_seed)
+    """The ensemble and submission: its members' inference keys, the ensemble settings (as
+    the ensemble's own identity counts them) and the fold seed."""
+    return digest("ensemble", sorted(member_keys), ensemble_settings(cfg), cfg.data.fold_seed)
