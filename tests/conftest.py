@@ -84,6 +84,6 @@ def ray_local():
         use_local_ray_train_settings()  # as connect_ray's local instances
         # with the dashboard, as the CLI's local instances: it serves the State API, without
         # which Ray Train's placement-group cleaner can take a live run's controller for dead
-        ray.init(num_cpus=4, log_to_driver=False, include_dashboard=True)
+        ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=True)
     yield ray
     ray.shutdown()
