@@ -119,7 +119,8 @@ def _evaluate(source: tuple, videos: list[str], by_video: list[list[Frame]], tab
     sets = {fold: set(members) for fold, members in folds.items()}
     holders = {v: [fold for fold, members in sets.items() if v in members] for v in videos}
     jobs = [(frames, source, table.num_classes) for frames in by_video]
-    results = map_videos(_evaluate_video, jobs, processes=processes, progress=progress)
+    results = map_videos(_evaluate_video, jobs, processes=processes, progress=progress,
+                         frames=[len(frames) for frames in by_video])
     for video, (matrix, accs) in zip(videos, results):
         for fold in holders[video]:
             cm, vc = totals[fold]
@@ -175,7 +176,8 @@ def video_confusions(store: str | Path, variant: str, root: str | Path, split: s
     videos = list(videos) if videos is not None else read_split(root, split)
     jobs = [(list_frames(root, v, require_masks=True), ("store", str(store), variant, split),
              table.num_classes) for v in videos]
-    results = map_videos(_evaluate_video, jobs, processes=processes, progress=progress)
+    results = map_videos(_evaluate_video, jobs, processes=processes, progress=progress,
+                         frames=[len(job[0]) for job in jobs])
     return {v: matrix for v, (matrix, _) in zip(videos, results)}
 
 
