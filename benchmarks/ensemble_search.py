@@ -14,7 +14,10 @@ size.
   machine slow either at random). The naive path re-reads, decodes, forms group means, fuses
   (torch), takes the argmax and scores, once per point; it is timed on ``--naive-points``
   points, checked to give the grid's matrices there, and extrapolated per point to all 441.
-  One process each, ``--threads`` torch threads.
+  One process each, ``--threads`` torch threads (default 1: the grid scales by sharding videos
+  over processes or Ray tasks, which run one thread each, so per core is the deployed
+  comparison; at 2 threads the plain pass's torch decode also uses the second core while the
+  grid's numpy scoring does not, and the ratio swings 2.3-3.1 with other load).
 * **Memory**: peak RSS of a grid run in a fresh process with 2 and with 8 frames per video
   (1x and 4x) above the RSS after imports, with glibc returning freed arrays over 1 MB to the
   system (the default allocator's total peaks are printed and reported beside).
@@ -31,7 +34,7 @@ size.
   encoding at full resolution (which separates the 1/4 resolution from top-k and quantisation),
   and Parquet bytes per member-frame against dense fp16.
 
-    python benchmarks/ensemble_search.py [--threads 2] [--naive-points 2] [--fidelity-frames 4]
+    python benchmarks/ensemble_search.py [--threads 1] [--naive-points 2] [--fidelity-frames 4]
         [--tune-trials 48]
 
 Prints JSON lines last: {"metric", "value", "target", "unit"}.
@@ -359,7 +362,7 @@ def time_tune(store: str, root: Path, videos: list[str], sample, grid_best_miou:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--naive-points", type=int, default=2)
     parser.add_argument("--fidelity-frames", type=int, default=4)
     parser.add_argument("--tune-trials", type=int, default=48)
