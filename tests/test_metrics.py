@@ -177,3 +177,23 @@ def test_bootstrap_of_identical_sides_is_zero_and_of_swapped_sides_is_mirrored()
     ab = bootstrap_miou_difference(x, y, videos, samples=200)
     ba = bootstrap_miou_difference(y, x, videos, samples=200)
     assert ab.value == pytest.approx(-ba.value) and ab.low == pytest.approx(-ba.high)
+
+
+@pytest.mark.parametrize("shape, dim", [((2, 11, 36, 48), 1), ((11, 36, 48), 0), ((5, 7), -1)])
+def test_class_labels_are_argmax_with_the_first_maximum_on_ties(shape, dim):
+    import torch
+
+    from vspw_ray.labels import class_labels
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, shape, generator=gen).float()  # many ties
+    labels = class_labels(scores, dim)
+    assert torch.equal(labels, scores.argmax(dim))
+    # the first maximum: no smaller index along dim holds the same score
+    picked = scores.gather(dim, labels.unsqueeze(dim))
+    index = torch.arange(scores.shape[dim]).view([-1 if d == dim % scores.dim() else 1
+                                                  for d in range(scores.dim())])
+    earlier = (scores == picked) & (index < labels.unsqueeze(dim))
+    assert not earlier.any()
+    half = torch.rand(shape, generator=gen).half()
+    assert torch.equal(class_labels(half, dim), half.argmax(dim))

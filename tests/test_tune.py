@@ -221,17 +221,28 @@ def test_an_interrupted_fit_is_neither_reported_nor_told_fail(tmp_path):
 
 
 def test_a_trial_the_study_holds_finished_re_reports_what_optuna_saw(tmp_path):
+    import optuna
+    from optuna.distributions import FloatDistribution
+
     from vspw_ray.tune.trial import finished_result
 
     complete, pruned, failed = _study_of(tmp_path, ["COMPLETE", "PRUNED", "FAIL"]).trials
     nowhere = str(tmp_path / "no_checkpoints")
     # Tune's metric check needs the metric and the clock in the one result it gets
-    assert finished_result(complete, VAL_A_MIOU, nowhere, "s") == {VAL_A_MIOU: 0.5,
-                                                                   "iteration": 12}
-    assert finished_result(pruned, VAL_A_MIOU, nowhere, "s") == {VAL_A_MIOU: 0.1,
-                                                                 "iteration": 4}
+    assert finished_result(complete, VAL_A_MIOU, nowhere, "s", 12) == {VAL_A_MIOU: 0.5,
+                                                                       "iteration": 12}
+    assert finished_result(pruned, VAL_A_MIOU, nowhere, "s", 12) == {VAL_A_MIOU: 0.1,
+                                                                     "iteration": 4}
     with pytest.raises(RuntimeError, match="Optuna trial 2 of sweep s is FAIL"):
-        finished_result(failed, VAL_A_MIOU, nowhere, "s")
+        finished_result(failed, VAL_A_MIOU, nowhere, "s", 12)
+    # as a real sweep leaves it: the last value told at completion, intermediate values ending
+    # at 8 (the rung before): it ran the whole schedule and is re-reported complete, at 12
+    resumed = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, params={"train.lr": 1e-4},
+        distributions={"train.lr": FloatDistribution(1e-7, 1e-3, log=True)}, value=0.4,
+        intermediate_values={4: 0.2, 8: 0.3})
+    assert finished_result(resumed, VAL_A_MIOU, nowhere, "s", 12) == {VAL_A_MIOU: 0.4,
+                                                                      "iteration": 12}
 
 
 # ---------------------------------------------------------------------------------- real sweep
@@ -348,17 +359,48 @@ def _assert_trials_agree(storage, sid, url, num_samples, iters):
     return rows
 
 
-def test_sweep_resumes_and_agrees_across_tune_optuna_and_mlflow(synth_root, tmp_path):
+def _run_until(cmd, env, log: Path, url: str, finished: int, sig: int, timeout_s: float):
+    """Start ``cmd`` in its own process group, send ``sig`` to the group once the study holds
+    ``finished`` finished trials, and return the command's exit status."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+        deadline = time.time() + timeout_s
+        while _finished(url) < finished:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, sig)
+        try:
+            return proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the sweep did not stop within 90 s of signal {sig}")
+
+
+def test_sweep_interrupted_then_killed_resumes_to_exactly_num_samples_agreeing_everywhere(
+        synth_root, tmp_path):
+    """One sweep of 4 trials, stopped twice the ways a sweep stops: Ctrl-C (SIGINT to the
+    command's process group) once the study holds a finished trial -- the command says the
+    sweep was interrupted and tells no trial FAIL -- and SIGKILL of the driver and its local Ray
+    once it holds two. The third run ends with exactly num_samples trials, agreeing across Tune,
+    Optuna and MLflow; the deliberately bad enqueued point was pruned; the best configuration
+    is complete and runnable."""
+    import optuna
+
     storage, sid, url, cmd = _sweep(tmp_path, synth_root)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=FAST_POLL_ENV)
-    deadline = time.time() + 300
-    while _finished(url) < 2:
-        assert proc.poll() is None and time.time() < deadline, "no finished trial before the kill"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-sweep
-    proc.wait()
-    assert _finished(url) < 4
+    # with the dashboard (the default): without the State API, Ray Train's placement-group
+    # cleaner can take a live trial's controller for dead under load
+    env = {k: v for k, v in os.environ.items() if k != "VSPW_RAY_DASHBOARD"}
+    rc = _run_until(cmd, env, tmp_path / "interrupted.log", url, 1, signal.SIGINT, 300)
+    printed = (tmp_path / "interrupted.log").read_text()
+    assert rc == 2 and f"sweep {sid} was interrupted" in printed, printed[-3000:]
+    study = optuna.load_study(study_name=sid, storage=url)
+    assert [t.state.name for t in study.trials if t.state.is_finished()] in (
+        ["COMPLETE"], ["PRUNED"])  # the second trial was neither finished nor told FAIL
+    assert not [k for k in study.user_attrs if k.startswith("lost_trial_")]
+
+    _run_until(cmd, FAST_POLL_ENV, tmp_path / "killed.log", url, 2, signal.SIGKILL, 300)
+    assert _finished(url) < 4  # the driver and its local Ray died mid-sweep
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=FAST_POLL_ENV)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
@@ -376,40 +418,3 @@ def test_sweep_resumes_and_agrees_across_tune_optuna_and_mlflow(synth_root, tmp_
     assert [top.data.crop_size, top.train.lr] == [
         tuple(json.loads(ranked[0]["data.crop_size"])),
         pytest.approx(float(ranked[0]["train.lr"]))]
-
-
-def test_sweep_interrupted_with_ctrl_c_resumes_to_exactly_num_samples(synth_root, tmp_path):
-    """Ctrl-C (SIGINT to the command's process group) once the study holds a finished trial:
-    the command says the sweep was interrupted and tells no trial FAIL; the re-run ends with
-    exactly num_samples trials, agreeing across Tune, Optuna and MLflow."""
-    import optuna
-
-    storage, sid, url, cmd = _sweep(tmp_path, synth_root, num_samples=2, iters=4, enqueue=GOOD)
-    # with the dashboard (the default): without the State API, Ray Train's placement-group
-    # cleaner can take a live trial's controller for dead under load
-    env = {k: v for k, v in os.environ.items() if k != "VSPW_RAY_DASHBOARD"}
-    log = tmp_path / "interrupted.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
-        deadline = time.time() + 240
-        while _finished(url) < 1:
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
-        try:
-            rc = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("the sweep did not stop within 90 s of SIGINT")
-    printed = log.read_text()
-    assert rc == 2 and f"sweep {sid} was interrupted" in printed, printed[-3000:]
-    study = optuna.load_study(study_name=sid, storage=url)
-    assert [t.state.name for t in study.trials if t.state.is_finished()] in (
-        ["COMPLETE"], ["PRUNED"])  # the second trial was neither finished nor told FAIL
-    assert not [k for k in study.user_attrs if k.startswith("lost_trial_")]
-
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
-    assert f"resuming sweep {sid}" in rerun.stdout
-    _assert_trials_agree(storage, sid, url, num_samples=2, iters=4)

@@ -50,6 +50,7 @@ def read_prediction(path: Path, video: str, frame: str, shape: tuple[int, int]) 
 
 def _store_predictions(frames: list[Frame], store: str, vid: str, split: str):
     """Argmax at full size of a member's stored scores, frame by frame."""
+    from vspw_ray.labels import class_labels
     from vspw_ray.scores.encoding import decode
     from vspw_ray.scores.store import ScoreStore
 
@@ -60,7 +61,7 @@ def _store_predictions(frames: list[Frame], store: str, vid: str, split: str):
         if frame.name not in stored:
             raise DataError(f"member '{vid}' has no scores for video '{frame.video}' frame "
                             f"'{frame.name}' in {store}")
-        yield decode(stored[frame.name], num_classes, enc).argmax(0).numpy().astype(np.uint8)
+        yield class_labels(decode(stored[frame.name], num_classes, enc), 0).numpy().astype(np.uint8)
 
 
 def _evaluate_video(frames: list[Frame], source: tuple, num_classes: int):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vspw_ray.labels import class_labels
+
 __all__ = ["SPACES", "MemberInfo", "auto_groups", "group_order", "group_means", "fuse",
            "fused_labels", "fuse_arrays", "fuse_into", "fuse_points", "LOG_FLOOR"]
 
@@ -180,4 +182,4 @@ def fuse(group_scores: Mapping[str, torch.Tensor], weights: Mapping[str, float],
 def fused_labels(group_scores: Mapping[str, torch.Tensor], weights: Mapping[str, float],
                  base_group: str) -> np.ndarray:
     """The fused prediction ``[H, W]`` uint8: reduced class ids (ties go to the lower id)."""
-    return fuse(group_scores, weights, base_group).argmax(0).numpy().astype(np.uint8)
+    return class_labels(fuse(group_scores, weights, base_group), 0).numpy().astype(np.uint8)

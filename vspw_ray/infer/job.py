@@ -24,6 +24,7 @@ import numpy as np
 
 from vspw_ray.config import ExperimentConfig, config_from_dict, to_dict
 from vspw_ray.data.layout import DataError, Frame
+from vspw_ray.labels import class_labels
 from vspw_ray.layout import infer_hash, member_key
 from vspw_ray.runtime import open_stage
 from vspw_ray.scores.encoding import ScoreEncoding, encode
@@ -130,7 +131,7 @@ class TTAPredictor:
                                    autocast=self.autocast, device=self.device,
                                    batch_size=self.infer.batch_size):
             i = good[k]
-            pred = probs.argmax(0).to(torch.uint8).cpu().numpy()
+            pred = class_labels(probs, 0).to(torch.uint8).cpu().numpy()
             buf = io.BytesIO()
             Image.fromarray(pred, mode="L").save(buf, format="PNG")
             pngs[i] = buf.getvalue()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vspw_ray.config import TrainConfig
+from vspw_ray.labels import class_labels
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency
 
 __all__ = [
@@ -170,7 +171,7 @@ def evaluate_model(model: nn.Module, items: Iterable[dict], num_classes: int, *,
         current = item["video"]
         with autocast:
             probs = model.predict(item["image"].unsqueeze(0).to(device))
-        pred = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        pred = class_labels(probs, 1)[0].cpu().numpy().astype(np.uint8)
         cm.update(pred, item["mask"].numpy())
         vc.update(item["raw_mask"].numpy(), pred)
     if current is not None:

@@ -35,7 +35,7 @@ def run_trial(config: dict, *, base: dict, sweep: Sweep) -> None:
     trial_cfg = trial_config(cfg, params, iters=cfg.tune.iters)
     vid = variant_id(trial_cfg)
     name = trial_run_name(number, vid)
-    if _report_finished(sweep, cfg.tune.metric, number, sweep.trial_run(name)):
+    if _report_finished(sweep, cfg.tune.metric, number, sweep.trial_run(name), cfg.tune.iters):
         return
     tags = {"sweep_id": sweep.id, "tune_trial_id": ray.tune.get_context().get_trial_id()}
     with open_stage(trial_cfg, "tune-trial", tags, track=sweep.parent_run_id is not None,
@@ -55,7 +55,7 @@ def run_trial(config: dict, *, base: dict, sweep: Sweep) -> None:
             raise result.error
 
 
-def _report_finished(sweep: Sweep, metric: str, number: int, run_dir: str) -> bool:
+def _report_finished(sweep: Sweep, metric: str, number: int, run_dir: str, iters: int) -> bool:
     """When the study already holds this trial as finished (the driver stopped after telling
     Optuna but before Tune saved that), report the result Optuna saw again instead of
     training: the trial is neither lost nor run twice."""
@@ -66,14 +66,18 @@ def _report_finished(sweep: Sweep, metric: str, number: int, run_dir: str) -> bo
     trial = next((t for t in study.trials if t.number == number), None)
     if trial is None or not trial.state.is_finished():
         return False
-    ray.tune.report(finished_result(trial, metric, run_dir, sweep.id))
+    ray.tune.report(finished_result(trial, metric, run_dir, sweep.id, iters))
     return True
 
 
-def finished_result(trial, metric: str, run_dir: str, sweep_id: str) -> dict[str, Any]:
-    """A finished Optuna trial's last result as Tune saw it: ``metric`` and the iteration
-    Optuna recorded (Tune's metric check needs both), plus the other metrics of the checkpoint
-    made at that iteration when it is still in storage.
+def finished_result(trial, metric: str, run_dir: str, sweep_id: str,
+                    iters: int) -> dict[str, Any]:
+    """A finished Optuna trial's last result as Tune saw it: ``metric`` and its iteration
+    (Tune's metric check needs both), plus the other metrics of the checkpoint made at that
+    iteration when it is still in storage. A COMPLETE trial ran its whole schedule: its
+    iteration is ``iters`` (``tune.iters``): its last value is told at completion, not as an
+    intermediate value, so its intermediate steps end earlier. A PRUNED trial's is its last
+    intermediate step.
 
     Raises:
         RuntimeError: the study holds the trial as FAIL, or as finished without any value:
@@ -89,9 +93,8 @@ def finished_result(trial, metric: str, run_dir: str, sweep_id: str) -> dict[str
             f"Optuna trial {trial.number} of sweep {sweep_id} is {trial.state.name} without a "
             f"result to report (it failed before the sweep's driver stopped), and an Optuna "
             f"trial cannot be reopened; its parameters were {trial.params}")
-    last = max(steps) if steps else None
+    complete = trial.state == optuna.trial.TrialState.COMPLETE
+    last = iters if complete else max(steps, default=0)
     value = trial.value if trial.value is not None else steps[last]
     saved = {s["iteration"]: s["metrics"] for _, s in list_checkpoints(run_dir)}
-    if last is None:  # told complete without intermediate values: the newest checkpoint's step
-        last = max(saved, default=0)
     return {**saved.get(last, {}), metric: value, TIME_ATTR: last}
