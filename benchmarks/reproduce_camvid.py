@@ -4,8 +4,9 @@
 both families on the CPU, x 2 seeds, run by ``vspw-ray pipeline`` (train -> SWA -> TTA inference
 -> ensemble), every stage tracked in MLflow. Then, with the same stage functions:
 
-* single-scale inference (``infer.scales=[1.0]``, no flip) of the training and SWA checkpoints
-  of the baseline of each family (Table 2 and the TTA row);
+* the single-scale rows (Table 2 and the TTA table's baseline): the training and SWA
+  checkpoints' own whole-frame validation, from the per-video confusion matrices each stage
+  saves beside its checkpoint (``val_confusions.npz``);
 * one ensemble per seed over that seed's members (``vspw-ray ensemble`` with
   ``ensemble.members``), and the seed's Table 3 rows (S, S+W, S+W+A at equal group weights)
   rescored from the score store with the ensemble's own fusion.
@@ -17,7 +18,7 @@ interval excludes 0. CamVid has no test split: fold B measures selection luck wi
 the seed's val-to-test shift.
 
     python benchmarks/reproduce_camvid.py                  # the full run (<= 60 min, 2 cores)
-    python benchmarks/reproduce_camvid.py --smoke          # 1 seed, a few iterations, 4 of the
+    python benchmarks/reproduce_camvid.py --smoke          # 1 seed, a few iterations, 3 of the
                                                            # rows (SMOKE_ROWS), the 4 shortest
                                                            # train and val videos, val cut to
                                                            # 8 frames a video (CI)
@@ -34,7 +35,6 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,16 +44,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EXPERIMENT = ROOT / "experiments" / "camvid_ablations.yaml"
-SINGLE_SCALE = ["infer.scales=[1.0]", "infer.flip=false"]
 # the smoke's TTA: two scales without flip (the full run: three scales and flip, 6 views a frame)
 SMOKE_TTA = ["infer.scales=[0.5,1.0]", "infer.flip=false"]
 SMOKE = ["train.iters=6", "train.val_interval=6", "train.warmup_iters=1", "train.log_interval=3",
          "swa.extra_iters=4", "swa.every=2", "ensemble.grid_step=0.5", "ensemble.strong=1",
-         "data.loader_workers=0", *SMOKE_TTA]
+         "data.loader_workers=0", "pipeline.max_concurrent=3", *SMOKE_TTA]
 SMOKE_VIDEOS = {"train": 4, "val": 4}  # the smoke's view of the data: the shortest videos
 SMOKE_VAL_FRAMES = 8  # of each val video: enough for VC8
-# the smoke's 4 variants: both crops, the self-distilled student and its teacher, MaskFormer
-SMOKE_ROWS = ("upernet_c180", "upernet_c240", "upernet_c240_sd", "maskformer_c240")
+# the smoke's 3 variants, all in flight at once: both crops and MaskFormer (Tables 1, 2, 3 and
+# TTA; the ensemble's strong, weak and auxiliary groups one member each)
+SMOKE_ROWS = ("upernet_c180", "upernet_c240", "maskformer_c240")
 # (label, variant base name): the member rows of each table, the base name its id in CLAIMS
 TABLES = {
     "Table 1: crop size and OHEM (UperNet)": [
@@ -256,7 +256,6 @@ class Context:
                                                  cfg.data.fold_seed)))
         self.store = f"{cfg.storage.path.rstrip('/')}/scores"
         self._videos: dict[str, dict] = {}
-        self._single: dict[str, dict] = {}  # checkpoint -> its single-scale row (Table 2, TTA)
 
     def names(self, base: str) -> list[str]:
         return [f"{base}_s{s}" for s in range(self.seeds)]
@@ -300,39 +299,36 @@ def member_table(ctx: Context, rows) -> list[dict]:
     return out
 
 
-def single_scale(ctx: Context, name: str, checkpoint: str) -> dict:
-    """Single-scale, no-flip inference of one checkpoint through ``run_inference`` (once per
-    checkpoint: Table 2 and the TTA table share the SWA models' rows)."""
-    from vspw_ray.config import apply_overrides, config_from_dict, to_dict
-    from vspw_ray.infer.job import run_inference
+def single_scale(ctx: Context, name: str, stage: str) -> dict:
+    """A training or SWA checkpoint at a single scale without flip: the stage's own whole-frame
+    validation (the model's prediction at each frame's size, scored at full resolution, as the
+    store's members are), read from the per-video confusion matrices saved beside the
+    checkpoint; no second inference."""
+    from vspw_ray.checkpoints import read_val_confusions
+    from vspw_ray.metrics import mean_iou
 
-    if checkpoint in ctx._single:
-        return ctx._single[checkpoint]
-    cfg = config_from_dict(apply_overrides(to_dict(ctx.variants[name]), SINGLE_SCALE))
-    out = run_inference(cfg, checkpoint, ctx.cfg.data.val_split, address=ctx.address)
-    ctx._single[checkpoint] = {"key": out.key, "A": out.metrics["val_A/miou"],
-                               "B": out.metrics["val_B/miou"], "videos": ctx.videos(out.key)}
-    return ctx._single[checkpoint]
+    videos = read_val_confusions(ctx.outputs[f"{stage}:{name}"]["checkpoint"])
+    missing = sorted(set(ctx.folds["A"] + ctx.folds["B"]) - videos.keys())
+    if missing:
+        raise SystemExit(f"the {stage} checkpoint of {name} was validated without val videos "
+                         f"{missing[:5]}: re-run its stage")
+    return {f: mean_iou(sum(videos[v] for v in ctx.folds[f])) for f in "AB"} | {
+        "videos": {v: videos[v] for v in ctx.folds["B"]}}
 
 
 def swa_table(ctx: Context) -> list[dict]:
-    pairs = [(n, ctx.outputs[f"{stage}:{n}"]["checkpoint"]) for _, base in FAMILIES
-             for stage in ("train", "swa") for n in ctx.names(base)]
-    with ThreadPoolExecutor(2) as pool:  # two inference jobs at once, as the pipeline runs them
-        list(pool.map(lambda p: single_scale(ctx, *p), pairs))
     out = []
     for family, base in FAMILIES:
         for stage, label in (("train", family), ("swa", f"{family} + SWA")):
-            out.append(row(label, [single_scale(ctx, n, ctx.outputs[f"{stage}:{n}"]["checkpoint"])
-                                   for n in ctx.names(base)], f"{base}:{stage}"))
+            out.append(row(label, [single_scale(ctx, n, stage) for n in ctx.names(base)],
+                           f"{base}:{stage}"))
     return out
 
 
 def tta_table(ctx: Context) -> list[dict]:
     out = []
     for family, base in FAMILIES:
-        single = [single_scale(ctx, n, ctx.outputs[f"swa:{n}"]["checkpoint"])
-                  for n in ctx.names(base)]
+        single = [single_scale(ctx, n, "swa") for n in ctx.names(base)]
         tta = [ctx.member(n) for n in ctx.names(base)]
         out += [row(f"{family}, single scale", single, f"{base}:single"),
                 row(f"{family}, TTA", tta, f"{base}:tta")]

@@ -13,11 +13,13 @@ from vspw_ray.checkpoints import (
     CHECKPOINT_FILE,
     COMPLETE_FILE,
     METRICS_FILE,
+    VAL_CONFUSIONS_FILE,
     best_checkpoint,
     is_complete,
     list_checkpoints,
     read_state,
     read_summary,
+    read_val_confusions,
     remove_incomplete,
     write_checkpoint,
 )
@@ -169,3 +171,27 @@ def test_a_bare_state_dict_file_is_read_as_it_is(tmp_path):
     assert torch.equal(read_state(str(tmp_path / "weights.pt"))["w"], torch.ones(2))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_state(str(tmp_path / "missing.pt"))
+
+
+def test_per_video_confusions_travel_with_the_checkpoint_and_count_for_completeness(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    matrices = {f"video_{i}": rng.integers(0, 10**9, (124, 124)) for i in range(3)}
+    folder = tmp_path / "checkpoint_1"
+    write_checkpoint(str(folder), _state(4, miou=0.6), val_confusions=matrices)
+    back = read_val_confusions(f"file://{folder}")  # a URI as on shared storage: same files
+    assert back.keys() == matrices.keys()
+    assert all(np.array_equal(back[v], m) and back[v].dtype == np.int64
+               for v, m in matrices.items())
+    record = json.loads((folder / COMPLETE_FILE).read_text())["files"]
+    assert VAL_CONFUSIONS_FILE in record
+    data = (folder / VAL_CONFUSIONS_FILE).read_bytes()
+    (folder / VAL_CONFUSIONS_FILE).write_bytes(data[: len(data) // 2])
+    assert not is_complete(str(folder))  # a cut-off matrix file makes the checkpoint incomplete
+    with pytest.raises(ValueError, match="incomplete|missing|bytes"):
+        read_val_confusions(str(folder))
+    plain = tmp_path / "checkpoint_2"
+    write_checkpoint(str(plain), _state(8, miou=0.5))
+    with pytest.raises(FileNotFoundError, match=f"{plain} holds no {VAL_CONFUSIONS_FILE}"):
+        read_val_confusions(str(plain))

@@ -121,6 +121,65 @@ def test_a_student_waits_for_its_teacher_variant_and_follows_its_changes(tmp_pat
                                                                        "train:teacher")
 
 
+def test_a_student_chain_trains_from_its_teachers_swa_average_once_it_is_made(tmp_path,
+                                                                             monkeypatch):
+    """The pipeline's variant chains in flight together: the student waits for its teacher's
+    SWA average and trains with it bound as ``loss.distill.teacher_checkpoint``. The stage
+    functions are stand-ins (no Ray) that write real checkpoint folders where the stages do, so
+    the binding is looked up in storage as in a real run."""
+    import threading
+    from types import SimpleNamespace
+
+    import vspw_ray.infer.job as job
+    import vspw_ray.train.driver as driver
+    import vspw_ray.train.swa as swa
+    from vspw_ray.checkpoints import write_checkpoint
+    from vspw_ray.config import to_dict, variant_id
+    from vspw_ray.layout import swa_variant_id
+    from vspw_ray.pipeline import steps
+    from vspw_ray.pipeline.run import PipelineResult, _execute
+
+    cfg = load_config(_with_variants(tmp_path, STUDENT_FIRST), [
+        f"storage.path={tmp_path / 'runs'}", "pipeline.max_concurrent=2", "pipeline.splits=[val]"])
+    layout = RunLayout(str(tmp_path / "runs"))
+    events, lock = [], threading.Lock()
+
+    def record(event):
+        with lock:
+            events.append(event)
+
+    def checkpoint(folder, c, **state):
+        write_checkpoint(folder, {"config": to_dict(c), "metrics": {"val_A/miou": 0.5}, **state})
+        return folder
+
+    def train(c, variant, **_):
+        vid = variant_id(c)
+        record(("train", c.seed, c.loss.distill.teacher_checkpoint))
+        folder = checkpoint(f"{layout.train_run(vid)}/checkpoint_000000", c, variant_id=vid,
+                            iteration=8)
+        return SimpleNamespace(variant_id=vid, best_checkpoint=folder, run_id=None, metrics={})
+
+    def average(c, variant, *, from_checkpoint, **_):
+        vid = swa_variant_id(variant_id(c), c.swa, 8)
+        folder = checkpoint(f"{layout.swa_run(vid)}/checkpoint_000000", c, variant_id=vid,
+                            iteration=8, kind="swa_average")
+        record(("swa", c.seed, folder))
+        return SimpleNamespace(variant_id=vid, checkpoint=folder, run_id=None, metrics={})
+
+    monkeypatch.setattr(driver, "train_variant", train)
+    monkeypatch.setattr(swa, "swa_variant", average)
+    monkeypatch.setattr(job, "run_inference", lambda *a, **k: SimpleNamespace(
+        key="m", variant_id="v", run_id=None, predictions=None, metrics={}))
+    monkeypatch.setattr(steps, "data_step", lambda c, s: {})
+    monkeypatch.setattr(steps, "ensemble_step", lambda c, s, v: {})
+    stage = SimpleNamespace(layout=layout, run_id=None, address=None)
+    _execute(cfg, stage, PipelineResult(build_plan(cfg, layout)), 1)
+    teacher_swa = next(i for i, e in enumerate(events) if e[:2] == ("swa", 0))
+    student_train = next(i for i, e in enumerate(events) if e[:2] == ("train", 1))
+    assert teacher_swa < student_train  # seed 0 is the teacher, seed 1 the student
+    assert events[student_train][2] == f"{events[teacher_swa][2]}/checkpoint.pt"
+
+
 @pytest.mark.parametrize("variants, message", [
     (STUDENT_FIRST.replace("variant:teacher", "variant:nobody"), "names no variant"),
     (STUDENT_FIRST.replace("variant:teacher", "variant:student"), "circle"),

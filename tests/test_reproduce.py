@@ -43,23 +43,28 @@ def test_smoke_rows_are_the_stages_tracked_figures(smoke):
 
     storage, stdout, results = smoke
     tables = results["tables"]
-    # the smoke's 4 variants: no OHEM or LA row, so no Table 4
-    assert sorted(t.split(":")[0] for t in tables) == ["TTA", "Table 1", "Table 2", "Table 3",
-                                                        "Table 5"]
+    # the smoke's 3 variants: no OHEM, LA or SD row, so no Tables 4 and 5
+    assert sorted(t.split(":")[0] for t in tables) == ["TTA", "Table 1", "Table 2", "Table 3"]
     assert [r["id"] for r in tables["Table 1: crop size and OHEM (UperNet)"]] == [
         "upernet_c180", "upernet_c240"]
     assert all(r["seeds"] == 1 for rows in tables.values() for r in rows)
     mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["camvid_ablations"], output_format="list")
-    # the pipeline's inference runs carry final/..., the script's own single-scale ones the
-    # stage's val/... keys
-    infer_b = [m[k] for r in runs if r.data.tags.get("stage") == "infer"
-               for m in [r.data.metrics] for k in ("final/val_B/miou", "val/val_B/miou") if k in m]
-    # every member row (Tables 1, 4, 5, 2 and TTA) is an inference run's tracked fold-B figure
-    member_tables = [t for t in tables if not t.startswith("Table 3")]
-    for title in member_tables:
-        for r in tables[title]:
-            assert min(abs(r["B"] - v) for v in infer_b) < 1e-9, (title, r["label"])
+    tracked = {stage: [r.data.metrics["final/val_B/miou"] for r in runs
+                       if r.data.tags.get("stage") == stage] for stage in ("train", "swa", "infer")}
+    # the TTA'd members (Table 1, TTA) are inference runs' tracked fold-B figures; the
+    # single-scale rows (Table 2, TTA's baselines) the training and SWA runs' own validation,
+    # recomputed from the per-video matrices saved beside their checkpoints
+    rows = {r["id"]: r for title in tables if not title.startswith("Table 3")
+            for r in tables[title]}
+    expected = {"upernet_c180": "infer", "upernet_c240": "infer", "upernet_c240:tta": "infer",
+                "maskformer_c240:tta": "infer", "upernet_c240:train": "train",
+                "maskformer_c240:train": "train", "upernet_c240:swa": "swa",
+                "maskformer_c240:swa": "swa", "upernet_c240:single": "swa",
+                "maskformer_c240:single": "swa"}
+    assert rows.keys() == expected.keys()
+    for row_id, stage in expected.items():
+        assert min(abs(rows[row_id]["B"] - v) for v in tracked[stage]) < 1e-9, row_id
     ensembles = [r for r in runs if r.data.tags.get("stage") == "ensemble"]
     searched = tables["Table 3: hierarchical ensemble (per seed)"][-1]
     assert any(abs(r.data.metrics["final/val_B/miou"] - searched["B"]) < 1e-9 for r in ensembles)
@@ -68,14 +73,12 @@ def test_smoke_rows_are_the_stages_tracked_figures(smoke):
 
 def test_smoke_pipeline_runs_compare_in_mlflow_and_a_rerun_has_nothing_to_do(smoke, camvid_root):
     """Issue 16's end-to-end checks on the smoke's pipeline: the stage runs are children of one
-    parent with the common keys, the distilled student started after its teacher's SWA average
-    was made and learnt from it, and the plan afterwards (from storage alone) runs nothing."""
+    parent with the common keys, and the plan afterwards (from storage alone) runs nothing. (A
+    student waiting for its teacher: tests/test_pipeline.py.)"""
     import time
 
     import mlflow
 
-    from vspw_ray.checkpoints import read_state
-    from vspw_ray.pipeline.records import read_record
     from vspw_ray.pipeline.run import plan_pipeline
 
     storage, _, _ = smoke
@@ -83,7 +86,7 @@ def test_smoke_pipeline_runs_compare_in_mlflow_and_a_rerun_has_nothing_to_do(smo
     cfg, _ = module.build_config(module.parse_args(["--smoke", "--root", str(camvid_root),
                                                     "--storage", str(storage)]))
     start = time.perf_counter()
-    layout, steps = plan_pipeline(cfg)
+    _, steps = plan_pipeline(cfg)
     assert time.perf_counter() - start < 10 and not [s.id for s in steps if s.run]
     mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["camvid_ablations"], output_format="list")
@@ -95,18 +98,11 @@ def test_smoke_pipeline_runs_compare_in_mlflow_and_a_rerun_has_nothing_to_do(smo
         if run.data.tags["stage"] != "ensemble":
             assert "final/val_A/miou" in run.data.metrics and "final/val_B/miou" in run.data.metrics
             assert {"family", "crop", "ohem", "tau", "distill", "swa", "tta"} <= set(run.data.params)
-    teacher, student = (read_record(layout, cfg.name, step)["outputs"]
-                        for step in ("swa:upernet_c240_s0", "train:upernet_c240_sd_s0"))
-    state = read_state(student["checkpoint"] + "/checkpoint.pt")
-    assert state["config"]["loss"]["distill"]["teacher_checkpoint"] == \
-        teacher["checkpoint"] + "/checkpoint.pt"
-    by_id = {r.info.run_id: r for r in runs}
-    assert by_id[student["run_id"]].info.start_time >= by_id[teacher["run_id"]].info.end_time
 
 
 def test_smoke_claims_follow_their_intervals(smoke):
     _, _, results = smoke
-    assert len(results["claims"]) == 8  # 10 of the full run less OHEM's and LA's
+    assert len(results["claims"]) == 7  # 10 of the full run less OHEM's, LA's and SD's
     for c in results["claims"]:
         assert c["diff_B_low"] <= c["diff_B_value"] + 1e-12
         assert c["diff_B_value"] <= c["diff_B_high"] + 1e-12

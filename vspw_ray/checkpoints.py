@@ -16,17 +16,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from vspw_ray.storage import filesystem, is_uri
 
 __all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "COMPLETE_FILE", "summary", "write_checkpoint",
            "is_complete", "read_state", "read_summary", "list_checkpoints", "best_checkpoint",
-           "checkpoint_file", "remove_incomplete"]
+           "checkpoint_file", "remove_incomplete", "VAL_CONFUSIONS_FILE", "read_val_confusions"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"  # beside checkpoint.pt: its summary (below)
+VAL_CONFUSIONS_FILE = "val_confusions.npz"  # video -> [C, C] confusion matrix (int64)
 COMPLETE_FILE = "complete.json"  # written last: {"files": {name: {"size", "sha256"}}}
 _PREFIX = "checkpoint_"  # Ray Train's checkpoint folder names
 
@@ -65,9 +68,11 @@ class _HashingWriter:
         return {"size": self.size, "sha256": self.sha256.hexdigest()}
 
 
-def write_checkpoint(directory: str, state: dict) -> str:
+def write_checkpoint(directory: str, state: dict,
+                     val_confusions: Mapping[str, np.ndarray] | None = None) -> str:
     """Write ``state`` as a checkpoint folder (local path or URI): ``checkpoint.pt``, then
-    ``metrics.json``, then the completion record ``complete.json``.
+    ``metrics.json`` and ``val_confusions.npz`` (when given: video -> its confusion matrix),
+    then the completion record ``complete.json``.
 
     Returns:
         The path (or URI) of the written ``checkpoint.pt``.
@@ -88,6 +93,14 @@ def write_checkpoint(directory: str, state: dict) -> str:
         writer = _HashingWriter(out)
         writer.write(json.dumps(summary(state), indent=1).encode())
         files[METRICS_FILE] = writer.record()
+    if val_confusions is not None:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **{video: np.asarray(m, np.int64)
+                                       for video, m in val_confusions.items()})
+        with fs.open_output_stream(f"{inner}/{VAL_CONFUSIONS_FILE}") as out:
+            writer = _HashingWriter(out)
+            writer.write(buffer.getbuffer())
+            files[VAL_CONFUSIONS_FILE] = writer.record()
     with fs.open_output_stream(record) as out:
         out.write(json.dumps({"files": files}, indent=1).encode())
     return checkpoint_file(str(directory))
@@ -197,6 +210,32 @@ def read_summary(checkpoint: str) -> dict:
         raise ValueError(f"{folder}/{METRICS_FILE} is not a checkpoint summary; the folder was "
                          f"not written by vspw_ray.checkpoints.write_checkpoint")
     return found
+
+
+def read_val_confusions(checkpoint: str) -> dict[str, np.ndarray]:
+    """Each val video's confusion matrix ``[C, C]`` at a checkpoint's validation (its
+    ``val_confusions.npz``): the matrices its ``val_A`` / ``val_B`` metrics sum, for bootstrap
+    intervals over videos without inferring again.
+
+    Raises:
+        FileNotFoundError: the checkpoint holds none (written before they were kept, or at an
+            iteration without validation).
+    """
+    folder = checkpoint_file(str(checkpoint)).rsplit("/", 1)[0]
+    fs, inner = filesystem(folder)
+    _require_complete(fs, inner, folder)
+    import pyarrow.fs
+
+    path = f"{inner}/{VAL_CONFUSIONS_FILE}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        raise FileNotFoundError(
+            f"{folder} holds no {VAL_CONFUSIONS_FILE}: it was written without a validation (or "
+            f"by an older vspw_ray); score it with `vspw-ray infer` and `vspw-ray evaluate "
+            f"--store` instead")
+    with fs.open_input_stream(path) as f:
+        data = f.read()
+    with np.load(io.BytesIO(data)) as z:
+        return {video: z[video] for video in z.files}
 
 
 def _checkpoint_folders(fs, run_dir: str) -> list:

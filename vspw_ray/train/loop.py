@@ -158,12 +158,15 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, b
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, items: Iterable[dict], num_classes: int, *,
-                   device: torch.device, autocast=None) -> tuple[ConfusionMatrix, VideoConsistency]:
+                   device: torch.device, autocast=None
+                   ) -> tuple[dict[str, ConfusionMatrix], VideoConsistency]:
     """Official metrics of ``model.predict`` over whole frames from :class:`EvalDataset` items
-    (batch size 1, in video order)."""
+    (batch size 1, in video order): each video's confusion matrix (their sum is the official
+    one; bootstrap intervals over videos resample them) and the VC windows."""
     model.eval()
     autocast = autocast or contextlib.nullcontext()
-    cm, vc = ConfusionMatrix(num_classes), VideoConsistency((8, 16))
+    videos: dict[str, ConfusionMatrix] = {}
+    vc = VideoConsistency((8, 16))
     current = None
     for item in items:
         if current is not None and item["video"] != current:
@@ -172,8 +175,8 @@ def evaluate_model(model: nn.Module, items: Iterable[dict], num_classes: int, *,
         with autocast:
             probs = model.predict(item["image"].unsqueeze(0).to(device))
         pred = class_labels(probs, 1)[0].cpu().numpy().astype(np.uint8)
-        cm.update(pred, item["mask"].numpy())
+        videos.setdefault(current, ConfusionMatrix(num_classes)).update(pred, item["mask"].numpy())
         vc.update(item["raw_mask"].numpy(), pred)
     if current is not None:
         vc.end_video()
-    return cm, vc
+    return videos, vc

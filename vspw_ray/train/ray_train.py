@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vspw_ray.checkpoints import (
@@ -35,7 +36,7 @@ from vspw_ray.checkpoints import (
 from vspw_ray.config import ExperimentConfig, config_from_dict, to_dict
 from vspw_ray.data import fold_videos, load_class_table, read_split, split_frames
 from vspw_ray.data.datasets import EvalDataset, IterationSampler, TrainDataset, sample_seed
-from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
+from vspw_ray.metrics import VideoConsistency, summarize
 from vspw_ray.progress import format_duration
 
 __all__ = ["train_loop_per_worker", "validate", "training_state", "save_training_state",
@@ -107,37 +108,41 @@ def _shard_videos(videos: list[str], rank: int, world: int) -> list[str]:
 
 
 def validate(model, cfg: ExperimentConfig, root: str, num_classes: int, class_names,
-             device: torch.device, rank: int = 0, world: int = 1) -> dict[str, float]:
-    """Official metrics on folds A and B of the val split; each worker scores a share of the
-    videos and the confusion matrices and VC windows are merged across workers."""
+             device: torch.device, rank: int = 0, world: int = 1
+             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Official metrics on folds A and B of the val split, and each val video's confusion
+    matrix (saved beside the checkpoint for bootstrap intervals over videos); each worker
+    scores a share of the videos, and the matrices and VC windows are gathered across workers."""
     from vspw_ray.train.loop import autocast_context, evaluate_model
 
     videos = read_split(root, cfg.data.val_split)
     autocast, _ = autocast_context(device, cfg.train.amp)
     metrics: dict[str, float] = {}
+    confusions: dict[str, np.ndarray] = {}
     for fold in ("A", "B"):
         mine = _shard_videos(fold_videos(videos, fold, cfg.data.fold_seed), rank, world)
         dataset = EvalDataset(split_frames(root, cfg.data.val_split, videos=mine), num_classes,
                               cfg.data)
-        cm, vc = evaluate_model(unwrap(model), (dataset[i] for i in range(len(dataset))),
-                                num_classes, device=device, autocast=autocast)
+        scored, vc = evaluate_model(unwrap(model), (dataset[i] for i in range(len(dataset))),
+                                    num_classes, device=device, autocast=autocast)
+        matrices = {video: cm.matrix for video, cm in scored.items()}
         if world > 1:
-            matrix = torch.from_numpy(cm.matrix).to(device)
-            torch.distributed.all_reduce(matrix)
-            cm = ConfusionMatrix(num_classes, matrix.cpu().numpy())
             gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, vc.accs)
+            torch.distributed.all_gather_object(gathered, (matrices, vc.accs))
+            matrices = {v: m for part, _ in gathered for v, m in part.items()}
             vc = VideoConsistency(vc.windows)
-            for accs in gathered:
+            for _, accs in gathered:
                 vc.merge(VideoConsistency(vc.windows, accs))
-        report = summarize(cm.matrix, class_names, vc)
+        total = sum(matrices.values(), np.zeros((num_classes, num_classes), np.int64))
+        report = summarize(total, class_names, vc)
         for key in ("miou", "fwiou", "pixel_acc", "vc8", "vc16"):
             if report[key] is not None:
                 metrics[f"val_{fold}/{key}"] = report[key]
         for name, iou in report["per_class_iou"].items():
             if iou is not None:
                 metrics[f"val_{fold}/iou/{name}"] = iou
-    return metrics
+        confusions.update(matrices)
+    return metrics, confusions
 
 
 def weight_spread(model: torch.nn.Module, world: int) -> float:
@@ -273,15 +278,16 @@ class ProgressLog:
         self._reset()
 
 
-def report(w: Worker, metrics: dict, state: dict | None) -> None:
+def report(w: Worker, metrics: dict, state: dict | None,
+           confusions: dict[str, np.ndarray] | None = None) -> None:
     """``ray.train.report`` (collective: every worker calls it); rank 0 attaches ``state``
-    written as ``checkpoint.pt``."""
+    written as ``checkpoint.pt``, with the validation's per-video ``confusions``."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if w.rank == 0 and state is not None:
-            write_checkpoint(d, state)
+            write_checkpoint(d, state, val_confusions=confusions)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -326,8 +332,8 @@ def train_loop_per_worker(config: dict) -> None:
         done = it + 1
         progress.step(done, terms, scheduler.get_last_lr()[0])
         if done % cfg.train.val_interval == 0 or done == total:
-            metrics = validate(model, cfg, cfg.data.root, w.table.num_classes, w.table.names,
-                               w.device, w.rank, w.world)
+            metrics, confusions = validate(model, cfg, cfg.data.root, w.table.num_classes,
+                                           w.table.names, w.device, w.rank, w.world)
             metrics["iteration"] = done
             metrics["ddp/weight_spread"] = weight_spread(model, w.world)
             metrics["time/worker_s"] = time.perf_counter() - started  # since this worker began
@@ -340,4 +346,4 @@ def train_loop_per_worker(config: dict) -> None:
                                        scaler=w.scaler, iteration=done, cfg=cfg,
                                        variant=config["variant_id"], metrics=metrics,
                                        resumes=resumes)
-            report(w, metrics, state)
+            report(w, metrics, state, confusions)

@@ -181,7 +181,7 @@ def swa_loop_per_worker(config: dict) -> None:
         average = AveragedModel(net, use_buffers=False)
         base_metrics = base.get("metrics", {})
         if not _validated(base_metrics):
-            base_metrics = val(model)
+            base_metrics, _ = val(model)
         del base
         start, resumes = 0, []
 
@@ -214,14 +214,14 @@ def swa_loop_per_worker(config: dict) -> None:
               on_step=lambda done, terms, lr: progress.step(done, terms, lr),
               on_snapshot=on_snapshot, forward=w.forward)
 
-    snapshot_metrics = val(model)
+    snapshot_metrics, _ = val(model)
     if has_batchnorm(average.module) and swa.bn_batches:
         torch.manual_seed(sample_seed(cfg.seed, base_iter + total, 2_000_000 + w.rank))
         bn = train_batches(w, seed=cfg.seed + 1, start_iter=0, num_iters=swa.bn_batches)
         recompute_bn(average.module, (b["image"] for b in bn), w.device)
         if w.world > 1:
             _average_bn_buffers(average.module, w.world)
-    swa_metrics = val(average.module)
+    swa_metrics, confusions = val(average.module)
     metrics = {"swa_iteration": total, "snapshots": int(average.n_averaged), **swa_metrics}
     for prefix, values in zip(COMPARED, (base_metrics, snapshot_metrics, swa_metrics)):
         metrics.update({f"{prefix}/{k}": v for k, v in values.items()})
@@ -233,7 +233,7 @@ def swa_loop_per_worker(config: dict) -> None:
         for key in ("optimizer", "scheduler", "scaler"):  # an average is not resumed from
             final.pop(key)
         final["swa"] = {k: v for k, v in final["swa"].items() if k != "average"}
-    report(w, metrics, final)
+    report(w, metrics, final, confusions)
 
 
 # ---------------------------------------------------------------------------------- driver side
