@@ -221,11 +221,11 @@ def read_val_confusions(checkpoint: str) -> dict[str, np.ndarray]:
         FileNotFoundError: the checkpoint holds none (written before they were kept, or at an
             iteration without validation).
     """
+    import pyarrow.fs
+
     folder = checkpoint_file(str(checkpoint)).rsplit("/", 1)[0]
     fs, inner = filesystem(folder)
     _require_complete(fs, inner, folder)
-    import pyarrow.fs
-
     path = f"{inner}/{VAL_CONFUSIONS_FILE}"
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         raise FileNotFoundError(
