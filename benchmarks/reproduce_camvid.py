@@ -307,11 +307,16 @@ def single_scale(ctx: Context, name: str, stage: str) -> dict:
     from vspw_ray.checkpoints import read_val_confusions
     from vspw_ray.metrics import mean_iou
 
-    videos = read_val_confusions(ctx.outputs[f"{stage}:{name}"]["checkpoint"])
+    checkpoint = ctx.outputs[f"{stage}:{name}"]["checkpoint"]
+    try:
+        videos = read_val_confusions(checkpoint)
+    except FileNotFoundError as err:
+        raise SystemExit(f"{err}\n(the {stage} checkpoint of {name} predates per-video "
+                         f"matrices: run the script with a new --storage)") from None
     missing = sorted(set(ctx.folds["A"] + ctx.folds["B"]) - videos.keys())
     if missing:
-        raise SystemExit(f"the {stage} checkpoint of {name} was validated without val videos "
-                         f"{missing[:5]}: re-run its stage")
+        raise SystemExit(f"the {stage} checkpoint of {name} ({checkpoint}) was validated without "
+                         f"val videos {missing[:5]}: run the script with a new --storage")
     return {f: mean_iou(sum(videos[v] for v in ctx.folds[f])) for f in "AB"} | {
         "videos": {v: videos[v] for v in ctx.folds["B"]}}
 
