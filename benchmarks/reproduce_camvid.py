@@ -46,8 +46,9 @@ sys.path.insert(0, str(ROOT))
 EXPERIMENT = ROOT / "experiments" / "camvid_ablations.yaml"
 # the smoke's TTA: two scales without flip (the full run: three scales and flip, 6 views a frame)
 SMOKE_TTA = ["infer.scales=[0.5,1.0]", "infer.flip=false"]
-SMOKE = ["train.iters=6", "train.val_interval=6", "train.warmup_iters=1", "train.log_interval=3",
-         "swa.extra_iters=4", "swa.every=2", "ensemble.grid_step=0.5", "ensemble.strong=1",
+SMOKE = ["train.iters=4", "train.val_interval=4", "train.warmup_iters=1", "train.log_interval=2",
+         "swa.extra_iters=4", "swa.every=2", "swa.bn_batches=1", "ensemble.grid_step=0.5",
+         "ensemble.strong=1",
          "data.loader_workers=0", "pipeline.max_concurrent=3", *SMOKE_TTA]
 SMOKE_VIDEOS = {"train": 4, "val": 4}  # the smoke's view of the data: the shortest videos
 SMOKE_VAL_FRAMES = 8  # of each val video: enough for VC8
