@@ -48,8 +48,7 @@ EXPERIMENT = ROOT / "experiments" / "camvid_ablations.yaml"
 SMOKE_TTA = ["infer.scales=[0.5,1.0]", "infer.flip=false"]
 SMOKE = ["train.iters=4", "train.val_interval=4", "train.warmup_iters=1", "train.log_interval=2",
          "swa.extra_iters=4", "swa.every=2", "swa.bn_batches=1", "ensemble.grid_step=0.5",
-         "ensemble.strong=1",
-         "data.loader_workers=0", "pipeline.max_concurrent=3", *SMOKE_TTA]
+         "ensemble.strong=1", "data.loader_workers=0", "pipeline.max_concurrent=3", *SMOKE_TTA]
 SMOKE_VIDEOS = {"train": 4, "val": 4}  # the smoke's view of the data: the shortest videos
 SMOKE_VAL_FRAMES = 8  # of each val video: enough for VC8
 # the smoke's 3 variants, all in flight at once: both crops and MaskFormer (Tables 1, 2, 3 and
@@ -257,6 +256,7 @@ class Context:
                                                  cfg.data.fold_seed)))
         self.store = f"{cfg.storage.path.rstrip('/')}/scores"
         self._videos: dict[str, dict] = {}
+        self._validated: dict[tuple[str, str], dict] = {}  # (variant, stage) -> single_scale's
 
     def names(self, base: str) -> list[str]:
         return [f"{base}_s{s}" for s in range(self.seeds)]
@@ -304,7 +304,14 @@ def single_scale(ctx: Context, name: str, stage: str) -> dict:
     """A training or SWA checkpoint at a single scale without flip: the stage's own whole-frame
     validation (the model's prediction at each frame's size, scored at full resolution, as the
     store's members are), read from the per-video confusion matrices saved beside the
-    checkpoint; no second inference."""
+    checkpoint; no second inference. Read once per checkpoint (Table 2 and the TTA table share
+    the SWA models' rows)."""
+    if (name, stage) not in ctx._validated:
+        ctx._validated[name, stage] = _validated(ctx, name, stage)
+    return ctx._validated[name, stage]
+
+
+def _validated(ctx: Context, name: str, stage: str) -> dict:
     from vspw_ray.checkpoints import read_val_confusions
     from vspw_ray.metrics import mean_iou
 
