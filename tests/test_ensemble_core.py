@@ -236,8 +236,8 @@ def test_greedy_and_optuna_recover_the_designed_optimum(designed):
     plain = concat_samples([sample_frame(s, g, rate=0.1, min_per_class=16,
                                          rng=frame_rng(0, "v", str(i)))
                             for i, (s, g) in enumerate(frames)])
-    counts, history = greedy_select(plain.scores, plain.labels, plain.weights, rounds=20)
-    assert counts[0] > 0 and len(history) == 20
+    counts, history = greedy_select(plain.scores, plain.labels, plain.weights, rounds=19)
+    assert counts[0] > 0 and len(history) == 20  # the start (the best member) and 19 rounds
     assert abs(counts[1] / counts[0] - A_STAR) <= 0.1 and abs(counts[2] / counts[0] - B_STAR) <= 0.1
 
     optuna = pytest.importorskip("optuna")
@@ -253,38 +253,147 @@ def test_greedy_and_optuna_recover_the_designed_optimum(designed):
     assert abs(best["alpha"] - A_STAR) <= 0.1 and abs(best["beta"] - B_STAR) <= 0.1
 
 
-def reference_greedy(scores, labels, weights, rounds):
-    """Caruana et al.'s loop written out: mean of the chosen members, IoU by hand."""
+def _iou_by_hand(pred, labels, weights, c) -> float:
+    cm = np.zeros((c, c))
+    np.add.at(cm, (labels, pred), weights)
+    return float(np.mean([cm[k, k] / (cm[k].sum() + cm[:, k].sum() - cm[k, k])
+                          for k in range(c) if cm[k].sum() > 0]))
+
+
+def reference_greedy(scores, labels, weights, rounds, init=1):
+    """Caruana et al.'s loop written out: the ``init`` best members to start, then the mean of
+    the chosen members with one more each round, IoU by hand, the earliest best state kept."""
     m, _, c = scores.shape
-    chosen, history = [], []
+    singles = [_iou_by_hand(scores[j].argmax(-1), labels, weights, c) for j in range(m)]
+    chosen = sorted(range(m), key=lambda j: (-singles[j], j))[:init]
+    history = [_iou_by_hand(np.mean([scores[i] for i in chosen], axis=0).argmax(-1), labels,
+                            weights, c)]
     for _ in range(rounds):
         best = None
         for j in range(m):
             pred = np.mean([scores[i] for i in chosen + [j]], axis=0).argmax(-1)
-            cm = np.zeros((c, c))
-            np.add.at(cm, (labels, pred), weights)
-            ious = [cm[k, k] / (cm[k].sum() + cm[:, k].sum() - cm[k, k])
-                    for k in range(c) if cm[k].sum() > 0]
-            score = float(np.mean(ious))
+            score = _iou_by_hand(pred, labels, weights, c)
             if best is None or score > best[0]:
                 best = (score, j)
         chosen.append(best[1])
         history.append(best[0])
-    keep = history.index(max(history)) + 1
+    keep = init + history.index(max(history))
     return np.bincount(chosen[:keep], minlength=m), history
 
 
-def test_greedy_equals_a_reference_implementation():
-    rng = np.random.default_rng(5)
-    m, n, c = 5, 300, 4
+def _greedy_case(seed=5, m=5, n=300, c=4):
+    rng = np.random.default_rng(seed)
     labels = rng.integers(0, c, n)
     scores = rng.dirichlet(np.ones(c), size=(m, n)).astype(np.float32)
     scores[:, np.arange(n), labels] += rng.random((m, 1)) * 0.3  # members of unequal skill
-    weights = rng.uniform(0.5, 3.0, n)
-    counts, history = greedy_select(scores, labels, weights, rounds=8)
-    ref_counts, ref_history = reference_greedy(scores, labels, weights, 8)
+    return scores, labels, rng.uniform(0.5, 3.0, n)
+
+
+@pytest.mark.parametrize("init", [1, 2, 3])
+def test_greedy_equals_a_reference_implementation(init):
+    scores, labels, weights = _greedy_case()
+    counts, history = greedy_select(scores, labels, weights, rounds=8, init=init)
+    ref_counts, ref_history = reference_greedy(scores, labels, weights, 8, init=init)
     np.testing.assert_array_equal(counts, ref_counts)
     np.testing.assert_allclose(history, ref_history, rtol=1e-12)
+    assert counts.sum() >= init  # the start is never dropped
+
+
+def test_bagged_greedy_equals_greedy_on_literally_resampled_videos():
+    """One bag weighs each pixel by its video's multiplicity in a bootstrap draw; the reference
+    copies each drawn video's pixels as often as it was drawn and runs the plain loop."""
+    from vspw_ray.ensemble.greedy import bagged_greedy, video_resample
+
+    scores, labels, weights = _greedy_case(seed=9, n=400)
+    videos = np.repeat(np.arange(8) * 7919, 50)  # 8 videos of 50 pixels, arbitrary ids
+    for bags in (1, 2, 3):
+        mean, per_bag = bagged_greedy(scores, labels, weights, videos, 6, init=2, bags=bags,
+                                      seed=4)
+        assert len(per_bag) == bags and mean.sum() == pytest.approx(1.0)
+        rng = np.random.default_rng(4)
+        expected = []
+        for b in range(bags):
+            if bags == 1:
+                take = np.arange(len(labels))
+            else:
+                mult = video_resample(videos, rng).astype(int)
+                take = np.concatenate([np.repeat(i, k) for i, k in enumerate(mult) if k])
+            counts, _ = reference_greedy(scores[:, take], labels[take], weights[take], 6, init=2)
+            np.testing.assert_array_equal(per_bag[b], counts)
+            expected.append(counts / counts.sum())
+        np.testing.assert_allclose(mean, np.mean(expected, axis=0), rtol=1e-12)
+    # a bootstrap draw keeps whole videos: every pixel of a video has one multiplicity
+    mult = video_resample(videos, np.random.default_rng(0))
+    assert all(len(set(mult[videos == v])) == 1 for v in np.unique(videos))
+    assert mult.sum() == len(videos)
+
+
+# ---------------------------------------------------------------------------------- hull
+def test_hull_candidates_hold_every_winner_inside_the_hull():
+    """Member scores quantised so that near-ties abound; at random points of the hull (group
+    weights in the box, random shares inside groups, each single base member, the base mean)
+    the fused argmax is always a candidate, and a pixel with one candidate has its winner."""
+    from vspw_ray.ensemble.sample import Hull, hull_candidates
+
+    rng = np.random.default_rng(0)
+    m, c, n = 5, 6, 4000
+    shared = rng.dirichlet(np.full(c, 0.3), size=n)  # members that mostly agree
+    own = rng.dirichlet(np.full(c, 0.5), size=(m, n))
+    s = np.maximum(np.round((0.8 * shared + 0.2 * own).transpose(0, 2, 1) * 8) / 8,
+                   1e-3).astype(np.float32)
+    hull = Hull(((0, 1), (2,), (3, 4)), 0.0, 2.0)
+    winner, mask = hull_candidates(list(s), hull)
+    assert (mask.sum(0) == 1).mean() > 0.2 and (mask.sum(0) > 1).any()  # both kinds occur
+    points = [hull.member_weights([0.0, 0.0], [[1, 0], [1], [1, 1]]),
+              hull.member_weights([0.0, 0.0], [[0, 1], [1], [1, 1]]),
+              hull.member_weights([2.0, 2.0], [[1, 1], [1], [0, 1]])]
+    points += [hull.member_weights(rng.uniform(0, 2, 2), [rng.random(2), [1], rng.random(2)])
+               for _ in range(40)]
+    settled = mask.sum(0) == 1
+    for v in points:
+        hull.check(v)
+        fused = np.tensordot(v.astype(np.float32), s, axes=1)
+        best = fused.argmax(0)
+        assert mask[best, np.arange(n)].all()
+        np.testing.assert_array_equal(best[settled], winner[settled])
+    with pytest.raises(ValueError, match="outside"):
+        hull.check(hull.member_weights([2.5, 0.0], [[1, 1], [1], [1, 1]]))
+
+
+# ---------------------------------------------------------------------------------- choice
+def test_choice_is_the_best_exact_candidate_ties_to_fewer_members():
+    from vspw_ray.ensemble.candidates import (
+        Candidate,
+        choose,
+        disagreement,
+        fits_for,
+        mean_candidate,
+        single_candidates,
+    )
+
+    keys = ["a", "b", "c"]
+    cands = [Candidate("grid#0@A", "searched", {"s": ["a", "b"], "w": ["c"]}, {"w": 0.5}),
+             *single_candidates(keys, {}), mean_candidate(keys)]
+    good, bad = np.diag([5, 5]).astype(np.int64), np.array([[5, 0], [5, 0]], np.int64)
+    mats = {c.name: {"A": bad, "B": bad} for c in cands}
+    mats["grid#0@A"] = {"A": good, "B": bad}
+    mats["single:b"] = {"A": good, "B": good}  # ties grid#0@A on A with 1 member instead of 3
+    ch = choose(cands, mats, "A")
+    assert ch.chosen == "single:b" and ch.runner_up == "grid#0@A" and ch.margin == 0.0
+    assert [n for n, _ in ch.ranking[:2]] == ["single:b", "grid#0@A"]
+    assert choose(cands, mats, "all").chosen == "single:b"
+    mats["grid#0@A"]["B"] = good
+    mats["single:b"]["B"] = np.array([[4, 1], [0, 5]], np.int64)  # b slips on B only
+    assert choose(cands, mats, "all").chosen == "grid#0@A"
+    assert choose(cands, mats, "A").chosen == "single:b"  # A alone still ties: fewer members
+    assert cands[0].size == 3 and cands[1].size == 1
+    assert disagreement(cands[1], cands[1]) == 0 and disagreement(cands[1], cands[2]) == 1
+    # S + 0.5 W with S = {a, b}: every member weighs 0.5, the plain mean up to scale
+    assert disagreement(cands[0], cands[-1]) == pytest.approx(0.0, abs=1e-12)
+    heavier = Candidate("x", "searched", {"s": ["a", "b"], "w": ["c"]}, {"w": 1.0})
+    assert disagreement(heavier, cands[-1]) == pytest.approx(0.5 * (2 * (1 / 3 - 0.25) +
+                                                                    (0.5 - 1 / 3)))
+    assert fits_for("holdout") == ("A",) and fits_for("crossfit") == ("A", "B", "all")
 
 
 # ---------------------------------------------------------------------------------- store
@@ -367,6 +476,36 @@ def test_store_grid_equals_brute_force_on_decoded_scores(member_store, synth_roo
             for p in range(len(points)):
                 assert sample_miou(sample, points[p]) == pytest.approx(mean_iou(expected[p]),
                                                                        abs=1e-12)
+        _check_hull_sample(member_store, synth_root, videos, frames, c)
+
+
+def _check_hull_sample(member_store, synth_root, videos, frames, c):
+    """A full-rate member sample settled over the hull of GROUPS scores member-level fusions
+    (shares inside the strong group) exactly as fusing every pixel does."""
+    from vspw_ray.ensemble.sample import Hull, hull_miou
+    from vspw_ray.scores import ScoreStore, decode
+
+    hull = Hull(((0, 1), (2,), (3,)), 0.0, 2.0)
+    sample = sample_store(member_store, "val", str(synth_root), videos,
+                          {m: [m] for m in MEMBERS}, rate=1.0, hull=hull, dtype=np.float32)
+    assert sample.fixed.sum() > 0 and sample.size > 0  # settled and contested pixels
+    store = ScoreStore(member_store)
+    enc = store.encoding("m0")
+    decoded = []
+    for video in videos:
+        stored = {m: dict(store.read_video(m, "val", video)) for m in MEMBERS}
+        for frame in list_frames(synth_root, video):
+            decoded.append(([decode(stored[m][frame.name], c, enc).numpy() for m in MEMBERS],
+                            read_raw_mask(frame)))
+    for raw_inner, w in (([0.2, 0.8], (0.5, 1.5)), ([1, 0], (0.0, 0.0)), ([0, 1], (2.0, 0.3))):
+        v = hull.member_weights(w, [raw_inner, [1], [1]])
+        cm = np.zeros((c, c), np.int64)
+        for ps, raw in decoded:
+            fused = np.zeros_like(ps[0])
+            for m in np.flatnonzero(v):
+                fused += np.float32(v[m]) * ps[m]
+            cm += confusion(fused.argmax(0), raw, c, raw=True)
+        assert hull_miou(sample, v) == pytest.approx(mean_iou(cm), abs=1e-12), (raw_inner, w)
 
 
 def test_shard_videos_covers_every_video_once():

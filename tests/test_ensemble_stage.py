@@ -31,6 +31,18 @@ VARIANTS = [{"name": "strong", "seed": 0, "overrides": {}},
 GROUPS = {"strong": ["strong"], "weak": ["weak"], "aux": ["aux"]}
 
 
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    """The suite's synthetic set with 18 frames a video: long enough for VC16 (a window of 16
+    frames needs 17), so every figure the submission is compared on can differ."""
+    from vspw_ray.data.synth import SynthSpec, synthesize
+
+    root = tmp_path_factory.mktemp("synth18")
+    synthesize(root, SynthSpec(videos=8, frames=18, classes=6, height=64, width=80, seed=3),
+               processes=1)
+    return root
+
+
 def pixel_types() -> np.ndarray:
     """Margins ``[T, 3]`` (true class minus rival) in the base, weak and aux scores. An easy
     type wins at any weights; each hard type flips at one threshold of one weight, 0.05 off the
@@ -68,10 +80,35 @@ def designed_probs(gt: np.ndarray, video: str, frame: str, hard: float = 0.2) ->
     return probs.reshape(3, C, *gt.shape)
 
 
+def dominance_probs(gt: np.ndarray, video: str, frame: str) -> np.ndarray:
+    """Three members ``[3, C, H, W]`` where one dominates: ``oracle`` is right on 95 % of the
+    pixels and wrong on the rest, each by a thin margin (0.40 against 0.35); ``noisy1`` and
+    ``noisy2`` are each confidently wrong (rival 0.8, true 0.1) on their own random 30 %.
+    Averaging the oracle with either flips its pixels: the best mix of the seed's groups
+    (strong = oracle + noisy1, aux = noisy2 at about 0.5) is right on about 89 %."""
+    rng = np.random.default_rng(zlib.crc32(f"dominance/{video}/{frame}".encode()))
+    n = gt.size
+    flat = gt.ravel().astype(np.int64)
+    true = np.where(flat == 255, rng.integers(0, C, n), flat)
+    rival = (true + rng.integers(1, C, n)) % C
+    cols = np.arange(n)
+    probs = np.full((3, C, n), 0.25 / (C - 2))
+    slip = rng.random(n) < 0.05
+    probs[0, true, cols] = np.where(slip, 0.35, 0.40)
+    probs[0, rival, cols] = np.where(slip, 0.40, 0.35)
+    for k in (1, 2):
+        wrong = rng.random(n) < 0.3
+        probs[k] = 0.1 / (C - 2)
+        probs[k, true, cols] = np.where(wrong, 0.1, 0.8)
+        probs[k, rival, cols] = np.where(wrong, 0.8, 0.1)
+    return probs.reshape(3, C, *gt.shape)
+
+
 @functools.cache
-def encoded_rows(root, split: str, k: int) -> dict[str, list[dict]]:
-    """Member ``k``'s designed scores of a split through the real encoding: store rows by
-    video (one torch thread: tiny tensors on a busy machine)."""
+def encoded_rows(root, split: str, k: int, dominance: bool = False) -> dict[str, list[dict]]:
+    """Member ``k``'s designed scores of a split (``dominance``: of :func:`dominance_probs`)
+    through the real encoding: store rows by video (one torch thread: tiny tensors on a busy
+    machine)."""
     from vspw_ray.data import label_lut, list_frames, read_raw_mask, read_split, reduce_mask
     from vspw_ray.scores import ScoreEncoding, encode
 
@@ -83,7 +120,8 @@ def encoded_rows(root, split: str, k: int) -> dict[str, list[dict]]:
             out[video] = []
             for frame in list_frames(root, video):
                 gt = reduce_mask(read_raw_mask(frame), lut)
-                p = torch.from_numpy(designed_probs(gt, video, frame.name)[k]).float()
+                probs = (dominance_probs if dominance else designed_probs)(gt, video, frame.name)
+                p = torch.from_numpy(probs[k]).float()
                 e = encode(p, enc)
                 out[video].append({
                     "video": video, "frame": frame.name, "height": e.height, "width": e.width,
@@ -95,10 +133,10 @@ def encoded_rows(root, split: str, k: int) -> dict[str, list[dict]]:
 
 
 def write_member(store, root, key: str, k: int, manifest: dict, splits=("val",),
-                 drop_video=None, drop_frame=None) -> None:
+                 drop_video=None, drop_frame=None, dominance=False) -> None:
     """Member ``k``'s designed scores of ``splits`` into the store, less a video or frame."""
     for split in splits:
-        for video, rows in encoded_rows(root, split, k).items():
+        for video, rows in encoded_rows(root, split, k, dominance).items():
             if video != drop_video:
                 store.write_video(key, split, video, [
                     r for r in rows if f"{video}/{r['frame']}" != drop_frame])
@@ -166,6 +204,12 @@ def storage(tmp_path_factory, synth_root) -> Path:
                                                             **good), splits=("test",))
     write_member(store, synth_root, "leaky", 1, manifest("leaky", "x", "upernet", synth_root,
                                                          train_split="val", **good))
+    for k, (name, family) in enumerate((("oracle", "upernet"), ("noisy1", "upernet"),
+                                        ("noisy2", "maskformer"))):
+        info = manifest(name, name, family, synth_root)
+        write_member(store, synth_root, name, k, info, dominance=True)
+        write_member(store, synth_root, name, k, {**info, "splits": {"val": {
+            "metrics": stored_metrics(store, name, synth_root)}}}, dominance=True)
     return runs
 
 
@@ -175,6 +219,8 @@ def near(weights: dict, tol: float) -> bool:
 
 def test_grid_recovers_the_weights_and_the_submission_scores_as_reported(
         ray_local, synth_root, storage):
+    from vspw_ray.data import read_split, split_folds
+    from vspw_ray.ensemble.grid import grid_search_store
     from vspw_ray.evaluate import evaluate_predictions
     from vspw_ray.metrics import mean_iou
 
@@ -183,50 +229,50 @@ def test_grid_recovers_the_weights_and_the_submission_scores_as_reported(
     assert out.searched and out.method == "grid"
     assert out.weights == pytest.approx({"weak": A_STAR, "aux": B_STAR})
     assert list(out.groups) == ["strong", "weak", "aux"]
-    figures = out.report["figures"]
+    report, figures = out.report, out.report["figures"]
+    assert report["selection_mode"] == "crossfit" and out.report["search"]["A"]["points"] == 441
+    # cross-fitting: each fold on its own recovers the designed optimum
+    for fit in ("A", "B", "all"):
+        chosen = report["fits"][fit]["candidate"]
+        assert chosen["kind"] == "searched" and chosen["weights"] == pytest.approx(
+            {"weak": A_STAR, "aux": B_STAR}), fit
     assert figures["ensemble"]["A"]["miou"] == pytest.approx(1.0, abs=0.002)
-    assert out.report["search"]["points"] == 21 * 21
-    assert out.metrics["final/val_B/miou"] == figures["ensemble"]["B"]["miou"]
     # the designed landscape: equal weights and (0, 0) each at least a point worse on fold A
-    by_point = {(r["weak"], r["aux"]): r["val_A_miou"] for r in _csv_rows(out.path)}
+    rows = [r for r in _csv_rows(out.path) if r["fit"] == "A"]
+    by_point = {(r["weak"], r["aux"]): r["val_A_miou"] for r in rows}
     assert max(by_point.values()) - by_point[1.0, 1.0] >= 0.01
     assert max(by_point.values()) - by_point[0.0, 0.0] >= 0.01
-    # the rescored fold-A confusion is the grid's at the chosen point, bit for bit
-    chosen = out.report["selection"]["chosen"]
-    assert mean_iou(np.array(figures["ensemble"]["A"]["confusion"])) == pytest.approx(
-        _csv_value(out.path, chosen), abs=1e-12)
+    # the exact rescoring of fold A's choice is the grid's figure at that point, bit for bit
+    number = int(report["fits"]["A"]["chosen"].split("#")[1].split("@")[0])
+    assert report["fits"]["A"]["score"] == pytest.approx(
+        next(r["val_A_miou"] for r in rows if r["number"] == number), abs=1e-12)
+    # out of fold: fold B's choice on A plus fold A's choice on B, recomputed by the grid pass
+    folds = dict(zip("AB", split_folds(read_split(synth_root, "val"), 0)))
+    oof = sum(grid_search_store(str(storage / "scores"), out.groups, "val", folds[f],
+                                str(synth_root), np.array([[A_STAR, B_STAR]]), processes=1)[0]
+              for f in "AB")
+    np.testing.assert_array_equal(np.array(report["out_of_fold"]["ensemble"]["confusion"]), oof)
+    assert report["out_of_fold"]["ensemble"]["miou"] == pytest.approx(mean_iou(oof), abs=1e-12)
     for v in ("single", "mean"):
-        assert figures["ensemble"]["B"]["miou"] - figures[v]["B"]["miou"] > 0.01
-    best = next(m for m in out.report["members"] if m["key"] == out.report["best_single"])
-    assert figures["single"]["A"]["miou"] == pytest.approx(best["miou_a"], abs=1e-12)
-    # per-video matrices (what the fold-B intervals resample) sum to the fold's matrix
-    from vspw_ray.data import read_split, split_folds
-
-    fold_b = split_folds(read_split(synth_root, "val"), 0)[1]
+        assert report["out_of_fold"]["ensemble"]["miou"] - report["out_of_fold"][v]["miou"] > 0.01
+    best = report["best_single"]
+    single = report["out_of_fold"]["single"]["miou"]  # the best member on all of val
+    assert single == max(c["miou"]["all"] for c in report["candidates"] if c["kind"] == "single")
+    assert [c for c in report["candidates"] if c["groups"] == {"single": [best]}]
+    # per-video matrices (what the intervals resample) sum to the folds' matrices
     with np.load(Path(out.path) / "video_confusions.npz") as z:
         for v in ("ensemble", "single", "mean"):
-            assert np.array_equal(sum(z[f"{v}/{video}"] for video in fold_b),
-                                  np.array(figures[v]["B"]["confusion"]))
-    assert len(fold_b) == 1 and out.report["fold_b_intervals"] == {}  # nothing to resample
-    # the submission's PNGs, scored by `vspw-ray evaluate`, give the report's fold figures
-    sub = Path(out.submission.folder)
-    for fold in ("A", "B"):
-        scored = evaluate_predictions(sub, synth_root, "val", fold=fold, fold_seed=0,
-                                      processes=1)
-        for k in ("miou", "fwiou", "vc8", "vc16"):
-            assert scored[k] == pytest.approx(figures["ensemble"][fold][k], abs=1e-12,
-                                              nan_ok=True), (fold, k)
-    with zipfile.ZipFile(out.submission.zip) as z:
-        names = sorted(z.namelist())
-    assert names == sorted(str(p.relative_to(sub)) for p in sub.glob("*/*.png"))
-    assert len(names) == 24 and names[0] == "synth_003_00004/00000000.png"
-    manifest = json.loads((sub / "manifest.json").read_text())
-    assert manifest["weights"] == out.weights and manifest["method"] == "grid"
-    assert manifest["val_figures"]["ensemble"]["B"]["miou"] == figures["ensemble"]["B"]["miou"]
+            for fold in "AB":
+                assert np.array_equal(sum(z[f"{v}/{video}"] for video in folds[fold]),
+                                      np.array(figures[v][fold]["confusion"]))
+    assert report["intervals"]["ensemble_minus_single"]["low"] > 0  # over both val videos
+    _check_submission(out, synth_root, evaluate_predictions)
+    manifest = json.loads((Path(out.submission.folder) / "manifest.json").read_text())
     assert all(m["checkpoint"].endswith("checkpoint_000000/checkpoint.pt")
                for m in manifest["members"])
 
     # a re-run reuses the weights and the complete submission; a half-written one is finished
+    sub = Path(out.submission.folder)
     again = run_ensemble(cfg, apply="val", track=False)
     assert not again.searched and again.weights == out.weights
     assert again.submission.written == 0
@@ -241,14 +287,26 @@ def test_grid_recovers_the_weights_and_the_submission_scores_as_reported(
         run_ensemble(cfg, apply="test", track=False)
 
 
-def _csv_value(folder: str, number: int) -> float:
-    import csv
-
-    with open(Path(folder) / "trials.csv") as f:
-        row = next(r for r in csv.DictReader(f) if int(r["number"]) == number)
-    return float(row["val_A_miou"])
-
-
+def _check_submission(out, synth_root, evaluate_predictions) -> None:
+    """The submission's PNGs, scored by `vspw-ray evaluate`, give the report's figures of the
+    applied fusion (chosen on all of val) on both folds: mIoU, fwIoU, VC8 and VC16, each
+    defined on these 18-frame videos."""
+    sub, applied = Path(out.submission.folder), out.report["applied_figures"]
+    for fold in ("A", "B"):
+        scored = evaluate_predictions(sub, synth_root, "val", fold=fold, fold_seed=0,
+                                      processes=1)
+        for k in ("miou", "fwiou", "vc8", "vc16"):
+            assert applied[fold][k] is not None, (fold, k)
+            assert scored[k] == pytest.approx(applied[fold][k], abs=1e-12), (fold, k)
+    with zipfile.ZipFile(out.submission.zip) as z:
+        names = sorted(z.namelist())
+    assert names == sorted(str(p.relative_to(sub)) for p in sub.glob("*/*.png"))
+    assert len(names) == 36 and names[0] == "synth_003_00004/00000000.png"
+    manifest = json.loads((sub / "manifest.json").read_text())
+    assert manifest["weights"] == out.weights and manifest["method"] == out.method
+    assert manifest["chosen"] == out.report["chosen"]["name"]
+    assert [m["key"] for m in manifest["members"]] == [
+        k for ms in out.groups.values() for k in ms]
 
 
 def test_tune_recovers_the_weights_and_tracks_the_trials_as_child_runs(
@@ -260,14 +318,16 @@ def test_tune_recovers_the_weights_and_tracks_the_trials_as_child_runs(
     # over 16 seeds: at most 0.17 off); each 0.1 off costs about a point of fold-A mIoU
     n = 32
     cfg = experiment(synth_root, storage, "ensemble.method=tune", f"ensemble.num_samples={n}",
-                     "ensemble.sample_rate=0.3")
+                     "ensemble.sample_rate=0.3", "ensemble.selection=holdout")
     out = run_ensemble(cfg, track=True)
     assert near(out.weights, 0.2), out.weights
     figures = out.report["figures"]["ensemble"]
     assert figures["A"]["miou"] > 0.97
-    assert out.report["search"]["trials"] == n and out.report["search"]["trials_per_s"] > 0
-    # the study lives where `vspw-ray tune` keeps its studies
-    study = optuna.load_study(study_name=out.ensemble_id,
+    search = out.report["search"]["A"]
+    assert search["trials"] == n and search["trials_per_s"] > 0
+    assert not search["inner_weights"]  # one member per group: nothing to share
+    # the study lives where `vspw-ray tune` keeps its studies, one per fit
+    study = optuna.load_study(study_name=f"{out.ensemble_id}-A",
                               storage=f"sqlite:///{storage / 'tune' / 'optuna.db'}")
     assert len(study.trials) == n and study.best_value == max(
         r["val_A_miou"] for r in _csv_rows(out.path))
@@ -287,26 +347,118 @@ def test_tune_recovers_the_weights_and_tracks_the_trials_as_child_runs(
                                   f"tags.`mlflow.parentRunId` = '{out.run_id}'")
     assert len(children) == n
     assert {c.data.tags["optuna_trial"] for c in children} == {str(t.number) for t in study.trials}
+    assert {c.data.tags["fit"] for c in children} == {"A"}
 
 
 def _csv_rows(folder: str) -> list[dict]:
     import csv
 
     with open(Path(folder) / "trials.csv") as f:
-        return [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+        return [{k: v if k == "fit" else float(v) for k, v in r.items() if v}
+                for r in csv.DictReader(f)]
 
 
 def test_greedy_recovers_the_weights_over_single_members(ray_local, synth_root, storage):
     cfg = experiment(synth_root, storage, "ensemble.method=greedy", "ensemble.greedy_rounds=20")
     out = run_ensemble(cfg, track=False)
     keys = {m["name"]: m["key"] for m in out.report["members"]}
-    weights = {out.report["base_group"]: 1.0, **out.weights}
-    assert set(out.groups) <= set(keys.values()) and keys["strong"] in weights
-    ratio = {name: weights.get(keys[name], 0.0) / weights[keys["strong"]] for name in keys}
-    assert near(ratio, 0.1), ratio
-    rows = _csv_rows(out.path)
-    assert rows[-1]["val_A_miou"] == max(r["val_A_miou"] for r in rows)
-    assert out.report["figures"]["ensemble"]["B"]["miou"] > 0.99
+    for fit in ("A", "B", "all"):
+        chosen = out.report["fits"][fit]["candidate"]
+        weights = {next(iter(chosen["groups"])): 1.0, **chosen["weights"]}
+        assert set(chosen["groups"]) <= set(keys.values()) and keys["strong"] in weights
+        ratio = {name: weights.get(keys[name], 0.0) / weights[keys["strong"]] for name in keys}
+        assert near(ratio, 0.1), (fit, ratio)
+        rows = [r for r in _csv_rows(out.path) if r["fit"] == fit]
+        assert rows[-1]["val_A_miou"] == max(r["val_A_miou"] for r in rows)
+    assert out.report["out_of_fold"]["ensemble"]["miou"] > 0.99
+    assert out.report["search"]["all"]["init"] == 1
+
+    # bagged: the applied fusion's member weights are the mean of the bags' shares
+    bagged = run_ensemble(experiment(synth_root, storage, "ensemble.method=greedy",
+                                     "ensemble.greedy_rounds=20", "ensemble.bags=3"), track=False)
+    stats = bagged.report["search"]["all"]
+    shares = [{m: n / sum(b.values()) for m, n in b.items()} for b in stats["bags"]]
+    mean = {k: sum(s.get(k, 0.0) for s in shares) / len(shares) for k in keys.values()}
+    found = []  # identical bags of several fits are one candidate, named after the first
+    for cand in bagged.report["candidates"]:
+        if cand["name"].startswith("bagged#3@"):
+            weights = _member_weights(cand)
+            total = sum(weights.values())
+            found.append({k: w / total for k, w in weights.items()})
+    assert {k: v for k, v in mean.items() if v} in [pytest.approx(f) for f in found]
+    assert len(stats["bags"]) == 3 and bagged.report["out_of_fold"]["ensemble"]["miou"] > 0.97
+
+
+def _member_weights(candidate: dict) -> dict[str, float]:
+    from vspw_ray.ensemble.candidates import Candidate
+
+    c = Candidate(candidate["name"], candidate["kind"], candidate["groups"],
+                  candidate["weights"], candidate.get("inner") or {})
+    return {k: v for k, v in c.member_weights().items() if v > 0}
+
+
+@pytest.mark.parametrize("method, selection", [
+    ("grid", "holdout"), ("tune", "crossfit"), ("greedy", "crossfit")])
+def test_an_ensemble_never_loses_to_a_dominating_member(ray_local, synth_root, storage, method,
+                                                        selection):
+    """The seed's groups with strong = 2 put the oracle and a noisy member in the base group:
+    no group weight makes a mix reach the oracle alone (checked below for the grid), so every
+    fit must choose the oracle alone, and the figures it reports are at least the oracle's."""
+    cfg = experiment(synth_root, storage, f"ensemble.method={method}",
+                     f"ensemble.selection={selection}", "ensemble.members=[oracle,noisy1,noisy2]",
+                     "ensemble.strong=2", "ensemble.auxiliary=1", "ensemble.num_samples=8",
+                     groups={})
+    out = run_ensemble(cfg, apply="val" if method == "grid" else None, track=False)
+    report = out.report
+    oracle = next(c for c in report["candidates"] if c["name"] == "single:oracle")["miou"]
+    for fit, ch in report["fits"].items():
+        assert _member_weights(ch["candidate"]) == {"oracle": pytest.approx(1.0)}, fit
+        assert ch["score"] == oracle[fit] and oracle[fit] < 0.99
+    assert _member_weights(report["chosen"]) == {"oracle": pytest.approx(1.0)}
+    searched = [c for c in report["candidates"] if c["kind"] == "searched"]
+    if method == "grid":  # where the property can fail: S + w A is always below the oracle
+        assert max(c["miou"]["A"] for c in searched) < oracle["A"] - 0.02
+        assert report["selection_mode"] == "holdout" and report["out_of_fold"] is None
+        assert report["intervals_over"] == "fold B videos" and report["intervals"] == {}
+        for f in ("A", "B"):
+            assert report["figures"]["ensemble"][f]["confusion"] == \
+                report["figures"]["single"][f]["confusion"]
+        from vspw_ray.evaluate import evaluate_predictions
+
+        _check_submission(out, synth_root, evaluate_predictions)
+        _old_report_still_reads(cfg, out)
+    else:
+        assert report["out_of_fold"]["ensemble"]["miou"] == pytest.approx(
+            report["out_of_fold"]["single"]["miou"], abs=1e-12)
+    if method == "tune":  # shares inside the strong group were searched
+        assert report["search"]["A"]["inner_weights"]
+        assert any(c["inner"] for c in searched)
+
+
+def _old_report_still_reads(cfg, out) -> None:
+    """A report written before cross-fitting (no mode, no candidates, fold-B intervals) is
+    reused as it is: its weights applied, its text printed."""
+    import shutil
+
+    path = Path(out.path) / "report.json"
+    report = json.loads(path.read_text())
+    old = {k: v for k, v in report.items() if k not in (
+        "selection_mode", "inner", "order", "chosen", "fits", "candidates", "out_of_fold",
+        "applied_figures", "disagreement", "disagreement_flag", "agreement", "intervals",
+        "intervals_over")}
+    old["fold_b_intervals"] = {}
+    path.write_text(json.dumps(old))
+    from vspw_ray.ensemble.report import format_report, report_metrics
+
+    assert "chosen on fold A, reported on fold B" in format_report(old, "")
+    assert report_metrics(old)["final/val_B/miou"] == old["figures"]["ensemble"]["B"]["miou"]
+    sub = Path(out.submission.folder)
+    before = {p.relative_to(sub): p.read_bytes() for p in sub.glob("*/*.png")}
+    shutil.rmtree(sub)
+    again = run_ensemble(cfg, apply="val", track=False)
+    assert not again.searched and again.groups == out.groups and again.weights == out.weights
+    assert again.submission.written == 36
+    assert {p.relative_to(sub): p.read_bytes() for p in sub.glob("*/*.png")} == before
 
 
 def test_leakage_guard_refuses_or_flags_a_member_trained_on_val(ray_local, synth_root, storage):

@@ -402,6 +402,11 @@ class EnsembleConfig:
     sample_rate: float = 0.03  # share of valid pixels per frame in the pixel sample
     min_per_class: int = 16  # pixels kept per class present in a frame (all when fewer)
     greedy_rounds: int = 10
+    greedy_init: int = 1  # greedy: start from the N best members on the selecting fold
+    bags: int = 1  # greedy: bagging over resampled val videos, the bags' weights averaged
+    inner_weights: bool = True  # tune: each member's weight inside its group searched too
+    candidates: int = 3  # the method's best points, rescored beside every member and the mean
+    selection: Literal["crossfit", "holdout"] = "crossfit"  # crossfit: A->B and B->A
     seed: int = 0
     allow_val_trained: bool = False  # members trained on val videos are refused unless true
 
@@ -416,6 +421,11 @@ class EnsembleConfig:
         _check(self.strong >= 1 and self.auxiliary >= 0, "ensemble.strong",
                "strong must be at least 1 and auxiliary at least 0")
         _check(self.greedy_rounds >= 1, "ensemble.greedy_rounds", "must be at least 1")
+        _check(self.greedy_init >= 1, "ensemble.greedy_init", "must be at least 1")
+        _check(self.bags >= 1, "ensemble.bags", "must be at least 1 (1: no bagging)")
+        _check(self.candidates >= 1, "ensemble.candidates", "must be at least 1")
+        _check(self.selection in ("crossfit", "holdout"), "ensemble.selection",
+               "crossfit (choose on A, score on B and back) or holdout (A selects, B reports)")
         _check(self.space in ("prob", "log"), "ensemble.space", "prob or log")
         _check(self.method in ("tune", "grid", "greedy"), "ensemble.method", "tune, grid or greedy")
         if self.groups:

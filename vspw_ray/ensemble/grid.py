@@ -32,7 +32,7 @@ from vspw_ray.data.layout import DataError, label_lut, list_frames, read_raw_mas
 from vspw_ray.ensemble.fusion import fuse_into, fuse_points, group_means, group_order
 
 __all__ = ["grid_axis", "make_grid", "GridConfusions", "grid_confusions", "candidates",
-           "gather_candidates", "group_frames",
+           "gather_candidates", "group_frames", "argmax_rows", "EPS32",
            "GridJob", "run_grid_job", "shard_videos", "grid_search_store"]
 
 CHUNK = 1 << 14  # pixels scored at once: a few [C, CHUNK] temporaries, mostly in cache
@@ -130,7 +130,7 @@ class GridConfusions:
         block = max(1, min(BLOCK_VALUES // (t * n), BLOCK_BINS // cells))
         for start in range(0, len(self.points), block):
             points = self.points[start : start + block]
-            best = _argmax_rows(fuse_points(s, points))  # [Pb, n]
+            best = argmax_rows(fuse_points(s, points))  # [Pb, n]
             index = np.take(cell, best * n + np.arange(n))
             index += (np.arange(len(points)) * cells)[:, None]
             counts = np.bincount(index.ravel(), minlength=len(points) * cells)
@@ -143,7 +143,7 @@ class GridConfusions:
         return self
 
 
-def _argmax_rows(f: np.ndarray) -> np.ndarray:
+def argmax_rows(f: np.ndarray) -> np.ndarray:
     """``f.argmax(-2)`` for ``[..., T, n]`` (first maximum wins), row by row: numpy's argmax
     over a leading axis copies and loops per column, many times slower."""
     if f.shape[-2] == 2:
@@ -175,7 +175,7 @@ def _corner_pass(s: Sequence[np.ndarray], points: np.ndarray):
         target = reach if winner is None else f
         fuse_into(s, corner, target, scratch)
         if winner is None:
-            winner = _argmax_rows(target)
+            winner = argmax_rows(target)
         target -= target[winner, cols]
         if target is f:
             np.maximum(reach, f, out=reach)

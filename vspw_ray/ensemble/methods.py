@@ -1,9 +1,12 @@
-"""The three ways of choosing the group weights on fold A, each returning a :class:`Selection`:
-``grid`` (every grid point scored exactly in one pass over the store), ``greedy`` (forward
-selection over single members on the pixel sample) and ``tune`` (Ray Tune + Optuna on the
-pixel sample; :mod:`vspw_ray.ensemble.tune_search`). Every candidate (grid point, round,
-trial) is also scored on fold B -- exactly for the grid, on a fold-B pixel sample otherwise --
-so the selection-optimism check of the tune report applies to all three.
+"""The three ways of proposing fusions, each returning one :class:`Selection` per fit
+(:data:`vspw_ray.ensemble.candidates.FITS`: chosen on A, on B, or on all of val): ``grid``
+(every grid point scored exactly in one pass over the store per fold), ``greedy`` (ensemble
+selection over single members on the pixel sample, optionally bagged) and ``tune`` (Ray Tune +
+Optuna on the pixel sample, group weights and each member's share inside its group;
+:mod:`vspw_ray.ensemble.tune_search`). Every candidate (grid point, round, trial) is also scored
+on the other fold -- exactly for the grid, on that fold's pixel sample otherwise -- so the
+selection-optimism check of the tune report applies to all three. A selection's ``top``
+fusions become candidates of the final, exact choice (:mod:`vspw_ray.ensemble.candidates`).
 """
 
 from __future__ import annotations
@@ -17,13 +20,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vspw_ray.config import ConfigError, EnsembleConfig
+from vspw_ray.ensemble.candidates import FITS, Candidate
 from vspw_ray.ensemble.grid import grid_axis, grid_search_store, make_grid, shard_videos
-from vspw_ray.ensemble.sample import PixelSample, concat_samples, sample_miou, sample_store
+from vspw_ray.ensemble.sample import (
+    Hull,
+    PixelSample,
+    concat_samples,
+    hull_miou,
+    sample_miou,
+    sample_store,
+)
 from vspw_ray.metrics import mean_iou
 from vspw_ray.tune.report import TrialRow, ranked
 
-__all__ = ["SearchSpace", "Selection", "Heat", "weight_axis", "fold_samples", "sample_heat",
-           "grid_method", "greedy_method", "check_search", "MAX_GRID_BYTES"]
+__all__ = ["SearchSpace", "Selection", "Heat", "weight_axis", "fold_samples", "fit_samples",
+           "sample_heat", "grid_method", "greedy_method", "check_search", "MAX_GRID_BYTES",
+           "member_candidate"]
 
 MAX_GRID_BYTES = 4 << 30  # the grid's [P, C, C] int64 matrices, per fold
 
@@ -35,10 +47,10 @@ class SearchSpace:
     store: str
     root: str
     split: str
-    fold_a: list[str]  # videos
-    fold_b: list[str]
+    folds: dict[str, list[str]]  # "A" / "B" -> videos
+    fits: tuple[str, ...]  # the fits to make (see candidates.fits_for)
     groups: dict[str, list[str]]  # group -> member keys, the base group first
-    members: list[str]  # every member key (greedy picks among them)
+    members: list[str]  # every member key, in the decode order (greedy picks among them)
     ecfg: EnsembleConfig
     num_classes: int
     shards: int  # Ray tasks per pass
@@ -63,10 +75,14 @@ class Heat:
 
 @dataclass(frozen=True)
 class Selection:
+    """One fit's search: every candidate it scored and its best few as fusions."""
+
     method: str
+    fit: str  # "A" | "B" | "all"
     groups: dict[str, list[str]]  # base group first (greedy: one group per chosen member)
-    weights: dict[str, float]  # the free groups' weights
-    rows: list[TrialRow]  # every candidate, val_a (what was maximised) and val_b
+    weights: dict[str, float]  # the free groups' weights of its best point
+    rows: list[TrialRow]  # every candidate: val_a what was maximised, val_b the other fold
+    top: list[Candidate]  # its best few fusions, best first
     heat: Heat | None = None
     stats: dict = field(default_factory=dict)
 
@@ -86,17 +102,26 @@ def weight_axis(ecfg: EnsembleConfig) -> np.ndarray:
     return grid_axis(lo, hi, ecfg.grid_step)
 
 
-def fold_samples(space: SearchSpace, groups: dict[str, list[str]], box, map_fn
-                 ) -> tuple[PixelSample, PixelSample]:
+def fold_samples(space: SearchSpace, groups: dict[str, list[str]], box, map_fn,
+                 hull: Hull | None = None) -> dict[str, PixelSample]:
     """The stratified pixel samples of folds A and B (group scores of ``groups``), drawn by
     shards of videos in Ray tasks and joined in video order."""
     e = space.ecfg
     fn = functools.partial(sample_store, space.store, space.split, space.root, groups=groups,
                            base_group=next(iter(groups)), space=e.space, rate=e.sample_rate,
-                           min_per_class=e.min_per_class, box=box, seed=e.seed)
-    shards_a = shard_videos(space.fold_a, space.shards)
-    parts = list(map_fn(fn, shards_a + shard_videos(space.fold_b, space.shards)))
-    return concat_samples(parts[: len(shards_a)]), concat_samples(parts[len(shards_a):])
+                           min_per_class=e.min_per_class, box=box, hull=hull, seed=e.seed)
+    shards = {f: shard_videos(space.folds[f], space.shards) for f in ("A", "B")}
+    parts = list(map_fn(fn, shards["A"] + shards["B"]))
+    n = len(shards["A"])
+    return {"A": concat_samples(parts[:n]), "B": concat_samples(parts[n:])}
+
+
+def fit_samples(samples: dict[str, PixelSample], fit: str
+                ) -> tuple[PixelSample, PixelSample | None]:
+    """The sample a fit selects on (fold A, B, or both joined) and the one it is checked on."""
+    folds, check = FITS[fit]
+    chosen = samples[folds[0]] if len(folds) == 1 else concat_samples([samples[f] for f in folds])
+    return chosen, samples[check] if check else None
 
 
 def _slice_points(names: Sequence[str], chosen: dict[str, float], axis: np.ndarray):
@@ -119,17 +144,20 @@ def _heat(names, chosen, axes, values, source) -> Heat:
 
 
 def sample_heat(sample: PixelSample, names: Sequence[str], chosen: dict[str, float],
-                ecfg: EnsembleConfig) -> Heat:
-    """The heatmap (or curve, one free weight) of the pixel sample's fold-A mIoU."""
+                ecfg: EnsembleConfig, score: Callable | None = None) -> Heat:
+    """The heatmap (or curve, one free weight) of the pixel sample's mIoU; ``score(sample,
+    params)`` for samples that are not group-weight samples."""
     points, axes = _slice_points(names, chosen, weight_axis(ecfg))
-    values = [sample_miou(sample, p) for p in points]
+    values = [score(sample, {**chosen, **dict(zip(names, p))}) if score else
+              sample_miou(sample, p) for p in points]
     return _heat(names, chosen, axes, values, "pixel sample (estimate)")
 
 
-def _rows(names: Sequence[str], points, val_a, val_b) -> list[TrialRow]:
+def _rows(names: Sequence[str], points, val_a, val_b, fit: str) -> list[TrialRow]:
     return [TrialRow(number=i, tune_trial_id=None, state="complete",
                      params={n: float(w) for n, w in zip(names, p)}, iteration=None,
-                     val_a=float(a), val_b=float(b), optuna_state="-")
+                     val_a=float(a), val_b=None if b is None else float(b), optuna_state="-",
+                     extra={"fit": fit})
             for i, (p, a, b) in enumerate(zip(points, val_a, val_b))]
 
 
@@ -148,74 +176,120 @@ def check_search(ecfg: EnsembleConfig, groups: int, num_classes: int) -> None:
                           f"ensemble.method=tune")
 
 
-def grid_method(space: SearchSpace, map_fn: Callable) -> Selection:
-    """Every point of the weight grid on all of fold A (and fold B) in one pass each."""
+def _top(rows: list[TrialRow], n: int, make: Callable[[TrialRow], Candidate]) -> list[Candidate]:
+    """The fusions of the ``n`` best rows, distinct, best first."""
+    out, seen = [], set()
+    for r in ranked(rows):
+        c = make(r)
+        if c.identity() not in seen:
+            seen.add(c.identity())
+            out.append(c)
+        if len(out) == n:
+            break
+    return out
+
+
+def grid_method(space: SearchSpace, map_fn: Callable) -> dict[str, Selection]:
+    """Every point of the weight grid on all of fold A and of fold B, one pass each; a fit on
+    both folds adds their matrices."""
     check_search(space.ecfg, len(space.groups), space.num_classes)
     names, axis = space.free, weight_axis(space.ecfg)
     points = make_grid([axis] * len(names))
     start = time.perf_counter()
-    folds = [grid_search_store(space.store, space.groups, space.split, videos, space.root,
-                               points, space=space.ecfg.space, shards=space.shards,
-                               map_fn=lambda fn, jobs: map_fn(fn, jobs))
-             for videos in (space.fold_a, space.fold_b)]
-    miou_a, miou_b = ([mean_iou(m) for m in f] for f in folds)
-    rows = _rows(names, points, miou_a, miou_b)
-    best = ranked(rows)[0]
+    mats = {f: grid_search_store(space.store, space.groups, space.split, space.folds[f],
+                                 space.root, points, space=space.ecfg.space, shards=space.shards,
+                                 map_fn=lambda fn, jobs: map_fn(fn, jobs))
+            for f in ("A", "B")}
     seconds = time.perf_counter() - start
-    slice_points, axes = _slice_points(names, best.params, axis)
     index = {tuple(np.round(p, 10)): i for i, p in enumerate(points)}
-    values = [miou_a[index[tuple(np.round(p, 10))]] for p in slice_points]
-    return Selection("grid", space.groups, dict(best.params), rows,
-                     _heat(names, best.params, axes, values, "grid (exact)"),
-                     {"points": len(points), "seconds": seconds})
+    out = {}
+    for fit in space.fits:
+        folds, check = FITS[fit]
+        values = [mean_iou(m) for m in sum(mats[f] for f in folds)]
+        checked = [mean_iou(m) for m in mats[check]] if check else [None] * len(points)
+        rows = _rows(names, points, values, checked, fit)
+        best = ranked(rows)[0]
+        slice_points, axes = _slice_points(names, best.params, axis)
+        heat = _heat(names, best.params, axes,
+                     [values[index[tuple(np.round(p, 10))]] for p in slice_points],
+                     "grid (exact)")
+        top = _top(rows, space.ecfg.candidates, lambda r, fit=fit: Candidate(
+            f"grid#{r.number}@{fit}", "searched", space.groups, dict(r.params), fit=fit))
+        out[fit] = Selection("grid", fit, space.groups, dict(best.params), rows, top, heat,
+                             {"points": len(points), "seconds": seconds})
+    return out
 
 
-def _counts_miou(sample: PixelSample, counts: np.ndarray) -> float:
-    """The sample's mIoU of the members' scores summed ``counts`` times each (the argmax of
-    the weighted mean)."""
-    from vspw_ray.ensemble.sample import weighted_confusion
-
-    total = np.zeros(sample.scores.shape[1:], np.float64)
-    for m in np.flatnonzero(counts):
-        total += float(counts[m]) * sample.scores[m]
-    matrix = weighted_confusion(sample.labels, total.argmax(-1), sample.weights,
-                                sample.num_classes)
-    return mean_iou(matrix + sample.fixed)
-
-
-def _greedy_weights(members: Sequence[str], counts: np.ndarray
-                    ) -> tuple[dict[str, list[str]], dict[str, float]]:
-    """One group per chosen member, the most chosen (first among equals) as the base; each
-    other member weighs its count over the base's."""
-    base = int(np.argmax(counts))
-    order = [base] + [m for m in np.flatnonzero(counts) if m != base]
+def member_candidate(name: str, members: Sequence[str], weights: np.ndarray,
+                     fit: str) -> Candidate:
+    """A member-level fusion from member weights ``[M]`` (any positive scale): one group per
+    member with weight above 0, the heaviest (first among equals) as the base, the others
+    weighing theirs over the base's."""
+    base = int(np.argmax(weights))
+    order = [base] + [m for m in np.flatnonzero(weights > 0) if m != base]
     groups = {members[m]: [members[m]] for m in order}
-    return groups, {members[m]: float(counts[m] / counts[base]) for m in order[1:]}
+    return Candidate(name, "searched", groups,
+                     {members[m]: float(weights[m] / weights[base]) for m in order[1:]}, fit=fit)
 
 
-def greedy_method(space: SearchSpace, map_fn: Callable) -> Selection:
-    """Forward selection with replacement over single members on the fold-A pixel sample.
-    The candidates reported are the best-so-far ensembles after each round (checked on the
-    fold-B sample); weights may leave ``weight_range``, which only bounds the group search."""
-    from vspw_ray.ensemble.greedy import greedy_select
+def _greedy_fit(space: SearchSpace, sample: PixelSample, check: PixelSample | None,
+                fit: str) -> Selection:
+    from vspw_ray.ensemble.greedy import bagged_greedy, greedy_select
 
-    start = time.perf_counter()
-    singles = {m: [m] for m in space.members}
-    a, b = fold_samples(space, singles, None, map_fn)
-    rounds = space.ecfg.greedy_rounds
-    counts, history = greedy_select(a.scores, a.labels, a.weights, rounds)
-    seen, rows = [], []
-    for r in range(1, rounds + 1):  # each round's best-so-far ensemble, once
-        c, _ = greedy_select(a.scores, a.labels, a.weights, r) if r < rounds else (counts, None)
+    e, members = space.ecfg, space.members
+    init = min(e.greedy_init, len(members))
+    counts, history = greedy_select(sample.scores, sample.labels, sample.weights,
+                                    e.greedy_rounds, init=init)
+    rows, seen = [], []
+    for r in range(e.greedy_rounds + 1):  # each state's best-so-far ensemble, once
+        c = counts if r == e.greedy_rounds else greedy_select(
+            sample.scores, sample.labels, sample.weights, r, init=init)[0]
         if any(np.array_equal(c, s) for s in seen):
             continue
         seen.append(c)
-        rows.append(TrialRow(number=r, tune_trial_id=None, state="complete",
-                             params={m: int(n) for m, n in zip(space.members, c) if n},
-                             iteration=r, val_a=float(max(history[:r])),
-                             val_b=_counts_miou(b, c), optuna_state="-"))
-    groups, weights = _greedy_weights(space.members, counts)
-    return Selection("greedy", groups, weights, rows, None,
-                     {"rounds": rounds, "history": [float(h) for h in history],
-                      "counts": {m: int(n) for m, n in zip(space.members, counts)},
-                      "sample_pixels_a": a.size, "seconds": time.perf_counter() - start})
+        rows.append(_member_row(r, members, c, float(max(history[:r + 1])), check, fit))
+    top = _top(rows, e.candidates, lambda r: member_candidate(
+        f"greedy#{r.number}@{fit}", members, _weights(members, r.params), fit))
+    stats = {"rounds": e.greedy_rounds, "init": init, "history": [float(h) for h in history],
+             "counts": {m: int(n) for m, n in zip(members, counts)}, "sample_pixels": sample.size}
+    if e.bags > 1:
+        mean, bags = bagged_greedy(sample.scores, sample.labels, sample.weights, sample.videos,
+                                   e.greedy_rounds, init=init, bags=e.bags, seed=e.seed)
+        row = _member_row(len(rows) + 1000, members, mean, _counts_miou(sample, mean), check,
+                          fit, kind="bagged")
+        rows.append(row)
+        top = [member_candidate(f"bagged#{e.bags}@{fit}", members, mean, fit),
+               *top[:e.candidates - 1]]
+        stats["bags"] = [{m: int(n) for m, n in zip(members, b) if n} for b in bags]
+    best = top[0]
+    return Selection("greedy", fit, best.groups, best.weights, rows, top, None, stats)
+
+
+def _weights(members: Sequence[str], params: dict) -> np.ndarray:
+    return np.array([float(params.get(m, 0.0)) for m in members])
+
+
+def _member_row(number: int, members, weights, value: float, check, fit: str,
+                kind: str = "round") -> TrialRow:
+    return TrialRow(number=number, tune_trial_id=None, state="complete",
+                    params={m: float(w) for m, w in zip(members, weights) if w},
+                    iteration=number, val_a=value,
+                    val_b=_counts_miou(check, weights) if check is not None else None,
+                    optuna_state="-", extra={"fit": fit, "kind": kind})
+
+
+def _counts_miou(sample: PixelSample, weights: np.ndarray) -> float:
+    """The sample's mIoU of the members' scores weighed ``weights`` (counts or shares)."""
+    return hull_miou(sample, np.asarray(weights, np.float64))
+
+
+def greedy_method(space: SearchSpace, map_fn: Callable) -> dict[str, Selection]:
+    """Ensemble selection with replacement over single members on each fit's pixel sample
+    (sorted initialisation, the earliest best state kept, ``bags`` bootstrap resamples of the
+    videos averaged). Weights may leave ``weight_range``, which only bounds the group search."""
+    start = time.perf_counter()
+    samples = fold_samples(space, {m: [m] for m in space.members}, None, map_fn)
+    out = {fit: _greedy_fit(space, *fit_samples(samples, fit), fit) for fit in space.fits}
+    for sel in out.values():
+        sel.stats["seconds"] = time.perf_counter() - start
+    return out

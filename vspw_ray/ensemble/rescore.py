@@ -1,16 +1,25 @@
-"""The chosen weights at full resolution: one pass over the store that decodes each member once
-per frame, forms the group means once, and labels every frame three ways -- the ensemble, the
-best single member and the plain mean of all members -- accumulating the official confusion
-matrices and video consistency per fold. The submission labels frames with the same code.
+"""Candidate fusions at full resolution: one pass over the store that decodes each member once
+per frame and labels every frame once per candidate (:mod:`vspw_ray.ensemble.candidates`),
+accumulating each candidate's confusion matrix and video consistency per video, and how often
+each pair of members agrees. The submission labels frames with the same code.
 
-Group means and the weighted sum are formed exactly as :func:`vspw_ray.ensemble.fusion.group_means`
-and the one-pass grid form them (same float32 operations in the same order), so the fold-A mIoU
-of a grid point equals the rescored one bit for bit.
+A plan fuses in one of two ways, each the same in rescoring and in the submission:
+
+* **group means** (no inner shares): each group's scores summed in the decode order and divided
+  by its size, then ``((P_0 + w_1 P_1) + w_2 P_2) ...`` -- the float32 operations of
+  :func:`vspw_ray.ensemble.fusion.group_means` and the one-pass grid, so the fold-A mIoU of a
+  grid point equals the rescored one bit for bit (groups list their members in the decode
+  order: the stage sorts them so);
+* **member level** (inner shares, or one member per group as greedy selection makes them):
+  ``sum_m v_m P_m`` accumulated in the decode order.
+
+Memory: a frame holds one ``[C, H, W]`` float32 sum per distinct group and per member-level
+plan; singles are labelled as their member is decoded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,10 +27,9 @@ import numpy as np
 from vspw_ray.ensemble.fusion import LOG_FLOOR, fuse_arrays
 from vspw_ray.errors import StoreError
 
-__all__ = ["FusionPlan", "VARIANTS", "frame_labels", "video_scores", "RescoreJob",
-           "run_rescore_job", "rescore"]
+__all__ = ["FusionPlan", "FrameFusion", "frame_labels", "video_scores", "RescoreJob",
+           "run_rescore_job", "Rescored", "rescore", "VC_WINDOWS"]
 
-VARIANTS = ("ensemble", "single", "mean")  # what each frame is labelled as
 VC_WINDOWS = (8, 16)
 
 
@@ -33,45 +41,95 @@ class FusionPlan:
     weights: tuple[float, ...]  # the K-1 free weights, in the groups' order after the base
     space: str  # "prob" | "log"
     num_classes: int
-    members: tuple[str, ...] = ()  # every member: the plain mean (baselines only)
-    best: str | None = None  # the best single member on fold A (baselines only)
+    inner: dict[str, float] = field(default_factory=dict)  # member -> share; {}: group means
+    order: tuple[str, ...] = ()  # the decode order; (): the grouped members in group order
     names: dict[str, str] = field(default_factory=dict)  # key -> the user's name, for errors
 
     @property
     def used(self) -> list[str]:
-        """Members to decode: the grouped ones, then the rest of the baselines'."""
+        """Members to decode, in the decode order."""
         grouped = [m for ms in self.groups.values() for m in ms]
-        return grouped + [m for m in (*self.members, *([self.best] if self.best else []))
-                          if m not in grouped]
+        return [m for m in self.order if m in grouped] if self.order else grouped
+
+    @property
+    def single(self) -> str | None:
+        """The member of a one-member plan (its label is that member's argmax)."""
+        ms = [m for ms in self.groups.values() for m in ms]
+        return ms[0] if len(ms) == 1 else None
+
+    @property
+    def member_level(self) -> bool:
+        return bool(self.inner) or (len(self.groups) > 1 and
+                                    all(len(ms) == 1 for ms in self.groups.values()))
+
+    def member_weights(self) -> dict[str, float]:
+        base, out = next(iter(self.groups)), {}
+        for j, (g, members) in enumerate(self.groups.items()):
+            w = 1.0 if g == base else float(self.weights[j - 1])
+            for m in members:
+                out[m] = w * self.inner.get(m, 1.0 / len(members))
+        return out
 
 
 def _argmax_u8(scores) -> np.ndarray:
     return np.asarray(scores).argmax(0).astype(np.uint8)
 
 
-def frame_labels(plan: FusionPlan, encoded: Mapping, encodings: Mapping) -> dict[str, np.ndarray]:
-    """``{"ensemble": [H, W] uint8, "single": ..., "mean": ...}`` reduced ids of one frame
-    (only ``"ensemble"`` when the plan has no baselines). ``encoded``: member key ->
-    :class:`vspw_ray.scores.EncodedScores`; ``encodings``: member key -> its encoding."""
+class FrameFusion:
+    """Labels one frame under several named plans from its members' probabilities, given one
+    member at a time in the decode order (see the module docstring)."""
+
+    def __init__(self, plans: Mapping[str, FusionPlan]):
+        self.plans = dict(plans)
+        spaces = {p.space for p in self.plans.values()}
+        if len(spaces) > 1:
+            raise ValueError(f"plans fused in one pass share one space, got {sorted(spaces)}")
+        self.space = spaces.pop() if spaces else "prob"
+        self.singles = {n: p.single for n, p in self.plans.items() if p.single}
+        self.member = {n: p.member_weights() for n, p in self.plans.items()
+                       if p.member_level and n not in self.singles}
+        self.grouped = {n: p for n, p in self.plans.items()
+                        if n not in self.singles and n not in self.member}
+        self.keys = {tuple(ms) for p in self.grouped.values() for ms in p.groups.values()}
+
+    def labels(self, decoded: Iterable[tuple[str, object]]) -> dict[str, np.ndarray]:
+        """``{plan name: [H, W] uint8}`` from ``(member, probabilities [C, H, W])`` pairs."""
+        out, sums, acc = {}, {}, {}
+        for m, p in decoded:
+            p = p.float()
+            s = p.clamp_min(LOG_FLOOR).log() if self.space == "log" else p
+            for name, single in self.singles.items():
+                if single == m:
+                    out[name] = _argmax_u8(s.numpy())
+            for key in self.keys:
+                if m in key:
+                    sums[key] = s.clone() if key not in sums else sums[key].add_(s)
+            for name, v in self.member.items():
+                if v.get(m):
+                    term = float(v[m]) * s
+                    acc[name] = term if name not in acc else acc[name].add_(term)
+        means = {key: total.div_(len(key)).numpy() for key, total in sums.items()}
+        for name, plan in self.grouped.items():
+            fused = fuse_arrays([means[tuple(ms)] for ms in plan.groups.values()], plan.weights)
+            out[name] = _argmax_u8(fused)
+        for name, total in acc.items():
+            out[name] = _argmax_u8(total.numpy())
+        return out
+
+
+def _decoded(order: Sequence[str], encoded: Mapping, encodings: Mapping, num_classes: int):
     from vspw_ray.scores.encoding import decode
 
-    group_of = {m: g for g, ms in plan.groups.items() for m in ms}
-    totals, everything, out = {}, None, {}
-    for m in plan.used:
-        p = decode(encoded[m], plan.num_classes, encodings[m]).float()
-        if m == plan.best:
-            out["single"] = _argmax_u8(p.numpy())
-        s = p.clamp_min(LOG_FLOOR).log() if plan.space == "log" else p
-        g = group_of.get(m)
-        if g is not None:
-            totals[g] = s.clone() if g not in totals else totals[g].add_(s)
-        if m in plan.members:
-            everything = s.clone() if everything is None else everything.add_(s)
-    means = [totals[g].div_(len(ms)).numpy() for g, ms in plan.groups.items()]
-    out["ensemble"] = _argmax_u8(fuse_arrays(means, plan.weights))
-    if everything is not None:
-        out["mean"] = _argmax_u8(everything.numpy())
-    return out
+    for m in order:
+        yield m, decode(encoded[m], num_classes, encodings[m])
+
+
+def frame_labels(plan: FusionPlan, encoded: Mapping, encodings: Mapping) -> np.ndarray:
+    """The fused labels ``[H, W]`` uint8 (reduced ids) of one frame under ``plan``.
+    ``encoded``: member key -> :class:`vspw_ray.scores.EncodedScores`; ``encodings``: member
+    key -> its encoding."""
+    fusion = FrameFusion({"ensemble": plan})
+    return fusion.labels(_decoded(plan.used, encoded, encodings, plan.num_classes))["ensemble"]
 
 
 def video_scores(store, plan: FusionPlan, split: str, video: str,
@@ -107,68 +165,119 @@ class RescoreJob:
     root: str
     split: str
     videos: list[str]  # in split order
-    folds: dict[str, str]  # video -> "A" | "B"
     frames: dict[str, list[str]]  # video -> frame names
-    plan: FusionPlan
+    plans: dict[str, FusionPlan]
+    order: tuple[str, ...]  # every member, in the decode order
+    agreement: bool = False  # count how often each pair of members agrees
 
 
-def run_rescore_job(job: RescoreJob) -> tuple[dict[tuple[str, str], tuple[np.ndarray, dict]],
-                                               dict[tuple[str, str], np.ndarray]]:
-    """``{(variant, fold): (confusion [C, C] int64, VC accumulators)}`` of one shard, and
-    ``{(variant, video): confusion}`` of each of its videos."""
+def _pack(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse confusion matrix (a video's holds few of the ``C^2`` cells)."""
+    flat = matrix.ravel()
+    idx = np.flatnonzero(flat)
+    return idx.astype(np.int32), flat[idx]
+
+
+def _unpack(packed: tuple[np.ndarray, np.ndarray], c: int) -> np.ndarray:
+    out = np.zeros(c * c, np.int64)
+    out[packed[0]] = packed[1]
+    return out.reshape(c, c)
+
+
+def _agree(labels: Sequence[np.ndarray], valid: np.ndarray, counts: np.ndarray) -> None:
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            same = np.count_nonzero((labels[i] == labels[j]) & valid)
+            counts[i, j] += same
+            counts[j, i] += same
+
+
+def run_rescore_job(job: RescoreJob) -> dict:
+    """``{"videos": {(plan, video): (packed confusion, VC accumulators)}, "agreement": [M, M]
+    counts of valid pixels where two members agree, "pixels": valid pixels}`` of one shard."""
     from vspw_ray.data import list_frames, read_raw_mask
     from vspw_ray.data.layout import DataError
-    from vspw_ray.metrics import ConfusionMatrix, VideoConsistency
+    from vspw_ray.metrics import VideoConsistency, confusion
     from vspw_ray.scores.store import ScoreStore
 
     store = ScoreStore(job.store)
-    encodings = {m: store.encoding(m) for m in job.plan.used}
-    c = job.plan.num_classes
-    acc = {(v, f): (ConfusionMatrix(c), VideoConsistency(VC_WINDOWS))
-           for v in VARIANTS for f in set(job.folds.values())}
-    per_video = {}
+    encodings = {m: store.encoding(m) for m in job.order}
+    c = next(iter(job.plans.values())).num_classes
+    reader = FusionPlan({"all": list(job.order)}, (), "prob", c, order=job.order)
+    fusion = FrameFusion(job.plans)
+    singles = {fusion.singles[n]: n for n in fusion.singles}
+    out = {"videos": {}, "agreement": np.zeros((len(job.order),) * 2, np.int64), "pixels": 0}
     for video in job.videos:
-        fold, listed = job.folds[video], {f.name: f for f in list_frames(job.root, video)}
-        mine = {v: ConfusionMatrix(c) for v in VARIANTS}
-        for name, encoded in video_scores(store, job.plan, job.split, video, job.frames[video]):
+        listed = {f.name: f for f in list_frames(job.root, video)}
+        matrices = {n: np.zeros((c, c), np.int64) for n in job.plans}
+        vcs = {n: VideoConsistency(VC_WINDOWS) for n in job.plans}
+        for name, encoded in video_scores(store, reader, job.split, video, job.frames[video]):
             raw = read_raw_mask(listed[name])
-            for variant, pred in frame_labels(job.plan, encoded, encodings).items():
+            labels = fusion.labels(_decoded(job.order, encoded, encodings, c))
+            for plan, pred in labels.items():
                 if pred.shape != raw.shape:
                     raise DataError(f"stored scores of video '{video}' frame '{name}' are "
                                     f"{pred.shape} but the mask is {raw.shape}")
-                mine[variant].update(pred, raw, raw=True)
-                acc[variant, fold][1].update(raw, pred)
-        for variant in VARIANTS:
-            acc[variant, fold][0].matrix += mine[variant].matrix
-            acc[variant, fold][1].end_video()
-            per_video[variant, video] = mine[variant].matrix
-    return {k: (cm.matrix, vc.accs) for k, (cm, vc) in acc.items()}, per_video
+                matrices[plan] += confusion(pred, raw, c, raw=True)
+                vcs[plan].update(raw, pred)
+            if job.agreement:
+                valid = (raw != 0) & (raw != 255)
+                _agree([labels[singles[m]] for m in job.order], valid, out["agreement"])
+                out["pixels"] += int(np.count_nonzero(valid))
+        for plan in job.plans:
+            vcs[plan].end_video()
+            out["videos"][plan, video] = (_pack(matrices[plan]), vcs[plan].accs)
+    return out
 
 
-def rescore(store: str, root: str, split: str, folds: Mapping[str, Sequence[str]],
-            frames: Mapping[str, list[str]], plan: FusionPlan, shards: int,
-            map_fn) -> tuple[dict[str, dict[str, tuple[np.ndarray, object]]],
-                             dict[str, dict[str, np.ndarray]]]:
-    """``{variant: {fold: (confusion [C, C], VideoConsistency)}}`` over the folds' videos,
-    and ``{variant: {video: confusion}}`` (what bootstrap intervals over videos resample),
-    from one pass sharded into ``shards`` jobs run by ``map_fn(run_rescore_job, jobs)``.
-    Shards are merged in video order, as ``vspw-ray evaluate`` merges videos."""
+@dataclass
+class Rescored:
+    """Every plan's per-video confusion matrices and VC windows, and the members' agreement."""
+
+    num_classes: int
+    videos: dict[tuple[str, str], tuple]  # (plan, video) -> (packed matrix, VC accumulators)
+    members: tuple[str, ...]
+    agreement: np.ndarray  # [M, M] share of valid pixels where two members agree
+    pixels: int
+
+    def matrix(self, plan: str, video: str) -> np.ndarray:
+        return _unpack(self.videos[plan, video][0], self.num_classes)
+
+    def by_video(self, plan: str, videos: Sequence[str]) -> dict[str, np.ndarray]:
+        return {v: self.matrix(plan, v) for v in videos}
+
+    def fold(self, plan: str, videos: Sequence[str]):
+        """``(confusion [C, C], VideoConsistency)`` of ``plan`` over ``videos``."""
+        from vspw_ray.metrics import VideoConsistency
+
+        matrix = np.zeros((self.num_classes,) * 2, np.int64)
+        vc = VideoConsistency(VC_WINDOWS)
+        for v in videos:
+            matrix += self.matrix(plan, v)
+            vc.merge(VideoConsistency(VC_WINDOWS, self.videos[plan, v][1]))
+        return matrix, vc
+
+
+def rescore(store: str, root: str, split: str, frames: Mapping[str, list[str]],
+            plans: Mapping[str, FusionPlan], order: Sequence[str], shards: int, map_fn, *,
+            agreement: bool = False) -> Rescored:
+    """Every plan over every video of ``frames`` (video -> frame names, in split order), from
+    one pass sharded into ``shards`` jobs run by ``map_fn(run_rescore_job, jobs)``; ``order``:
+    every member, in the decode order. With ``agreement``, every member must be a plan of its
+    own (a single), whose labels are compared pairwise."""
     from vspw_ray.ensemble.grid import shard_videos
-    from vspw_ray.metrics import VideoConsistency
 
-    fold_of = {v: f for f, vs in folds.items() for v in vs}
-    videos = [v for v in frames if v in fold_of]
-    jobs = [RescoreJob(store, root, split, shard, {v: fold_of[v] for v in shard},
-                       {v: frames[v] for v in shard}, plan)
-            for shard in shard_videos(videos, shards)]
-    total = {v: {f: (np.zeros((plan.num_classes,) * 2, np.int64), VideoConsistency(VC_WINDOWS))
-                 for f in folds} for v in VARIANTS}
-    by_video: dict[str, dict[str, np.ndarray]] = {v: {} for v in VARIANTS}
-    for part, videos_part in map_fn(run_rescore_job, jobs):
-        for (variant, fold), (matrix, accs) in part.items():
-            cm, vc = total[variant][fold]
-            cm += matrix
-            vc.merge(VideoConsistency(VC_WINDOWS, accs))
-        for (variant, video), matrix in videos_part.items():
-            by_video[variant][video] = matrix
-    return total, by_video
+    plans = {n: FusionPlan(p.groups, p.weights, p.space, p.num_classes, p.inner, tuple(order),
+                           p.names) for n, p in plans.items()}
+    jobs = [RescoreJob(store, root, split, shard, {v: frames[v] for v in shard}, plans,
+                       tuple(order), agreement)
+            for shard in shard_videos(list(frames), shards)]
+    c = next(iter(plans.values())).num_classes
+    videos, counts, pixels = {}, np.zeros((len(order),) * 2, np.int64), 0
+    for part in map_fn(run_rescore_job, jobs):
+        videos.update(part["videos"])
+        counts += part["agreement"]
+        pixels += part["pixels"]
+    share = counts / pixels if pixels else np.full(counts.shape, np.nan)
+    np.fill_diagonal(share, 1.0)
+    return Rescored(c, videos, tuple(order), share, pixels)

@@ -1,16 +1,19 @@
-"""`vspw-ray ensemble`: choose the group weights of an ensemble on fold A of val, report them
-honestly on both folds, and (``--apply test``) write the submission.
+"""`vspw-ray ensemble`: choose an ensemble's fusion on val, cross-fitted (chosen on fold A and
+scored on B, chosen on B and scored on A) or held out (A chooses, B reports), report it
+honestly beside the best single member and the plain mean, and (``--apply test``) write the
+submission with the fusion chosen on all of val.
 
 1. **Members** (:mod:`~vspw_ray.ensemble.members`): one per variant (its SWA average's scores
    when stored, else its best checkpoint's) or as ``ensemble.members`` names them; checked for
    class table, fold seed, videos, masks and val leakage before Ray starts.
 2. **Groups** (:mod:`~vspw_ray.ensemble.grouping`): explicit or the seed's rule.
-3. **Weights** (:mod:`~vspw_ray.ensemble.methods`, :mod:`~vspw_ray.ensemble.tune_search`):
-   ``tune`` | ``grid`` | ``greedy``, sharded over Ray tasks.
-4. **Rescoring** (:mod:`~vspw_ray.ensemble.rescore`) of the chosen weights on all of folds A and
-   B at full resolution, beside the best single member and the plain mean; the **report**
-   (:mod:`~vspw_ray.ensemble.report`) under ``<storage>/ensembles/<id>/``. Its ``report.json``
-   is the completion record: a re-run reuses the chosen weights (no search, no refit).
+3. **Proposals** (:mod:`~vspw_ray.ensemble.methods`, :mod:`~vspw_ray.ensemble.tune_search`):
+   ``tune`` | ``grid`` | ``greedy``, one search per fit, sharded over Ray tasks.
+4. **Candidates** (:mod:`~vspw_ray.ensemble.candidates`): each fit's best few points, every
+   member alone and the plain mean, rescored (:mod:`~vspw_ray.ensemble.rescore`) on every val
+   pixel in one pass; each fit chooses on exact figures (:mod:`~vspw_ray.ensemble.outcome`);
+   the **report** (:mod:`~vspw_ray.ensemble.report`) under ``<storage>/ensembles/<id>/``. Its
+   ``report.json`` is the completion record: a re-run reuses the choice (no search, no refit).
 5. **Submission** (:mod:`~vspw_ray.ensemble.submit`) under ``<storage>/submissions/<id>/``.
 6. **MLflow** (:mod:`~vspw_ray.ensemble.tracked`): one run per ensemble, opened once the
    weights are known so that its params hold them; the Tune trials as its child runs.
@@ -35,7 +38,7 @@ __all__ = ["EnsembleResult", "run_ensemble"]
 class EnsembleResult:
     ensemble_id: str
     method: str
-    groups: dict[str, list[str]]  # group -> member keys, the base group first
+    groups: dict[str, list[str]]  # the applied fusion: group -> member keys, the base first
     weights: dict[str, float]  # the free groups' weights (the base group's is 1)
     report: dict  # report.json (see vspw_ray.ensemble.report.build_report)
     summary: str  # the printed report
@@ -110,6 +113,10 @@ def _prepare(loaded: ExperimentConfig, stage) -> _Context:
     flagged = check_leakage(members, cfg.data.root, cfg.data.val_split,
                             allow=e.allow_val_trained)
     groups, _ = resolve_groups(e, members)
+    # members sum inside a group in the decode order (the members' order), in the grid's pass,
+    # the rescoring and the submission alike: the same float32 operations give the same labels
+    position = {m.key: i for i, m in enumerate(members)}
+    groups = {g: sorted(ms, key=position.__getitem__) for g, ms in groups.items()}
     check_search(e, len(groups), members[0].num_classes)
     eid = ensemble_id(cfg, members)
     url = optuna_url(cfg, stage.layout, stage.address) if e.method == "tune" else None
@@ -119,15 +126,22 @@ def _prepare(loaded: ExperimentConfig, stage) -> _Context:
     return _Context(cfg, stage, members, frames, folds, flagged, groups, eid, url)
 
 
-def _select(ctx: _Context, shards: int) -> Selection:
-    """Run the configured method over the Ray cluster."""
-    from vspw_ray.ensemble.methods import SearchSpace, greedy_method, grid_method
-    from vspw_ray.ensemble.raymap import ray_map
+def _space(ctx: _Context, shards: int):
+    from vspw_ray.ensemble.candidates import fits_for
+    from vspw_ray.ensemble.methods import SearchSpace
 
     e = ctx.cfg.ensemble
-    space = SearchSpace(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split, ctx.folds["A"],
-                        ctx.folds["B"], ctx.groups, [m.key for m in ctx.members], e,
-                        ctx.num_classes, shards)
+    return SearchSpace(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split, ctx.folds,
+                       fits_for(e.selection), ctx.groups, [m.key for m in ctx.members], e,
+                       ctx.num_classes, shards)
+
+
+def _select(ctx: _Context, shards: int) -> dict[str, Selection]:
+    """Run the configured method over the Ray cluster: one selection per fit."""
+    from vspw_ray.ensemble.methods import greedy_method, grid_method
+    from vspw_ray.ensemble.raymap import ray_map
+
+    e, space = ctx.cfg.ensemble, _space(ctx, shards)
     if e.method == "grid":
         return grid_method(space, ray_map)
     if e.method == "greedy":
@@ -137,8 +151,9 @@ def _select(ctx: _Context, shards: int) -> Selection:
     _remove(f"{ctx.folder}/tune")  # a Tune experiment left by a search that did not finish
     setup = TuneSetup(ctx.optuna_url, ctx.eid, ctx.folder, "tune",
                       max(1, min(shards, e.num_samples)))
-    print(f"Tune + Optuna: {e.num_samples} trials, up to {setup.concurrency} at once; study "
-          f"'{setup.study_name}' in {setup.optuna_url}", flush=True)
+    print(f"Tune + Optuna: {e.num_samples} trials per fit ({', '.join(space.fits)}), up to "
+          f"{setup.concurrency} at once; studies '{setup.study_name}-<fit>' in "
+          f"{setup.optuna_url}", flush=True)
     return tune_method(space, ray_map, setup)
 
 
@@ -152,55 +167,70 @@ def _remove(path: str) -> None:
         fs.delete_dir(inner)
 
 
-def _best(members: list[Member]) -> Member:
-    return max(members, key=lambda m: (m.miou_a, m.name))
-
-
-def _plan(ctx: _Context, groups: dict[str, list[str]], weights: dict[str, float], *,
-          baselines: bool):
+def _plan(ctx: _Context, groups: dict[str, list[str]], weights: dict[str, float],
+          inner: dict[str, float] | None = None, order: list[str] | None = None):
     from vspw_ray.ensemble.rescore import FusionPlan
 
     return FusionPlan(groups, tuple(float(weights[g]) for g in list(groups)[1:]),
-                      ctx.cfg.ensemble.space, ctx.num_classes,
-                      members=tuple(m.key for m in ctx.members) if baselines else (),
-                      best=_best(ctx.members).key if baselines else None,
-                      names={m.key: m.name for m in ctx.members})
+                      ctx.cfg.ensemble.space, ctx.num_classes, dict(inner or {}),
+                      tuple(order or (m.key for m in ctx.members)),
+                      {m.key: m.name for m in ctx.members})
 
 
-def _search(ctx: _Context) -> tuple[dict, str, Selection]:
-    """Choose the weights, rescore them on folds A and B, write the report; returns
-    ``(report, text, selection)``."""
+def _candidates(ctx: _Context, selections: dict[str, Selection]) -> list:
+    """The searched fits' best points, every member alone and the plain mean."""
+    from vspw_ray.ensemble.candidates import dedupe, mean_candidate, single_candidates
+
+    keys = [m.key for m in ctx.members]
+    searched = [c for s in selections.values() for c in s.top]
+    return dedupe(searched + single_candidates(keys, {m.key: m.name for m in ctx.members})
+                  + [mean_candidate(keys)])
+
+
+def _search(ctx: _Context) -> tuple[dict, str, dict[str, Selection]]:
+    """Propose fusions per fit, rescore every candidate on all of val, choose, write the
+    report; returns ``(report, text, selections)``."""
     from vspw_ray.data import load_class_table
+    from vspw_ray.ensemble.candidates import fits_for
     from vspw_ray.ensemble.grouping import format_groups
+    from vspw_ray.ensemble.outcome import decide
     from vspw_ray.ensemble.raymap import parallelism, ray_map
-    from vspw_ray.ensemble.report import build_report, fold_b_intervals, format_report
+    from vspw_ray.ensemble.report import build_report, format_report
     from vspw_ray.ensemble.rescore import rescore
     from vspw_ray.runtime import connect_ray
 
+    e = ctx.cfg.ensemble
     connect_ray(ctx.stage.address)
     shards = parallelism(ctx.stage.address)
-    sel = _select(ctx, shards)
-    plan = _plan(ctx, sel.groups, sel.weights, baselines=True)
+    selections = _select(ctx, shards)
+    cands = _candidates(ctx, selections)
+    order = [m.key for m in ctx.members]
     start = time.perf_counter()
-    totals, by_video = rescore(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split,
-                               ctx.folds, ctx.frames, plan, shards, ray_map)
-    sel.stats["rescore_seconds"] = time.perf_counter() - start
-    names = load_class_table(ctx.cfg.data.root).names
-    report = build_report(ctx.eid, sel, ctx.members, totals, names,
-                          space=ctx.cfg.ensemble.space, split=ctx.cfg.data.val_split,
-                          fold_seed=ctx.cfg.data.fold_seed, flagged=ctx.flagged,
-                          intervals=fold_b_intervals(by_video, ctx.folds["B"],
-                                                     ctx.cfg.ensemble.seed))
-    text = format_report(report, format_groups(sel.groups, sel.weights, ctx.members))
-    _write_outputs(ctx.folder, report, text, sel, by_video)
-    return report, text, sel
+    print(f"rescoring {len(cands)} candidates on every pixel of {len(ctx.frames)} val videos",
+          flush=True)
+    rescored = rescore(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split, ctx.frames,
+                       {c.name: _plan(ctx, c.groups, c.weights, c.inner) for c in cands},
+                       order, shards, ray_map, agreement=True)
+    out = decide(cands, rescored, ctx.folds, fits_for(e.selection), e.selection)
+    for sel in selections.values():
+        sel.stats["rescore_seconds"] = time.perf_counter() - start
+    agreement = {"members": [m.name for m in ctx.members],
+                 "matrix": rescored.agreement.round(6).tolist(), "pixels": rescored.pixels}
+    report = build_report(ctx.eid, out, selections, ctx.members,
+                          load_class_table(ctx.cfg.data.root).names, space=e.space,
+                          split=ctx.cfg.data.val_split, fold_seed=ctx.cfg.data.fold_seed,
+                          flagged=ctx.flagged, agreement=agreement, seed=e.seed, order=order)
+    text = format_report(report, format_groups(out.applied.groups, out.applied.weights,
+                                               ctx.members))
+    _write_outputs(ctx.folder, report, text, selections, out.by_video)
+    return report, text, selections
 
 
-def _write_outputs(folder: str, report: dict, text: str, sel: Selection,
+def _write_outputs(folder: str, report: dict, text: str, selections: dict[str, Selection],
                    by_video: dict) -> None:
     """The report's files into the ensemble folder (local or remote), ``report.json`` last;
     ``video_confusions.npz`` holds each video's confusion matrix as ``VARIANT/VIDEO``
-    (ensemble, single, mean), for intervals over videos."""
+    (ensemble, single, mean, applied), for intervals over videos."""
     import numpy as np
 
     from vspw_ray.ensemble.charts import class_change_chart, weights_heatmap
@@ -209,14 +239,16 @@ def _write_outputs(folder: str, report: dict, text: str, sel: Selection,
     from vspw_ray.storage import filesystem
 
     fs, root = filesystem(folder)
+    heat = next((s.heat for s in (selections.get("all"), selections.get("A")) if s and s.heat),
+                None)
     with tempfile.TemporaryDirectory() as d:
         local = Path(d)
         (local / "report.txt").write_text(text + "\n")
         np.savez_compressed(local / "video_confusions.npz", **{
             f"{variant}/{video}": m for variant, ms in by_video.items() for video, m in ms.items()})
-        write_trials_csv(sel.rows, local / "trials.csv")
-        if sel.heat is not None:
-            weights_heatmap(sel.heat, local / "weights_heatmap.png")
+        write_trials_csv([r for s in selections.values() for r in s.rows], local / "trials.csv")
+        if heat is not None:
+            weights_heatmap(heat, local / "weights_heatmap.png")
         class_change_chart(report["per_class_change"], local / "per_class_change.png",
                            f"{report['ensemble_id']}: ensemble vs best single member")
         for f in sorted(local.iterdir()):
@@ -241,22 +273,26 @@ def _cached(ctx: _Context) -> tuple[dict, str] | None:
 
 
 def _apply(ctx: _Context, report: dict, split: str) -> Submission:
-    """Fuse every grouped member's scores of ``split`` with the fold-A weights, unchanged."""
+    """Fuse every grouped member's scores of ``split`` with the applied fusion (chosen on all of
+    val under crossfit, on fold A under holdout), unchanged."""
     from vspw_ray.ensemble.members import check_split
     from vspw_ray.ensemble.raymap import parallelism, ray_map
+    from vspw_ray.ensemble.report import report_mode
     from vspw_ray.ensemble.submit import write_submission
     from vspw_ray.runtime import connect_ray
     from vspw_ray.scores.store import ScoreStore
 
-    groups, weights = report["groups"], report["weights"]
+    groups, weights, inner = report["groups"], report["weights"], report.get("inner") or {}
     used = [m for m in ctx.members if any(m.key in ms for ms in groups.values())]
     frames = check_split(used, ScoreStore(ctx.store), ctx.cfg.data.root, split, masks=False)
-    figures = {v: {f: {k: report["figures"][v][f][k] for k in ("miou", "fwiou", "vc8", "vc16")}
-                   for f in ("A", "B")} for v in report["figures"]}
+    figures = {v: {f: {k: fig[k] for k in ("miou", "fwiou", "vc8", "vc16")}
+                   for f, fig in folds.items()} for v, folds in report["figures"].items()}
     identity = {"ensemble_id": ctx.eid, "split": split, "groups": groups, "weights": weights,
-                "space": report["space"]}
+                "space": report["space"], **({"inner": inner} if inner else {})}
     info = {"ensemble_id": ctx.eid, "split": split, "method": report["method"],
             "base_group": report["base_group"], "groups": groups, "weights": weights,
+            "inner": inner, "chosen": report.get("chosen", {}).get("name"),
+            "selection_mode": report_mode(report),
             "space": report["space"], "fold_seed": report["fold_seed"],
             "members": [{"name": m.name, "key": m.key, "variant_id": m.variant_id,
                          "checkpoint": m.checkpoint} for m in used],
@@ -265,15 +301,15 @@ def _apply(ctx: _Context, report: dict, split: str) -> Submission:
     shards = parallelism(ctx.stage.address)
     print(f"applying ensemble {ctx.eid} to {split}: {len(frames)} videos", flush=True)
     return write_submission(ctx.store, split, ctx.stage.layout.submission(ctx.eid), frames,
-                            _plan(ctx, groups, weights, baselines=False), identity, info,
+                            _plan(ctx, groups, weights, inner, report.get("order")), identity, info,
                             shards=shards, map_fn=ray_map)
 
 
 def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: str | None = None,
                  track: bool = True) -> EnsembleResult:
-    """Choose (or reuse) the ensemble's weights on fold A of ``data.val_split``, report them on
-    folds A and B, and with ``apply`` (a split name: ``test``; ``val`` works too) write the
-    submission of that split.
+    """Choose (or reuse) the ensemble's fusion on ``data.val_split`` (``ensemble.selection``:
+    cross-fitted or held out), report it, and with ``apply`` (a split name: ``test``; ``val``
+    works too) write the submission of that split.
 
     Raises:
         UserError: bad input (members, groups, splits, scores, settings), named with its fix.
@@ -288,9 +324,9 @@ def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: st
         ctx = _prepare(cfg, stage)
     cached = _cached(ctx)
     if cached is None:
-        report, text, sel = _search(ctx)
+        report, text, selections = _search(ctx)
     else:
-        (report, text), sel = cached, None
+        (report, text), selections = cached, None
     print(text, flush=True)
     submission = _apply(ctx, report, apply) if apply else None
     if submission is not None:
@@ -300,7 +336,7 @@ def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: st
     if track and stage.tracking_uri:
         from vspw_ray.ensemble.tracked import log_ensemble
 
-        run_id = log_ensemble(stage, ctx.eid, ctx.members, report, sel, submission)
+        run_id = log_ensemble(stage, ctx.eid, ctx.members, report, selections, submission)
     return EnsembleResult(ctx.eid, report["method"], report["groups"], report["weights"], report,
                           text, ctx.folder, cached is None, submission, run_id,
                           report_metrics(report))

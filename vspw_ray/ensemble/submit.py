@@ -82,7 +82,7 @@ def run_submit_job(job: SubmitJob) -> int:
             continue
         for name, encoded in video_scores(store, job.plan, job.split, video, job.frames[video]):
             if f"{name}.png" not in present:
-                labels = frame_labels(job.plan, encoded, encodings)["ensemble"]
+                labels = frame_labels(job.plan, encoded, encodings)
                 write_atomic(fs, f"{root}/{video}/{name}.png", _png(labels))
                 written += 1
     return written

@@ -35,7 +35,7 @@ def _fetch(folder: str, names: tuple[str, ...], local: Path) -> list[Path]:
 
 
 def _child_runs(uri: str, experiment: str, storage: str, parent: str, eid: str,
-                sel: Selection) -> None:
+                selections: dict[str, Selection]) -> None:
     """The Tune trials as child runs of the ensemble's run (in a thread of their own: MLflow's
     active run is per thread, and the parent's is open)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -43,14 +43,18 @@ def _child_runs(uri: str, experiment: str, storage: str, parent: str, eid: str,
     from vspw_ray import tracking
 
     def log_all() -> None:
-        for row in sel.rows:
-            tags = {tracking.PARENT_TAG: parent, "ensemble_id": eid, "stage": "ensemble-trial",
-                    "optuna_trial": str(row.number)}
-            params = {f"weight.{g}": str(w) for g, w in row.params.items()}
-            with tracking.open_run(uri, experiment, storage, run_name=f"{eid}-trial-{row.number}",
-                                   tags=tags, params=params) as rid:
-                tracking.log_metrics(uri, rid, {"sample/val_A/miou": row.val_a,
-                                                "sample/val_B/miou": row.val_b}, 0)
+        for fit, sel in selections.items():
+            for row in sel.rows:
+                tags = {tracking.PARENT_TAG: parent, "ensemble_id": eid,
+                        "stage": "ensemble-trial", "optuna_trial": str(row.number), "fit": fit}
+                params = {f"weight.{g}": str(w) for g, w in row.params.items()}
+                metrics = {"sample/selecting/miou": row.val_a}
+                if row.val_b is not None:
+                    metrics["sample/checking/miou"] = row.val_b
+                with tracking.open_run(uri, experiment, storage,
+                                       run_name=f"{eid}-{fit}-trial-{row.number}", tags=tags,
+                                       params=params) as rid:
+                    tracking.log_metrics(uri, rid, metrics, 0)
 
     with ThreadPoolExecutor(1) as pool:
         pool.submit(log_all).result()
@@ -70,7 +74,7 @@ def _log_submission(uri: str, rid: str, submission: Submission | None) -> None:
 
 
 def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
-                 sel: Selection | None, submission: Submission | None) -> str:
+                 selections: dict[str, Selection] | None, submission: Submission | None) -> str:
     """The ensemble's MLflow run: params (config, members, groups, weights, method), the fold
     figures, the report's files, the Tune trials as child runs and the submission's manifest.
     A re-run that reused the weights only adds its submission to the run that chose them.
@@ -78,7 +82,7 @@ def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
     Args:
         stage: the stage's (untracked) :class:`vspw_ray.runtime.Stage`: config, layout,
             tracking URI and experiment.
-        sel: the search of this run; None when an earlier run chose the weights.
+        selections: the searches of this run, by fit; None when an earlier run chose.
 
     Returns:
         The run's id.
@@ -91,11 +95,14 @@ def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
     uri, experiment, folder = stage.tracking_uri, stage.experiment, stage.layout.ensemble(eid)
     tags = {"ensemble_id": eid}
     earlier = tracking.find_run(uri, experiment, {**tags, "stage": "ensemble"}, unfinished=False)
-    if earlier and sel is None:
+    if earlier and selections is None:
         _log_submission(uri, earlier, submission)
         return earlier
     params = {**tracking.flatten(to_dict(stage.cfg)), "method": report["method"],
-              **{k: json.dumps(report[k])[:6000] for k in ("groups", "weights")},
+              **{k: json.dumps(report.get(k) or {})[:6000] for k in ("groups", "weights",
+                                                                      "inner")},
+              "selection_mode": report.get("selection_mode", "holdout"),
+              "chosen": (report.get("chosen") or {}).get("name", ""),
               "members": json.dumps([m.key for m in members])[:6000]}
     with open_stage(stage.cfg, "ensemble", tags, address=stage.address, track=True,
                     connect=False, trainable=False, run_name=eid, params=params) as opened:
@@ -104,7 +111,7 @@ def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
         with tempfile.TemporaryDirectory() as d:
             for f in _fetch(folder, ("report.json", *REPORT_FILES), Path(d)):
                 tracking.log_artifact(uri, rid, f)
-        if sel is not None and sel.method == "tune":
-            _child_runs(uri, experiment, stage.storage, rid, eid, sel)
+        if selections and report["method"] == "tune":
+            _child_runs(uri, experiment, stage.storage, rid, eid, selections)
         _log_submission(uri, rid, submission)
     return rid

@@ -1,5 +1,5 @@
 """``ensemble.method: tune``: Ray Tune + OptunaSearch (seeded TPE) over the K-1 free group
-weights, each trial scoring the fold-A pixel sample.
+weights and each member's share inside its group, each trial scoring one fit's pixel sample.
 
 The sample is put once into Ray's object store (``tune.with_parameters``); a trial is a function
 trainable that fuses and scores it in milliseconds, and actors are reused between trials, so
@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from vspw_ray.config import ConfigError, ExperimentConfig
-from vspw_ray.ensemble.methods import SearchSpace, Selection, fold_samples, sample_heat
-from vspw_ray.ensemble.sample import PixelSample, sample_miou
+from vspw_ray.ensemble.candidates import Candidate
+from vspw_ray.ensemble.methods import SearchSpace, Selection, fit_samples, fold_samples, sample_heat
+from vspw_ray.ensemble.sample import Hull, PixelSample, hull_miou, normalise_inner, sample_miou
 from vspw_ray.tune.report import TrialRow, ranked
 
-__all__ = ["TuneSetup", "optuna_url", "score_trial", "run_tuner", "tune_method", "METRIC"]
+__all__ = ["TuneSetup", "WeightSpace", "weight_space", "optuna_url", "score_trial", "run_tuner",
+           "tune_method", "METRIC"]
 
 METRIC = "sample_miou_a"  # a trial's estimate of the fold-A mIoU
 
@@ -54,11 +58,84 @@ def optuna_url(cfg: ExperimentConfig, layout, address: str | None) -> str:
     return f"sqlite:///{layout.join('tune', 'optuna.db')}"
 
 
-def score_trial(config: dict, *, sample: PixelSample, names: Sequence[str]) -> None:
-    """One Tune trial: the sample's mIoU at the trial's weights."""
+@dataclass(frozen=True)
+class WeightSpace:
+    """Tune's parameters and how a trial's values become a fusion: the free groups' weights in
+    ``[low, high]`` and, with ``inner`` (``ensemble.inner_weights`` and a group of two or more
+    members), a raw share in ``[0, 1]`` per member of each group (``inner:<member key>``),
+    normalised inside the group (:func:`vspw_ray.ensemble.sample.normalise_inner`). Without
+    ``inner`` every member of a group has an equal share and trials score a group sample
+    settled over the weight box; with it, a member sample settled over the
+    :class:`~vspw_ray.ensemble.sample.Hull`."""
+
+    groups: dict[str, list[str]]  # base first
+    low: float
+    high: float
+    inner: bool
+
+    @property
+    def free(self) -> list[str]:
+        return list(self.groups)[1:]
+
+    @property
+    def hull(self) -> Hull:
+        sizes = [len(ms) for ms in self.groups.values()]
+        bounds = [sum(sizes[:g]) for g in range(len(sizes) + 1)]
+        return Hull(tuple(tuple(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])),
+                    self.low, self.high)
+
+    def names(self) -> list[str]:
+        inner = [f"inner:{m}" for ms in self.groups.values() for m in ms] if self.inner else []
+        return self.free + inner
+
+    def distributions(self) -> dict:
+        import optuna
+
+        return {n: optuna.distributions.FloatDistribution(
+            *((0.0, 1.0) if n.startswith("inner:") else (self.low, self.high)))
+            for n in self.names()}
+
+    def _raw(self, params: dict) -> list[list[float]]:
+        return [[float(params[f"inner:{m}"]) for m in ms] for ms in self.groups.values()]
+
+    def score(self, sample: PixelSample, params: dict) -> float:
+        """The sample's mIoU at a trial's parameters."""
+        if not self.inner:
+            return sample_miou(sample, [params[n] for n in self.free])
+        return hull_miou(sample, self.hull.member_weights(
+            [params[n] for n in self.free], self._raw(params)))
+
+    def candidate(self, name: str, params: dict, fit: str) -> Candidate:
+        """A trial's fusion; shares equal within every group are left out (group means)."""
+        shares = {}
+        if self.inner:
+            for ms, raw in zip(self.groups.values(), self._raw(params)):
+                u = normalise_inner(raw)
+                if not np.allclose(u, u[0], rtol=0, atol=1e-12):
+                    shares.update(dict(zip(ms, u.tolist())))
+        return Candidate(name, "searched", self.groups,
+                         {g: float(params[g]) for g in self.free}, shares, fit=fit)
+
+    def start_points(self, limit: int) -> list[dict]:
+        """Trials enqueued first: the base group's mean, the seed's equal group weights and,
+        with inner shares, each base member alone."""
+        inner = {f"inner:{m}": 1.0 for ms in self.groups.values() for m in ms} if self.inner \
+            else {}
+        one = min(max(1.0, self.low), self.high)
+        points = [{**{g: self.low for g in self.free}, **inner},
+                  {**{g: one for g in self.free}, **inner}]
+        if self.inner:
+            base = next(iter(self.groups.values()))
+            points += [{**points[0], **{f"inner:{m}": float(m == b) for m in base}}
+                       for b in base if len(base) > 1]
+        return points[:limit]
+
+
+def score_trial(config: dict, *, sample: PixelSample, weights: WeightSpace) -> None:
+    """One Tune trial: the sample's mIoU at the trial's parameters."""
     import ray.tune
 
-    ray.tune.report({METRIC: sample_miou(sample, [config[n] for n in names])})
+    ray.tune.report({METRIC: weights.score(sample, config)})
 
 
 @contextlib.contextmanager
@@ -83,22 +160,24 @@ def _fresh_study(setup: TuneSetup) -> None:
         print(f"started the Optuna study '{setup.study_name}' over (left unfinished)", flush=True)
 
 
-def run_tuner(sample: PixelSample, names: Sequence[str], low: float, high: float,
-              num_samples: int, seed: int, setup: TuneSetup) -> list[TrialRow]:
+def run_tuner(sample: PixelSample, weights: WeightSpace, num_samples: int, seed: int,
+              setup: TuneSetup) -> list[TrialRow]:
     """Run the Tune experiment; one row per complete Optuna trial (``val_a`` its sample mIoU,
     ``number`` its Optuna number), by number."""
     import optuna
     import ray.tune
     from ray.tune.search.optuna import OptunaSearch
 
+    names = weights.names()
     with _quiet_optuna():
         _fresh_study(setup)
         searcher = OptunaSearch(
-            space={n: optuna.distributions.FloatDistribution(low, high) for n in names},
-            metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=seed),
-            study_name=setup.study_name, storage=optuna.storages.RDBStorage(setup.optuna_url))
+            space=weights.distributions(), metric=METRIC, mode="max",
+            points_to_evaluate=weights.start_points(num_samples),
+            sampler=optuna.samplers.TPESampler(seed=seed), study_name=setup.study_name,
+            storage=optuna.storages.RDBStorage(setup.optuna_url))
         tuner = ray.tune.Tuner(
-            ray.tune.with_parameters(score_trial, sample=sample, names=tuple(names)),
+            ray.tune.with_parameters(score_trial, sample=sample, weights=weights),
             tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
                                             max_concurrent_trials=setup.concurrency,
                                             reuse_actors=True),
@@ -115,20 +194,53 @@ def run_tuner(sample: PixelSample, names: Sequence[str], low: float, high: float
             for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def tune_method(space: SearchSpace, map_fn: Callable, setup: TuneSetup) -> Selection:
-    """Sample folds A and B, search on A with Tune, check every trial on the B sample."""
-    e, names = space.ecfg, space.free
-    box = [tuple(e.weight_range)] * len(names)
-    a, b = fold_samples(space, space.groups, box, map_fn)
+def weight_space(space: SearchSpace) -> WeightSpace:
+    """The parameters of ``space``: inner shares when ``ensemble.inner_weights`` and some group
+    has two or more members."""
+    e = space.ecfg
+    inner = e.inner_weights and any(len(ms) > 1 for ms in space.groups.values())
+    return WeightSpace(space.groups, *e.weight_range, inner)
+
+
+def _samples(space: SearchSpace, weights: WeightSpace, map_fn) -> dict[str, PixelSample]:
+    if weights.inner:
+        singles = {m: [m] for ms in space.groups.values() for m in ms}
+        return fold_samples(space, singles, None, map_fn, hull=weights.hull)
+    return fold_samples(space, space.groups, [(weights.low, weights.high)] * len(weights.free),
+                        map_fn)
+
+
+def _tune_fit(space: SearchSpace, weights: WeightSpace, samples, setup: TuneSetup,
+              fit: str) -> Selection:
+    e = space.ecfg
+    sample, check = fit_samples(samples, fit)
+    fit_setup = replace(setup, study_name=f"{setup.study_name}-{fit}", name=f"{setup.name}-{fit}")
     start = time.perf_counter()
-    rows = run_tuner(a, names, *e.weight_range, e.num_samples, e.seed, setup)
+    rows = run_tuner(sample, weights, e.num_samples, e.seed, fit_setup)
     seconds = time.perf_counter() - start
-    rows = [replace(r, val_b=sample_miou(b, [r.params[n] for n in names])) for r in rows]
-    best = ranked(rows)[0]
-    return Selection("tune", space.groups, dict(best.params), rows,
-                     sample_heat(a, names, best.params, e),
-                     {"trials": len(rows), "seconds": seconds,
-                      "trials_per_s": len(rows) / seconds if seconds else None,
-                      "concurrency": setup.concurrency, "sample_pixels_a": a.size,
-                      "sample_pixels_b": b.size, "optuna_study": setup.study_name,
-                      "optuna_storage": setup.optuna_url})
+    rows = [replace(r, val_b=weights.score(check, r.params) if check else None,
+                    extra={"fit": fit}) for r in rows]
+    ranked_rows = ranked(rows)
+    top, seen = [], set()
+    for r in ranked_rows:
+        c = weights.candidate(f"tune#{r.number}@{fit}", r.params, fit)
+        if c.identity() not in seen and len(top) < e.candidates:
+            seen.add(c.identity())
+            top.append(c)
+    best = ranked_rows[0].params
+    heat = sample_heat(sample, weights.free, best, e, weights.score) if weights.free else None
+    return Selection("tune", fit, space.groups, {g: best[g] for g in weights.free}, rows, top,
+                     heat, {"trials": len(rows), "seconds": seconds,
+                            "trials_per_s": len(rows) / seconds if seconds else None,
+                            "concurrency": setup.concurrency, "sample_pixels": sample.size,
+                            "inner_weights": weights.inner,
+                            "optuna_study": fit_setup.study_name,
+                            "optuna_storage": setup.optuna_url})
+
+
+def tune_method(space: SearchSpace, map_fn: Callable, setup: TuneSetup) -> dict[str, Selection]:
+    """Sample folds A and B, then per fit search its sample with Tune and check every trial
+    on the other fold's sample."""
+    weights = weight_space(space)
+    samples = _samples(space, weights, map_fn)
+    return {fit: _tune_fit(space, weights, samples, setup, fit) for fit in space.fits}

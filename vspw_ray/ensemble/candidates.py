@@ -1,0 +1,149 @@
+"""The final choice among simple and searched fusions, on exact figures, and cross-fitting.
+
+Whatever the method, its best few points are **candidates** beside every single member and
+the plain mean of all members; all of them are rescored on every val pixel
+(:mod:`vspw_ray.ensemble.rescore`) and the one with the best exact mIoU on the selecting
+fold(s) wins, ties going to the candidate with fewer members (then to the earlier one: searched
+points, singles, the mean). So the chosen fusion is never worse than the best single member on
+the videos that chose it, as in nnU-Net's ``find_best_configuration``, which also scores every
+single configuration beside the ensembles.
+
+A **fit** is one choice: ``A`` (chosen on fold A, checked on B), ``B`` (the reverse) and
+``all`` (chosen on all of val, what a submission applies). Cross-fitting reports the fusion
+chosen on A scored on B and the one chosen on B scored on A: their summed confusion matrices
+give an **out-of-fold** figure over all of val that no selection has seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vspw_ray.metrics import mean_iou
+
+__all__ = ["FITS", "fits_for", "Candidate", "Choice", "single_candidates", "mean_candidate",
+           "dedupe", "choose", "fold_matrix", "disagreement", "DISAGREE"]
+
+# fit -> (the folds that choose, the fold that checks it or None)
+FITS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "A": (("A",), "B"), "B": (("B",), "A"), "all": (("A", "B"), None)}
+DISAGREE = 0.25  # total-variation distance of two fits' member weights flagged as disagreeing
+
+
+def fits_for(selection: str) -> tuple[str, ...]:
+    """The fits a selection mode makes: ``holdout`` chooses on A only; ``crossfit`` on A, on B
+    and on all of val."""
+    if selection not in ("crossfit", "holdout"):
+        raise ValueError(f"ensemble.selection must be crossfit or holdout, got '{selection}'")
+    return ("A",) if selection == "holdout" else ("A", "B", "all")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One fusion the final choice may pick: groups (base first) averaged inside and weighted
+    across (the base group at 1), optionally with unequal member shares inside groups."""
+
+    name: str  # "grid#17@A", "single:upernet_s0", "mean"
+    kind: str  # "searched" | "single" | "mean"
+    groups: dict[str, list[str]]  # group -> member keys, the base group first
+    weights: dict[str, float]  # the free groups' weights
+    inner: dict[str, float] = field(default_factory=dict)  # member -> share in its group
+    fit: str | None = None  # the fit whose search proposed it (searched points)
+
+    def member_weights(self) -> dict[str, float]:
+        """Each member's weight in the fused sum ``sum_m v_m P_m`` (members of a group share
+        its weight; the base group's is 1)."""
+        base = next(iter(self.groups))
+        out = {}
+        for g, members in self.groups.items():
+            w = 1.0 if g == base else float(self.weights[g])
+            for m in members:
+                out[m] = w * self.inner.get(m, 1.0 / len(members))
+        return out
+
+    @property
+    def size(self) -> int:
+        """Members that count (weight above 0)."""
+        return sum(w > 0 for w in self.member_weights().values())
+
+    def identity(self) -> tuple:
+        """Equal for two candidates that fuse identically (the same groups, weights, shares)."""
+        return (tuple((g, tuple(ms)) for g, ms in self.groups.items()),
+                tuple(sorted((g, round(w, 10)) for g, w in self.weights.items())),
+                tuple(sorted((m, round(w, 10)) for m, w in self.inner.items())))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "groups": self.groups,
+                "weights": self.weights, "inner": self.inner, "fit": self.fit,
+                "members": self.size}
+
+
+def single_candidates(keys: Sequence[str], names: Mapping[str, str]) -> list[Candidate]:
+    """Every member alone."""
+    return [Candidate(f"single:{names.get(k, k)}", "single", {"single": [k]}, {}) for k in keys]
+
+
+def mean_candidate(keys: Sequence[str]) -> Candidate:
+    """The plain mean of every member."""
+    return Candidate("mean", "mean", {"mean": list(keys)}, {})
+
+
+def dedupe(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The first of each set of identical fusions, in order."""
+    seen, out = set(), []
+    for c in candidates:
+        if c.identity() not in seen:
+            seen.add(c.identity())
+            out.append(c)
+    return out
+
+
+def fold_matrix(by_video: Mapping[str, np.ndarray], videos: Sequence[str]) -> np.ndarray:
+    """The summed confusion matrix of ``videos``."""
+    return sum(np.asarray(by_video[v], np.int64) for v in videos)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The winner of one fit on exact figures."""
+
+    fit: str
+    chosen: str  # candidate name
+    score: float  # its exact mIoU on the fit's selecting folds
+    runner_up: str | None
+    margin: float | None  # score minus the runner-up's
+    ranking: tuple[tuple[str, float], ...]  # every candidate, best first
+
+    def to_dict(self) -> dict:
+        return {"fit": self.fit, "chosen": self.chosen, "score": self.score,
+                "runner_up": self.runner_up, "margin": self.margin,
+                "ranking": [list(r) for r in self.ranking]}
+
+
+def choose(candidates: Sequence[Candidate], fold_matrices: Mapping[str, Mapping[str, np.ndarray]],
+           fit: str) -> Choice:
+    """The candidate with the best exact mIoU on ``fit``'s selecting folds; ties go to fewer
+    members, then to the earlier candidate.
+
+    Args:
+        fold_matrices: candidate name -> fold (``"A"``/``"B"``) -> confusion matrix.
+    """
+    folds, _ = FITS[fit]
+    scores = {c.name: mean_iou(sum(fold_matrices[c.name][f] for f in folds)) for c in candidates}
+    order = sorted(range(len(candidates)), key=lambda i: (
+        -np.nan_to_num(scores[candidates[i].name], nan=-1.0), candidates[i].size, i))
+    ranking = tuple((candidates[i].name, float(scores[candidates[i].name])) for i in order)
+    runner = ranking[1] if len(ranking) > 1 else None
+    return Choice(fit, ranking[0][0], ranking[0][1], runner[0] if runner else None,
+                  ranking[0][1] - runner[1] if runner else None, ranking)
+
+
+def disagreement(a: Candidate, b: Candidate) -> float:
+    """Total-variation distance between two fusions' member weights, each normalised to sum
+    to 1: 0 for the same fusion, 1 for fusions of disjoint members."""
+    wa, wb = a.member_weights(), b.member_weights()
+    sa, sb = sum(wa.values()) or 1.0, sum(wb.values()) or 1.0
+    keys = set(wa) | set(wb)
+    return 0.5 * sum(abs(wa.get(k, 0.0) / sa - wb.get(k, 0.0) / sb) for k in keys)
