@@ -48,7 +48,7 @@ EXPERIMENT = ROOT / "experiments" / "camvid_ablations.yaml"
 SMOKE_TTA = ["infer.scales=[0.5,1.0]", "infer.flip=false"]
 SMOKE = ["train.iters=4", "train.val_interval=4", "train.warmup_iters=1", "train.log_interval=2",
          "swa.extra_iters=4", "swa.every=2", "swa.bn_batches=1", "ensemble.grid_step=0.5",
-         "ensemble.strong=1", "data.loader_workers=0", "pipeline.max_concurrent=3", *SMOKE_TTA]
+         "data.loader_workers=0", "pipeline.max_concurrent=3", *SMOKE_TTA]
 SMOKE_VIDEOS = {"train": 4, "val": 4}  # the smoke's view of the data: the shortest videos
 SMOKE_VAL_FRAMES = 8  # of each val video: enough for VC8
 # the smoke's 3 variants, all in flight at once: both crops and MaskFormer (Tables 1, 2, 3 and
@@ -78,10 +78,19 @@ CLAIMS = {  # table -> (row, baseline row, the seed's claim); rows by their ids
         ("upernet_c240:tta", "upernet_c240:single", "TTA helps UperNet"),
         ("maskformer_c240:tta", "maskformer_c240:single", "TTA helps MaskFormer")],
     "Table 3: hierarchical ensemble (per seed)": [
-        ("searched", "single", "the searched ensemble beats the best single model"),
-        ("searched", "mean", "the searched ensemble beats the plain mean")],
+        ("default", "single", "the searched ensemble beats the best single model"),
+        ("default", "mean", "the searched ensemble beats the plain mean")],
 }
 FAMILIES = [("UperNet", "upernet_c240"), ("MaskFormer", "maskformer_c240")]
+# Table 3's methods, each cross-fitted over one seed's members (the smoke: the two cheapest)
+METHODS = {"grid": ["ensemble.method=grid"], "tune": ["ensemble.method=tune"],
+           "greedy": ["ensemble.method=greedy", "ensemble.bags=1"],
+           "bagged": ["ensemble.method=greedy", "ensemble.bags=8"]}
+SMOKE_METHODS = {m: METHODS[m] for m in ("grid", "greedy")}
+METHOD_LABELS = {"grid": "grid: the seed's groups, weights searched",
+                 "tune": "tune: group weights and shares inside groups",
+                 "greedy": "greedy selection", "bagged": "bagged greedy (8 bags)"}
+DEFAULT_METHOD = "grid"  # the claims' "searched ensemble": the method ensemble.method defaults to
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -211,7 +220,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     result = run_pipeline(cfg, address=args.address)
     t_pipeline = time.perf_counter() - start
-    ctx = Context(cfg, seeds, args.address, recorded_outputs(cfg, result), args.bootstrap)
+    ctx = Context(cfg, seeds, args.address, recorded_outputs(cfg, result), args.bootstrap,
+                  args.smoke)
     tables = {title: member_table(ctx, rows) for title, rows in TABLES.items()}
     tables = {title: rows for title, rows in tables.items() if len(rows) > 1}
     tables["Table 2: SWA (single scale)"] = swa_table(ctx)
@@ -219,8 +229,10 @@ def main(argv=None) -> None:
     tables["Table 3: hierarchical ensemble (per seed)"] = ensemble_table(ctx)
     wall = time.perf_counter() - start
     claims = judge(tables, ctx)
-    text = render(tables, claims, cfg, seeds, wall, t_pipeline, args.smoke)
-    write_results(cfg.storage.path, text, tables, claims, wall)
+    records = choice_records(ctx)
+    text = render(tables, claims, cfg, seeds, wall, t_pipeline, args.smoke,
+                  guarantee_text(records))
+    write_results(cfg.storage.path, text, tables, claims, wall, records)
     print(text, flush=True)
     held = sum(c["verdict"] == "held" for c in claims)
     for line in ({"metric": "reproduce_wall_time", "value": round(wall, 1),
@@ -244,11 +256,13 @@ def recorded_outputs(cfg, result) -> dict:
 class Context:
     """The finished pipeline's outputs and what the tables share."""
 
-    def __init__(self, cfg, seeds: int, address: str | None, outputs: dict, samples: int):
+    def __init__(self, cfg, seeds: int, address: str | None, outputs: dict, samples: int,
+                 smoke: bool = False):
         from vspw_ray.data import read_split, split_folds
         from vspw_ray.pipeline.plan import variants_of
 
-        self.cfg, self.seeds, self.address = cfg, seeds, address
+        self.cfg, self.seeds, self.address, self.smoke = cfg, seeds, address, smoke
+        self.ensembles: dict[int, dict[str, dict]] = {}  # seed -> method -> report
         self.outputs, self.samples = outputs, samples
         self.variants = {v.name: v.cfg for v in variants_of(cfg)}
         self.bases = {base_name(name) for name in self.variants}
@@ -282,8 +296,13 @@ def row(label: str, per_seed: list[dict], row_id: str) -> dict:
     """A table row: per-seed ``{"A", "B", "videos"}`` -> mean and sd over seeds; ``row_id``
     names it for the claims."""
     a, b = (np.array([s[f] for s in per_seed]) for f in "AB")
-    return {"id": row_id, "label": label, "A": float(a.mean()), "A_sd": _sd(a), "B": float(b.mean()),
-            "B_sd": _sd(b), "seeds": len(per_seed), "videos": [s["videos"] for s in per_seed]}
+    out = {"id": row_id, "label": label, "A": float(a.mean()), "A_sd": _sd(a),
+           "B": float(b.mean()), "B_sd": _sd(b), "seeds": len(per_seed),
+           "videos": [s["videos"] for s in per_seed]}
+    if "all" in per_seed[0]:  # Table 3: out of fold over all of val
+        x = np.array([s["all"] for s in per_seed])
+        out.update({"all": float(x.mean()), "all_sd": _sd(x)})
+    return out
 
 
 def _sd(x: np.ndarray) -> float:
@@ -349,56 +368,84 @@ def tta_table(ctx: Context) -> list[dict]:
 
 
 def ensemble_table(ctx: Context) -> list[dict]:
-    """The seed's Table 3 rows, one ensemble per seed over that seed's members."""
-    per_seed = [seed_ensemble(ctx, s) for s in range(ctx.seeds)]
+    """Table 3, one ensemble per seed over that seed's members: the best single member, the
+    plain mean, the seed's S / S+W / S+W+A at equal weights, then one row per method
+    (cross-fitted: fold A the fusion chosen on B, fold B the one chosen on A, "all" the
+    out-of-fold figure over all of val); each row carries per-video matrices over all val."""
+    methods = SMOKE_METHODS if ctx.smoke else METHODS
+    per_seed = [seed_ensemble(ctx, s, methods) for s in range(ctx.seeds)]
     ids = [r for r, _, _ in per_seed[0]]
     labels = {r: label for r, label, _ in per_seed[0]}
     return [row(labels[i], [{r: x for r, _, x in rows}[i] for rows in per_seed], i) for i in ids]
 
 
-def seed_ensemble(ctx: Context, seed: int) -> list[tuple[str, str, dict]]:
-    """``(row id, label, figures)`` of one seed's ensemble over that seed's members."""
+def seed_ensemble(ctx: Context, seed: int, methods: dict) -> list[tuple[str, str, dict]]:
+    """``(row id, label, figures)`` of one seed's ensembles over that seed's members."""
+    names = [n for n in ctx.variants if n.endswith(f"_s{seed}")]
+    reports = {m: _ensemble(ctx, names, overrides) for m, overrides in methods.items()}
+    first = reports[next(iter(methods))]
+    result = [("single", f"best single on val ({base_name(first['best_single_name'])})",
+               _figures(first, "single")),
+              ("mean", f"plain mean of {len(names)}", _figures(first, "mean"))]
+    result += group_rows(ctx, first["groups_auto"])
+    result += [(m, METHOD_LABELS[m], _figures(r, "ensemble")) for m, r in reports.items()]
+    ctx.ensembles[seed] = reports
+    return result
+
+
+def _ensemble(ctx: Context, names: list[str], overrides: list[str]) -> dict:
+    """One cross-fitted ensemble over ``names``: its report, per-video matrices and groups."""
     from vspw_ray.config import apply_overrides, config_from_dict, to_dict
     from vspw_ray.ensemble.stage import run_ensemble
 
-    names = [n for n in ctx.variants if n.endswith(f"_s{seed}")]
-    data = apply_overrides(to_dict(ctx.cfg), {"ensemble.members": names})
+    data = apply_overrides(to_dict(ctx.cfg), ["ensemble.selection=crossfit", *overrides])
+    data["ensemble"]["members"] = list(names)
     out = run_ensemble(config_from_dict(data), address=ctx.address)
-    fig, path = out.report["figures"], out.path
-    videos = load_npz(f"{path}/video_confusions.npz")
-    rows = [(f"best single ({base_name(out.report['best_single_name'])})", "single"),
-            (f"plain mean of {len(names)}", "mean")]
-    result = [(v, label, {"A": fig[v]["A"]["miou"], "B": fig[v]["B"]["miou"],
-                          "videos": videos[v]}) for label, v in rows]
-    result += group_rows(ctx, out.groups)
-    weights = ", ".join(f"{g} {w:.1f}" for g, w in out.weights.items())
-    result.append(("searched", f"searched weights ({out.method})", {
-        "A": fig["ensemble"]["A"]["miou"], "B": fig["ensemble"]["B"]["miou"],
-        "videos": videos["ensemble"], "note": weights}))
-    return result
+    report = dict(out.report)
+    report["videos"] = load_npz(f"{out.path}/video_confusions.npz")
+    report["groups_auto"] = auto_groups_of(report, ctx.cfg.ensemble)
+    return report
+
+
+def auto_groups_of(report: dict, ecfg) -> dict:
+    """The seed's strong / weak / aux groups of a report's members (member keys)."""
+    from vspw_ray.ensemble.fusion import MemberInfo, auto_groups
+
+    infos = [MemberInfo(m["key"], m["family"], m["miou_a"]) for m in report["members"]]
+    return auto_groups(infos, ecfg.strong, ecfg.auxiliary)
+
+
+def _figures(report: dict, variant: str) -> dict:
+    fig, oof = report["figures"][variant], report["out_of_fold"][variant]
+    return {"A": fig["A"]["miou"], "B": fig["B"]["miou"], "all": oof["miou"],
+            "videos": report["videos"][variant]}
 
 
 def group_rows(ctx: Context, groups: dict) -> list[tuple[str, str, dict]]:
     """S, S+W, S+W+A at equal group weights, rescored with the ensemble's own fusion."""
-    from vspw_ray.data import list_frames
+    from vspw_ray.data import list_frames, read_split
     from vspw_ray.ensemble.rescore import FusionPlan, rescore
     from vspw_ray.metrics import mean_iou
 
     order = list(groups)
     frames = {v: [f.name for f in list_frames(ctx.cfg.data.root, v)]
-              for fold in ctx.folds.values() for v in fold}
+              for v in read_split(ctx.cfg.data.root, ctx.cfg.data.val_split)}
     num_classes = _num_classes(ctx)
     out = []
     for k in range(1, len(order) + 1):
         plan = FusionPlan({g: groups[g] for g in order[:k]}, (1.0,) * (k - 1),
                           ctx.cfg.ensemble.space, num_classes)
-        totals, by_video = rescore(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split,
-                                   ctx.folds, frames, plan, 1, lambda fn, jobs: map(fn, jobs))
+        members = [m for g in order[:k] for m in groups[g]]
+        done = rescore(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split, frames,
+                       {"fused": plan}, members, 1, lambda fn, jobs: map(fn, jobs))
         label = " + ".join(g[0].upper() for g in order[:k]) + \
             (" (equal weights)" if k > 1 else f" (mean of {len(groups[order[0]])})")
         row_id = "".join(g[0].upper() for g in order[:k])
-        out.append((row_id, label, {f: mean_iou(totals["ensemble"][f][0]) for f in "AB"} |
-                    {"videos": by_video["ensemble"]}))
+        videos = ctx.folds["A"] + ctx.folds["B"]
+        out.append((row_id, label, {f: mean_iou(done.fold("fused", ctx.folds[f])[0])
+                                    for f in "AB"} |
+                    {"all": mean_iou(done.fold("fused", videos)[0]),
+                     "videos": done.by_video("fused", videos)}))
     return out
 
 
@@ -431,44 +478,97 @@ def judge(tables: dict, ctx: Context) -> list[dict]:
     out = []
     for table, claims in CLAIMS.items():
         rows = {r["id"]: r for r in tables.get(table, [])}
+        rows["default"] = rows.get(DEFAULT_METHOD)
         out += [_claim(table, rows[i], rows[j], claim, ctx, bootstrap_miou_difference)
-                for i, j, claim in claims if i in rows and j in rows]
+                for i, j, claim in claims if rows.get(i) and rows.get(j)]
     return out
 
 
 def _claim(table: str, x: dict, y: dict, claim: str, ctx: Context, bootstrap) -> dict:
-    iv = bootstrap(x["videos"], y["videos"], ctx.folds["B"], samples=ctx.samples)
+    """Fold B's difference, or, for Table 3's cross-fitted rows, the out-of-fold difference
+    over all val videos (``diff_B_*`` then holds that)."""
+    oof = "all" in x and "all" in y
+    videos = ctx.folds["A"] + ctx.folds["B"] if oof else ctx.folds["B"]
+    iv = bootstrap(x["videos"], y["videos"], videos, samples=ctx.samples)
     verdict = ("held" if iv.low > 0 else "reversed" if iv.high < 0 else "undecided (noise)")
     return {"table": table, "claim": claim, "row": x["label"], "baseline": y["label"],
             "diff_A": x["A"] - y["A"], **{f"diff_B_{k}": v for k, v in asdict(iv).items()},
-            "verdict": verdict}
+            "over": "all val, out of fold" if oof else "fold B", "verdict": verdict}
 
 
 def _pm(mean: float, sd: float) -> str:
     return f"{100 * mean:.2f}" + ("" if np.isnan(sd) else f" ± {100 * sd:.2f}")
 
 
+def ensemble_lines(title: str, rows: list[dict]) -> list[str]:
+    """Table 3: folds A and B (each out of fold for the searched rows) and all of val."""
+    lines = [f"## {title}", "", "fold A: chosen on B; fold B: chosen on A; all val: the two "
+             "summed (out of fold); fixed fusions (single, mean, S...) involve no weights", "",
+             "| row | fold A mIoU | fold B mIoU | all val, out of fold |", "|---|---|---|---|"]
+    lines += [f"| {r['label']} | {_pm(r['A'], r['A_sd'])} | {_pm(r['B'], r['B_sd'])} | "
+              f"{_pm(r['all'], r['all_sd'])} |" for r in rows]
+    return lines + [""]
+
+
+def choice_records(ctx: Context) -> list[dict]:
+    """Per seed, method and fit: the choice and the best single member on the folds that chose
+    it (exact figures); and per seed how often members agree."""
+    out = []
+    for seed, reports in ctx.ensembles.items():
+        for method, report in reports.items():
+            for fit, ch in report["fits"].items():
+                best = max(c["miou"][fit] for c in report["candidates"] if c["kind"] == "single")
+                out.append({"seed": seed, "method": method, "fit": fit, "chosen": ch["chosen"],
+                            "members": ch["candidate"]["members"], "score": ch["score"],
+                            "best_single": best})
+        m = np.array(next(iter(reports.values()))["agreement"]["matrix"])
+        pairs = m[np.triu_indices(len(m), 1)]
+        out.append({"seed": seed, "agreement_mean": float(pairs.mean()),
+                    "agreement_min": float(pairs.min()), "agreement_max": float(pairs.max())})
+    return out
+
+
+def guarantee_text(records: list[dict]) -> list[str]:
+    choices = [r for r in records if "fit" in r]
+    held = sum(r["score"] >= r["best_single"] for r in choices)
+    lines = [f"## Choices on the folds that chose them: {held} of {len(choices)} at least the "
+             f"best single member", ""]
+    for r in records:
+        if "fit" in r:
+            lines.append(f"- seed {r['seed']}, {r['method']}, chosen on {r['fit']}: "
+                         f"{r['chosen']} ({r['members']} members) {100 * r['score']:.2f} vs "
+                         f"best single {100 * r['best_single']:.2f}")
+        else:
+            lines.append(f"- seed {r['seed']}: members agree on {100 * r['agreement_mean']:.1f} "
+                         f"% of val pixels (pairs {100 * r['agreement_min']:.1f}-"
+                         f"{100 * r['agreement_max']:.1f} %)")
+    return lines
+
+
 def render(tables: dict, claims: list[dict], cfg, seeds: int, wall: float, t_pipe: float,
-           smoke: bool) -> str:
+           smoke: bool, guarantee_lines: list[str] = ()) -> str:
     lines = [f"# {cfg.name}: {seeds} seed(s), data {cfg.data.root}" + (" (smoke)" if smoke else ""),
              f"wall time {wall / 60:.1f} min (pipeline {t_pipe / 60:.1f} min); mIoU in points, "
              f"mean ± sd over seeds; fold A selects, fold B is held out", ""]
     for title, rows in tables.items():
+        if rows and "all" in rows[0]:
+            lines += ensemble_lines(title, rows)
+            continue
         lines += [f"## {title}", "", "| row | fold A mIoU | fold B mIoU |", "|---|---|---|"]
         lines += [f"| {r['label']} | {_pm(r['A'], r['A_sd'])} | {_pm(r['B'], r['B_sd'])} |"
                   for r in rows]
         lines.append("")
-    lines += ["## Claims (fold B, paired bootstrap over videos, 95 %)", "",
-              "| claim | difference A | difference B | interval B | verdict |",
-              "|---|---|---|---|---|"]
+    lines += ["## Claims (paired bootstrap over videos, 95 %)", "",
+              "| claim | difference A | difference | interval | over | verdict |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {c['claim']} | {100 * c['diff_A']:+.2f} | {100 * c['diff_B_value']:+.2f} | "
-              f"[{100 * c['diff_B_low']:+.2f}, {100 * c['diff_B_high']:+.2f}] | {c['verdict']} |"
-              for c in claims]
-    return "\n".join(lines)
+              f"[{100 * c['diff_B_low']:+.2f}, {100 * c['diff_B_high']:+.2f}] | "
+              f"{c.get('over', 'fold B')} | {c['verdict']} |" for c in claims]
+    return "\n".join(lines + [""] + guarantee_lines)
 
 
 def write_results(storage: str, text: str, tables: dict, claims: list[dict],
-                  wall: float) -> None:
+                  wall: float, choices: list[dict]) -> None:
     from vspw_ray.storage import filesystem, write_atomic
 
     plain = {t: [{k: v for k, v in r.items() if k != "videos"} for r in rows]
@@ -477,7 +577,8 @@ def write_results(storage: str, text: str, tables: dict, claims: list[dict],
     fs.create_dir(root, recursive=True)
     write_atomic(fs, f"{root}/results.md", (text + "\n").encode())
     write_atomic(fs, f"{root}/results.json", json.dumps(
-        {"tables": plain, "claims": claims, "wall_s": wall}, indent=1).encode())
+        {"tables": plain, "claims": claims, "choices": choices, "wall_s": wall},
+        indent=1).encode())
 
 
 if __name__ == "__main__":

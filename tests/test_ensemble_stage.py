@@ -342,7 +342,7 @@ def test_tune_recovers_the_weights_and_tracks_the_trials_as_child_runs(
     assert "single/val_A/miou" in run.data.metrics and "mean/val_B/vc8" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert {"report.json", "report.txt", "trials.csv", "weights_heatmap.png",
-            "per_class_change.png"} <= artifacts
+            "per_class_change.png", "candidates.png"} <= artifacts
     children = client.search_runs([run.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{out.run_id}'")
     assert len(children) == n

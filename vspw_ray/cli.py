@@ -311,11 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.set_defaults(func=_cmd_pipeline)
 
-    p = sub.add_parser("ensemble", help="search ensemble weights on fold A of val, report on "
-                                        "fold B, write the submission (--apply test)")
+    p = sub.add_parser("ensemble", help="choose an ensemble on val, cross-fitted (A->B, B->A) "
+                                        "beside every single member and the plain mean, report "
+                                        "it, write the submission (--apply test)")
     _experiment_args(p)
     p.add_argument("--apply", metavar="SPLIT",
-                   help="fuse this split's scores with the chosen weights into submission PNGs, "
+                   help="fuse this split's scores with the chosen fusion into submission PNGs, "
                         "a zip and a manifest (test; val works too)")
     _run_options(p)
     p.set_defaults(func=_cmd_ensemble)

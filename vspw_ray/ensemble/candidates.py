@@ -24,7 +24,7 @@ import numpy as np
 from vspw_ray.metrics import mean_iou
 
 __all__ = ["FITS", "fits_for", "Candidate", "Choice", "single_candidates", "mean_candidate",
-           "dedupe", "choose", "fold_matrix", "disagreement", "DISAGREE"]
+           "dedupe", "all_candidates", "choose", "disagreement", "DISAGREE"]
 
 # fit -> (the folds that choose, the fold that checks it or None)
 FITS: dict[str, tuple[tuple[str, ...], str | None]] = {
@@ -79,6 +79,14 @@ class Candidate:
                 "weights": self.weights, "inner": self.inner, "fit": self.fit,
                 "members": self.size}
 
+    def plan(self, space: str, num_classes: int, order: Sequence[str] = (),
+             names: Mapping[str, str] | None = None):
+        """The :class:`~vspw_ray.ensemble.rescore.FusionPlan` that labels frames with it."""
+        from vspw_ray.ensemble.rescore import FusionPlan
+
+        return FusionPlan(self.groups, tuple(float(self.weights[g]) for g in list(self.groups)[1:]),
+                          space, num_classes, dict(self.inner), tuple(order), dict(names or {}))
+
 
 def single_candidates(keys: Sequence[str], names: Mapping[str, str]) -> list[Candidate]:
     """Every member alone."""
@@ -100,9 +108,11 @@ def dedupe(candidates: Sequence[Candidate]) -> list[Candidate]:
     return out
 
 
-def fold_matrix(by_video: Mapping[str, np.ndarray], videos: Sequence[str]) -> np.ndarray:
-    """The summed confusion matrix of ``videos``."""
-    return sum(np.asarray(by_video[v], np.int64) for v in videos)
+def all_candidates(searched: Sequence[Candidate], keys: Sequence[str],
+                   names: Mapping[str, str]) -> list[Candidate]:
+    """The searched fits' best points, then every member alone, then the plain mean; each
+    distinct fusion once."""
+    return dedupe([*searched, *single_candidates(keys, names), mean_candidate(keys)])
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The ensemble's charts (matplotlib, Agg backend, imported lazily): fold-A mIoU over the group
-weights with the chosen point marked, and the per-class IoU change against the best single
-member."""
+weights with the chosen point marked, the per-class IoU change against the best single
+member, and every candidate's exact figures with each fit's choice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vspw_ray.ensemble.methods import Heat
 
-__all__ = ["weights_heatmap", "class_change_chart"]
+__all__ = ["weights_heatmap", "class_change_chart", "candidates_chart"]
 
 
 def _pyplot():
@@ -61,6 +61,37 @@ def class_change_chart(change: Mapping[str, Mapping[str, float | None]], path: P
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("IoU change vs the best single member (points)")
     ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def candidates_chart(report: Mapping, path: Path) -> Path:
+    """Every candidate's exact mIoU (%) on each fit's selecting folds, one bar per fit; each
+    fit's choice marked with a star."""
+    plt = _pyplot()
+    fits = list(report["fits"])
+    cands = sorted(report["candidates"], key=lambda c: -max(c["miou"].values()))
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.3 * len(cands) * len(fits) ** 0.5 + 1)))
+    height = 0.8 / len(fits)
+    colors = {"A": "tab:gray", "B": "tab:blue", "all": "tab:green"}
+    for j, fit in enumerate(fits):
+        pos = [i + (j - (len(fits) - 1) / 2) * height for i in range(len(cands))]
+        ax.barh(pos, [100 * c["miou"][fit] for c in cands], height=height,
+                color=colors.get(fit, "tab:orange"),
+                label="all of val" if fit == "all" else f"fold {fit}")
+        chosen = report["fits"][fit]["chosen"]
+        for p, c in zip(pos, cands):
+            if c["name"] == chosen:
+                ax.plot(100 * c["miou"][fit], p, marker="*", color="red", markersize=10)
+    ax.set_yticks(range(len(cands)), [c["name"] for c in cands], fontsize=7)
+    ax.invert_yaxis()  # the best candidate on top
+    lows = [100 * v for c in cands for v in c["miou"].values()]
+    ax.set_xlim(max(0.0, min(lows) - 2), min(100.0, max(lows) + 1))
+    ax.set_xlabel("mIoU on the fit's selecting folds (%), every pixel; * the fit's choice")
+    ax.set_title(f"{report['ensemble_id']}: candidates", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

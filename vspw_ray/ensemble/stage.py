@@ -178,13 +178,10 @@ def _plan(ctx: _Context, groups: dict[str, list[str]], weights: dict[str, float]
 
 
 def _candidates(ctx: _Context, selections: dict[str, Selection]) -> list:
-    """The searched fits' best points, every member alone and the plain mean."""
-    from vspw_ray.ensemble.candidates import dedupe, mean_candidate, single_candidates
+    from vspw_ray.ensemble.candidates import all_candidates
 
-    keys = [m.key for m in ctx.members]
-    searched = [c for s in selections.values() for c in s.top]
-    return dedupe(searched + single_candidates(keys, {m.key: m.name for m in ctx.members})
-                  + [mean_candidate(keys)])
+    return all_candidates([c for s in selections.values() for c in s.top],
+                          [m.key for m in ctx.members], {m.key: m.name for m in ctx.members})
 
 
 def _search(ctx: _Context) -> tuple[dict, str, dict[str, Selection]]:
@@ -204,12 +201,12 @@ def _search(ctx: _Context) -> tuple[dict, str, dict[str, Selection]]:
     shards = parallelism(ctx.stage.address)
     selections = _select(ctx, shards)
     cands = _candidates(ctx, selections)
-    order = [m.key for m in ctx.members]
+    order, names = [m.key for m in ctx.members], {m.key: m.name for m in ctx.members}
     start = time.perf_counter()
     print(f"rescoring {len(cands)} candidates on every pixel of {len(ctx.frames)} val videos",
           flush=True)
     rescored = rescore(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split, ctx.frames,
-                       {c.name: _plan(ctx, c.groups, c.weights, c.inner) for c in cands},
+                       {c.name: c.plan(e.space, ctx.num_classes, names=names) for c in cands},
                        order, shards, ray_map, agreement=True)
     out = decide(cands, rescored, ctx.folds, fits_for(e.selection), e.selection)
     for sel in selections.values():
@@ -233,7 +230,7 @@ def _write_outputs(folder: str, report: dict, text: str, selections: dict[str, S
     (ensemble, single, mean, applied), for intervals over videos."""
     import numpy as np
 
-    from vspw_ray.ensemble.charts import class_change_chart, weights_heatmap
+    from vspw_ray.ensemble.charts import candidates_chart, class_change_chart, weights_heatmap
     from vspw_ray.ensemble.files import write_atomic
     from vspw_ray.ensemble.report import dumps, write_trials_csv
     from vspw_ray.storage import filesystem
@@ -251,6 +248,7 @@ def _write_outputs(folder: str, report: dict, text: str, selections: dict[str, S
             weights_heatmap(heat, local / "weights_heatmap.png")
         class_change_chart(report["per_class_change"], local / "per_class_change.png",
                            f"{report['ensemble_id']}: ensemble vs best single member")
+        candidates_chart(report, local / "candidates.png")
         for f in sorted(local.iterdir()):
             write_atomic(fs, f"{root}/{f.name}", f.read_bytes())
     write_atomic(fs, f"{root}/report.json", dumps(report).encode())

@@ -15,7 +15,8 @@ from vspw_ray.ensemble.submit import Submission
 
 __all__ = ["REPORT_FILES", "log_ensemble"]
 
-REPORT_FILES = ("report.txt", "trials.csv", "weights_heatmap.png", "per_class_change.png")
+REPORT_FILES = ("report.txt", "trials.csv", "weights_heatmap.png", "per_class_change.png",
+                "candidates.png")
 
 
 def _fetch(folder: str, names: tuple[str, ...], local: Path) -> list[Path]:
