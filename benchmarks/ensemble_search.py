@@ -369,7 +369,7 @@ def time_tune(store: str, root: Path, videos: list[str], sample, grid_best_miou:
 
     from vspw_ray.ensemble.grid import grid_search_store
     from vspw_ray.ensemble.sample import sample_miou
-    from vspw_ray.ensemble.tune_search import TuneSetup, run_tuner
+    from vspw_ray.ensemble.tune_search import TuneSetup, WeightSpace, run_tuner
     from vspw_ray.metrics import mean_iou
     from vspw_ray.runtime import connect_ray
 
@@ -379,7 +379,8 @@ def time_tune(store: str, root: Path, videos: list[str], sample, grid_best_miou:
         setup = TuneSetup(f"sqlite:///{tmp / 'optuna.db'}", "bench_tune", str(tmp / "tune"),
                           "bench_tune", concurrency=2)
         t = time.perf_counter()
-        rows = run_tuner(sample, names, 0.0, 2.0, trials, 0, setup)
+        space = WeightSpace(GROUPS, 0.0, 2.0, inner=False)  # group weights, as the grid's
+        rows = run_tuner({"A": sample}, space, trials, 0, setup)["A"]
         t_tune = time.perf_counter() - t
     finally:
         ray.shutdown()

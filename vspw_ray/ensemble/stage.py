@@ -281,6 +281,8 @@ def _apply(ctx: _Context, report: dict, split: str) -> Submission:
     from vspw_ray.scores.store import ScoreStore
 
     groups, weights, inner = report["groups"], report["weights"], report.get("inner") or {}
+    # the decode order the report's figures were made in (older reports: the grouped order)
+    order = report.get("order") or [m for ms in groups.values() for m in ms]
     used = [m for m in ctx.members if any(m.key in ms for ms in groups.values())]
     frames = check_split(used, ScoreStore(ctx.store), ctx.cfg.data.root, split, masks=False)
     figures = {v: {f: {k: fig[k] for k in ("miou", "fwiou", "vc8", "vc16")}
@@ -294,12 +296,14 @@ def _apply(ctx: _Context, report: dict, split: str) -> Submission:
             "space": report["space"], "fold_seed": report["fold_seed"],
             "members": [{"name": m.name, "key": m.key, "variant_id": m.variant_id,
                          "checkpoint": m.checkpoint} for m in used],
-            "val_figures": figures, "transfer_note": report["transfer_note"]}
+            "val_figures": figures, "transfer_note": report["transfer_note"],
+            "applied_val_figures": {f: {k: fig[k] for k in ("miou", "fwiou", "vc8", "vc16")}
+                                    for f, fig in (report.get("applied_figures") or {}).items()}}
     connect_ray(ctx.stage.address)
     shards = parallelism(ctx.stage.address)
     print(f"applying ensemble {ctx.eid} to {split}: {len(frames)} videos", flush=True)
     return write_submission(ctx.store, split, ctx.stage.layout.submission(ctx.eid), frames,
-                            _plan(ctx, groups, weights, inner, report.get("order")), identity, info,
+                            _plan(ctx, groups, weights, inner, order), identity, info,
                             shards=shards, map_fn=ray_map)
 
 

@@ -131,11 +131,60 @@ class WeightSpace:
         return points[:limit]
 
 
-def score_trial(config: dict, *, sample: PixelSample, weights: WeightSpace) -> None:
-    """One Tune trial: the sample's mIoU at the trial's parameters."""
+FIT_KEY = "__fit__"  # a trial's fit, in its config
+
+
+def score_trial(config: dict, *, samples: dict, weights: WeightSpace) -> None:
+    """One Tune trial: its fit's sample mIoU at the trial's parameters."""
     import ray.tune
 
-    ray.tune.report({METRIC: weights.score(sample, config)})
+    ray.tune.report({METRIC: weights.score(samples[config[FIT_KEY]], config)})
+
+
+def fit_searcher(searchers: dict, per_fit: int):
+    """One Tune search algorithm over several fits: each fit's own ``OptunaSearch`` (its own
+    study) suggests ``per_fit`` trials, the fits taking turns, so one Tune experiment (one
+    start of Tune's machinery, a few seconds each) serves all of them. Every trial's config
+    names its fit under :data:`FIT_KEY`."""
+    import pickle
+
+    from ray.tune.search import Searcher
+
+    class FitSearch(Searcher):
+        def __init__(self):
+            super().__init__(metric=METRIC, mode="max")
+            self.count = {fit: 0 for fit in searchers}
+            self.owner: dict[str, str] = {}
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True  # every fit's searcher has its space, metric and mode
+
+        def suggest(self, trial_id: str):
+            for fit in sorted(self.count, key=self.count.__getitem__):
+                if self.count[fit] >= per_fit:
+                    continue
+                config = searchers[fit].suggest(trial_id)
+                if config in (None, Searcher.FINISHED):
+                    continue
+                self.count[fit] += 1
+                self.owner[trial_id] = fit
+                return {**config, FIT_KEY: fit}
+            done = all(n >= per_fit for n in self.count.values())
+            return Searcher.FINISHED if done else None
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            searchers[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            searchers[self.owner[trial_id]].on_trial_complete(trial_id, result, error)
+
+        def save(self, checkpoint_path: str) -> None:
+            # Tune saves the searcher with its experiment; an unfinished ensemble search is
+            # started over (its trials cost milliseconds), so the counts are all it needs
+            with open(checkpoint_path, "wb") as f:
+                pickle.dump(self.count, f)
+
+    return FitSearch()
 
 
 @contextlib.contextmanager
@@ -151,34 +200,40 @@ def _quiet_optuna():
         optuna.logging.set_verbosity(level)
 
 
-def _fresh_study(setup: TuneSetup) -> None:
+def _fresh_study(url: str, study: str) -> None:
     """Drop a study left by a search that did not finish (the finished one is never rerun)."""
     import optuna
 
     with contextlib.suppress(KeyError):
-        optuna.delete_study(study_name=setup.study_name, storage=setup.optuna_url)
-        print(f"started the Optuna study '{setup.study_name}' over (left unfinished)", flush=True)
+        optuna.delete_study(study_name=study, storage=url)
+        print(f"started the Optuna study '{study}' over (left unfinished)", flush=True)
 
 
-def run_tuner(sample: PixelSample, weights: WeightSpace, num_samples: int, seed: int,
-              setup: TuneSetup) -> list[TrialRow]:
-    """Run the Tune experiment; one row per complete Optuna trial (``val_a`` its sample mIoU,
-    ``number`` its Optuna number), by number."""
+def run_tuner(samples: dict[str, PixelSample], weights: WeightSpace, num_samples: int,
+              seed: int, setup: TuneSetup) -> dict[str, list[TrialRow]]:
+    """One Tune experiment for every fit of ``samples`` (fit -> the sample it selects on):
+    each fit its own Optuna study, ``<study_name>-<fit>``, of ``num_samples`` trials. Returns
+    per fit one row per complete Optuna trial (``val_a`` its sample mIoU, ``number`` its
+    Optuna number), by number."""
     import optuna
     import ray.tune
     from ray.tune.search.optuna import OptunaSearch
 
     names = weights.names()
+    studies = {fit: f"{setup.study_name}-{fit}" for fit in samples}
     with _quiet_optuna():
-        _fresh_study(setup)
-        searcher = OptunaSearch(
-            space=weights.distributions(), metric=METRIC, mode="max",
-            points_to_evaluate=weights.start_points(num_samples),
-            sampler=optuna.samplers.TPESampler(seed=seed), study_name=setup.study_name,
-            storage=optuna.storages.RDBStorage(setup.optuna_url))
+        searchers = {}
+        for fit, study in studies.items():
+            _fresh_study(setup.optuna_url, study)
+            searchers[fit] = OptunaSearch(
+                space=weights.distributions(), metric=METRIC, mode="max",
+                points_to_evaluate=weights.start_points(num_samples),
+                sampler=optuna.samplers.TPESampler(seed=seed), study_name=study,
+                storage=optuna.storages.RDBStorage(setup.optuna_url))
         tuner = ray.tune.Tuner(
-            ray.tune.with_parameters(score_trial, sample=sample, weights=weights),
-            tune_config=ray.tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
+            ray.tune.with_parameters(score_trial, samples=dict(samples), weights=weights),
+            tune_config=ray.tune.TuneConfig(search_alg=fit_searcher(searchers, num_samples),
+                                            num_samples=num_samples * len(samples),
                                             max_concurrent_trials=setup.concurrency,
                                             reuse_actors=True),
             run_config=ray.tune.RunConfig(name=setup.name, storage_path=setup.path,
@@ -187,11 +242,15 @@ def run_tuner(sample: PixelSample, weights: WeightSpace, num_samples: int, seed:
     failed = [r.error for r in results if r.error is not None]
     if failed:
         raise failed[0]
-    study = optuna.load_study(study_name=setup.study_name, storage=setup.optuna_url)
-    return [TrialRow(number=t.number, tune_trial_id=None, state="complete",
-                     params={n: float(t.params[n]) for n in names}, iteration=None,
-                     val_a=float(t.value), val_b=None, optuna_state=t.state.name)
-            for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    out = {}
+    for fit, study in studies.items():
+        trials = optuna.load_study(study_name=study, storage=setup.optuna_url).trials
+        out[fit] = [TrialRow(number=t.number, tune_trial_id=None, state="complete",
+                             params={n: float(t.params[n]) for n in names}, iteration=None,
+                             val_a=float(t.value), val_b=None, optuna_state=t.state.name,
+                             extra={"fit": fit})
+                    for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return out
 
 
 def weight_space(space: SearchSpace) -> WeightSpace:
@@ -210,16 +269,12 @@ def _samples(space: SearchSpace, weights: WeightSpace, map_fn) -> dict[str, Pixe
                         map_fn)
 
 
-def _tune_fit(space: SearchSpace, weights: WeightSpace, samples, setup: TuneSetup,
-              fit: str) -> Selection:
+def _tune_fit(space: SearchSpace, weights: WeightSpace, rows: list[TrialRow], sample,
+              check, fit: str, stats: dict) -> Selection:
+    """One fit's selection from its trials: every trial checked on the other fold's sample,
+    the best few as candidates."""
     e = space.ecfg
-    sample, check = fit_samples(samples, fit)
-    fit_setup = replace(setup, study_name=f"{setup.study_name}-{fit}", name=f"{setup.name}-{fit}")
-    start = time.perf_counter()
-    rows = run_tuner(sample, weights, e.num_samples, e.seed, fit_setup)
-    seconds = time.perf_counter() - start
-    rows = [replace(r, val_b=weights.score(check, r.params) if check else None,
-                    extra={"fit": fit}) for r in rows]
+    rows = [replace(r, val_b=weights.score(check, r.params) if check else None) for r in rows]
     ranked_rows = ranked(rows)
     top, seen = [], set()
     for r in ranked_rows:
@@ -230,17 +285,23 @@ def _tune_fit(space: SearchSpace, weights: WeightSpace, samples, setup: TuneSetu
     best = ranked_rows[0].params
     heat = sample_heat(sample, weights.free, best, e, weights.score) if weights.free else None
     return Selection("tune", fit, space.groups, {g: best[g] for g in weights.free}, rows, top,
-                     heat, {"trials": len(rows), "seconds": seconds,
-                            "trials_per_s": len(rows) / seconds if seconds else None,
-                            "concurrency": setup.concurrency, "sample_pixels": sample.size,
-                            "inner_weights": weights.inner,
-                            "optuna_study": fit_setup.study_name,
-                            "optuna_storage": setup.optuna_url})
+                     heat, {**stats, "trials": len(rows), "sample_pixels": sample.size,
+                            "optuna_study": f"{stats['optuna_study']}-{fit}"})
 
 
 def tune_method(space: SearchSpace, map_fn: Callable, setup: TuneSetup) -> dict[str, Selection]:
-    """Sample folds A and B, then per fit search its sample with Tune and check every trial
-    on the other fold's sample."""
+    """Sample folds A and B, search every fit's sample in one Tune experiment (a study per
+    fit), and check every trial on the other fold's sample."""
     weights = weight_space(space)
     samples = _samples(space, weights, map_fn)
-    return {fit: _tune_fit(space, weights, samples, setup, fit) for fit in space.fits}
+    pairs = {fit: fit_samples(samples, fit) for fit in space.fits}
+    start = time.perf_counter()
+    rows = run_tuner({fit: pair[0] for fit, pair in pairs.items()}, weights,
+                     space.ecfg.num_samples, space.ecfg.seed, setup)
+    seconds = time.perf_counter() - start
+    trials = sum(len(r) for r in rows.values())
+    stats = {"seconds": seconds, "trials_per_s": trials / seconds if seconds else None,
+             "concurrency": setup.concurrency, "inner_weights": weights.inner,
+             "optuna_study": setup.study_name, "optuna_storage": setup.optuna_url}
+    return {fit: _tune_fit(space, weights, rows[fit], *pairs[fit], fit, stats)
+            for fit in space.fits}
