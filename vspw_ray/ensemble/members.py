@@ -59,10 +59,11 @@ def _variant_key(cfg: ExperimentConfig, name: str, layout, stored: set[str]) -> 
     variant_id is the one ``vspw-ray train`` computed."""
     from vspw_ray.checkpoints import checkpoint_file, read_summary
     from vspw_ray.config import resolve_variant, variant_id
-    from vspw_ray.layout import member_key
+    from vspw_ray.layout import member_key, split_fingerprint
 
     resolved = resolve_variant(cfg, name)
     vid = variant_id(resolved)
+    data = split_fingerprint(resolved.data.root, resolved.data.val_split)
     try:
         best = layout.best_train_checkpoint(vid, resolved.tune.metric)
     except FileNotFoundError as err:
@@ -71,7 +72,8 @@ def _variant_key(cfg: ExperimentConfig, name: str, layout, stored: set[str]) -> 
     tried = []
     for folder in ([swa] if swa else []) + [best]:
         header = read_summary(checkpoint_file(folder))
-        key = member_key(header["variant_id"], header.get("iteration") or 0, resolved.infer)
+        key = member_key(header["variant_id"], header.get("iteration") or 0, resolved.infer,
+                         data)
         if key in stored:
             return key, checkpoint_file(folder)
         tried.append(key)
@@ -117,8 +119,24 @@ def load_members(cfg: ExperimentConfig, layout) -> list[Member]:
                     f"experiment '{cfg.name}' (variants: {known or 'none'}) nor a member of the "
                     f"score store {store.uri}; name variants or store keys") from None
             key, checkpoint = _variant_key(cfg, name, layout, stored)
-        members.append(_member(name, key, checkpoint, store.manifest(key), cfg.data.val_split))
+        manifest = store.manifest(key)
+        _check_data(name, key, manifest, cfg)
+        members.append(_member(name, key, checkpoint, manifest, cfg.data.val_split))
     return members
+
+
+def _check_data(name: str, key: str, manifest: dict, cfg: ExperimentConfig) -> None:
+    """A member's scores must be of the val split's data as it is now (a store key named in
+    ``ensemble.members`` may hold scores of other data, or of data before fingerprints)."""
+    from vspw_ray.layout import split_fingerprint
+
+    now = split_fingerprint(cfg.data.root, cfg.data.val_split)
+    held = manifest.get("data_fingerprint")
+    if held != now:
+        what = f"data with fingerprint {held}" if held else "data stored before fingerprints"
+        raise StoreError(f"ensemble member '{name}' ({key}) holds scores of {what}, not of "
+                         f"split '{cfg.data.val_split}' of {cfg.data.root} (fingerprint {now}); "
+                         f"run vspw-ray infer for it on this data and name the new member")
 
 
 def _check_same(members: Sequence[Member], field: str, expected, what: str, fix: str) -> None:
@@ -242,9 +260,12 @@ def ensemble_settings(cfg: ExperimentConfig) -> dict:
 
 def ensemble_id(cfg: ExperimentConfig, members: Sequence[Member]) -> str:
     """``<experiment>-ens-<hash>`` of the member keys, the ensemble settings
-    (:func:`ensemble_settings`), the val split and the fold seed: another member, setting or
-    fold gives another ensemble."""
+    (:func:`ensemble_settings`), the val split, its data's fingerprint and the fold seed:
+    another member, setting, fold or val data gives another ensemble."""
+    from vspw_ray.layout import split_fingerprint
+
     identity = {"members": sorted(m.key for m in members), "ensemble": ensemble_settings(cfg),
-                "val_split": cfg.data.val_split, "fold_seed": cfg.data.fold_seed}
+                "val_split": cfg.data.val_split, "fold_seed": cfg.data.fold_seed,
+                "val_data": split_fingerprint(cfg.data.root, cfg.data.val_split)}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     return f"{cfg.name}-ens-{digest.hexdigest()[:10]}"

@@ -272,6 +272,22 @@ def _cached(ctx: _Context) -> tuple[dict, str] | None:
     return report, text
 
 
+def _rekeyed(ctx: _Context, report: dict, split: str) -> tuple[_Context, dict, str]:
+    """``ctx`` and ``report`` with every member key moved to the members' scores of ``split``
+    (a member key covers one split's data), and that split's data fingerprint."""
+    from dataclasses import replace
+
+    from vspw_ray.layout import member_for_split, split_fingerprint
+
+    data = split_fingerprint(ctx.cfg.data.root, split)
+    new = {m.key: member_for_split(m.key, data) for m in ctx.members}
+    report = {**report, "groups": {g: [new[k] for k in ms] for g, ms in report["groups"].items()},
+              "inner": {new[k]: w for k, w in (report.get("inner") or {}).items()},
+              "order": [new[k] for k in report["order"]] if report.get("order") else None}
+    members = [replace(m, key=new[m.key]) for m in ctx.members]
+    return replace(ctx, members=members), report, data
+
+
 def _apply(ctx: _Context, report: dict, split: str) -> Submission:
     """Fuse every grouped member's scores of ``split`` with the applied fusion (chosen on all of
     val under crossfit, on fold A under holdout), unchanged."""
@@ -282,13 +298,15 @@ def _apply(ctx: _Context, report: dict, split: str) -> Submission:
     from vspw_ray.runtime import connect_ray
     from vspw_ray.scores.store import ScoreStore
 
+    ctx, report, data = _rekeyed(ctx, report, split)
     groups, weights, inner = report["groups"], report["weights"], report.get("inner") or {}
     used = [m for m in ctx.members if any(m.key in ms for ms in groups.values())]
     frames = check_split(used, ScoreStore(ctx.store), ctx.cfg.data.root, split, masks=False)
     figures = {v: {f: {k: fig[k] for k in ("miou", "fwiou", "vc8", "vc16")}
                    for f, fig in folds.items()} for v, folds in report["figures"].items()}
     identity = {"ensemble_id": ctx.eid, "split": split, "groups": groups, "weights": weights,
-                "space": report["space"], **({"inner": inner} if inner else {})}
+                "space": report["space"], "data_fingerprint": data,
+                **({"inner": inner} if inner else {})}
     info = {"ensemble_id": ctx.eid, "split": split, "method": report["method"],
             "base_group": report["base_group"], "groups": groups, "weights": weights,
             "inner": inner, "chosen": report.get("chosen", {}).get("name"),

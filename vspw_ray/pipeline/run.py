@@ -90,7 +90,11 @@ def _execute(cfg: ExperimentConfig, stage, result: PipelineResult, threads: int)
 
     ctx = run_steps.Context(cfg, stage, threads, result)
     by_id = {s.id: s for s in result.steps}
-    ctx.run(by_id["data:all"], run_steps.data_step)
+    if by_id["data:all"].run:
+        ctx.run(by_id["data:all"], run_steps.data_step)
+        # planned before the data step wrote the class priors, which count by their content
+        result.steps = build_plan(cfg, stage.layout)
+        by_id = {s.id: s for s in result.steps}
     variants = variants_of(cfg)
     if cfg.pipeline.search:
         variants = ctx.run(by_id["search:all"], run_steps.search_step) or \

@@ -133,6 +133,7 @@ def swa_loop_per_worker(config: dict) -> None:
     from vspw_ray.train.ray_train import (
         CHECKPOINT_FILE,
         ProgressLog,
+        data_record,
         load_training_state,
         report,
         setup_worker,
@@ -197,6 +198,7 @@ def swa_loop_per_worker(config: dict) -> None:
             model=model, optimizer=optimizer, scheduler=scheduler, scaler=w.scaler,
             iteration=done, cfg=cfg, variant=config["variant_id"], resumes=resumes,
             kind="swa_state", parent_variant_id=config["parent_variant_id"],
+            **data_record(config),
             base_checkpoint=config["base_checkpoint"],
             swa={"average": average.module.state_dict(),
                  "n_averaged": int(average.n_averaged), "base_metrics": base_metrics}, **extra)
