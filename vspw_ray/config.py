@@ -759,14 +759,23 @@ def _resolve_variant(cfg: ExperimentConfig, name: str | None,
             data = apply_overrides(data, spec.overrides)
             data["seed"] = spec.seed
             return _pin_teacher(cfg, config_from_dict(data), spec.name, students)
-    for spec in cfg.variants:
-        resolved = resolve_variant(cfg, spec.name)
-        if variant_id(resolved) == name:
-            return resolved
-    if not cfg.variants and name == variant_id(cfg):
-        return cfg
+    by_id, why = _variants_by_id(cfg)
+    if name in by_id:
+        return by_id[name]
     known = [v.name for v in cfg.variants] or ["(no variants: omit --variant)"]
-    raise ConfigError(f"experiment '{cfg.name}' has no variant '{name}'; known: {known}")
+    raise ConfigError(f"experiment '{cfg.name}' has no variant '{name}'; known: {known}{why}")
+
+
+def _variants_by_id(cfg: ExperimentConfig) -> tuple[dict[str, ExperimentConfig], str]:
+    """``{variant_id: resolved variant}`` (the base config when there are no variants), and
+    why it is empty when the ids cannot be computed (they need the data)."""
+    try:
+        if not cfg.variants:
+            return {variant_id(cfg): cfg}, ""
+        resolved = [resolve_variant(cfg, spec.name) for spec in cfg.variants]
+        return {variant_id(r): r for r in resolved}, ""
+    except DataError as err:
+        return {}, f" (variant ids could not be matched: {err})"
 
 
 def _variant_listing(cfg: ExperimentConfig) -> str:
