@@ -19,7 +19,7 @@ from vspw_ray.errors import DataError, StoreError, UserError
 from vspw_ray.metrics import VAL_A_MIOU
 
 __all__ = ["Member", "EnsembleError", "member_names", "load_members", "check_members", "check_split",
-           "check_scored", "check_leakage", "ensemble_settings", "ensemble_id"]
+           "check_scored", "check_data", "check_leakage", "ensemble_settings", "ensemble_id"]
 
 
 class EnsembleError(UserError):
@@ -38,6 +38,7 @@ class Member:
     miou_a: float | None  # fold-A mIoU of its stored val scores (the manifest's)
     num_classes: int
     class_names: tuple[str, ...]
+    data_fingerprint: str | None = None  # of the val data its scores cover (the manifest's)
 
     @property
     def label(self) -> str:
@@ -90,7 +91,8 @@ def _member(name: str, key: str, checkpoint: str | None, manifest: dict,
                   family=manifest.get("family"), train_split=manifest.get("train_split"),
                   fold_seed=manifest.get("fold_seed"), miou_a=metrics.get(VAL_A_MIOU),
                   num_classes=int(manifest.get("num_classes") or 0),
-                  class_names=tuple(manifest.get("class_names") or ()))
+                  class_names=tuple(manifest.get("class_names") or ()),
+                  data_fingerprint=manifest.get("data_fingerprint"))
 
 
 def load_members(cfg: ExperimentConfig, layout) -> list[Member]:
@@ -119,24 +121,23 @@ def load_members(cfg: ExperimentConfig, layout) -> list[Member]:
                     f"experiment '{cfg.name}' (variants: {known or 'none'}) nor a member of the "
                     f"score store {store.uri}; name variants or store keys") from None
             key, checkpoint = _variant_key(cfg, name, layout, stored)
-        manifest = store.manifest(key)
-        _check_data(name, key, manifest, cfg)
-        members.append(_member(name, key, checkpoint, manifest, cfg.data.val_split))
+        members.append(_member(name, key, checkpoint, store.manifest(key), cfg.data.val_split))
     return members
 
 
-def _check_data(name: str, key: str, manifest: dict, cfg: ExperimentConfig) -> None:
-    """A member's scores must be of the val split's data as it is now (a store key named in
+def check_data(members: Sequence[Member], cfg: ExperimentConfig) -> None:
+    """Every member's scores are of the val split's data as it is now (a store key named in
     ``ensemble.members`` may hold scores of other data, or of data before fingerprints)."""
     from vspw_ray.layout import split_fingerprint
 
     now = split_fingerprint(cfg.data.root, cfg.data.val_split)
-    held = manifest.get("data_fingerprint")
-    if held != now:
-        what = f"data with fingerprint {held}" if held else "data stored before fingerprints"
-        raise StoreError(f"ensemble member '{name}' ({key}) holds scores of {what}, not of "
-                         f"split '{cfg.data.val_split}' of {cfg.data.root} (fingerprint {now}); "
-                         f"run vspw-ray infer for it on this data and name the new member")
+    for m in members:
+        if m.data_fingerprint != now:
+            what = (f"data with fingerprint {m.data_fingerprint}" if m.data_fingerprint
+                    else "data stored before fingerprints")
+            raise StoreError(f"ensemble member {m.label} holds scores of {what}, not of split "
+                             f"'{cfg.data.val_split}' of {cfg.data.root} (fingerprint {now}); "
+                             f"run vspw-ray infer for it on this data and name the new member")
 
 
 def _check_same(members: Sequence[Member], field: str, expected, what: str, fix: str) -> None:

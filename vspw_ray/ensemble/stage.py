@@ -92,6 +92,7 @@ def _prepare(loaded: ExperimentConfig, stage) -> _Context:
     from vspw_ray.data import load_class_table
     from vspw_ray.ensemble.grouping import format_groups, resolve_groups
     from vspw_ray.ensemble.members import (
+        check_data,
         check_leakage,
         check_members,
         check_scored,
@@ -109,6 +110,7 @@ def _prepare(loaded: ExperimentConfig, stage) -> _Context:
     store = ScoreStore(stage.layout.scores)
     frames = check_split(members, store, cfg.data.root, cfg.data.val_split, masks=True)
     check_scored(members, cfg.data.val_split)
+    check_data(members, cfg)
     folds = _folds(cfg, list(frames))
     flagged = check_leakage(members, cfg.data.root, cfg.data.val_split,
                             allow=e.allow_val_trained)
@@ -280,6 +282,8 @@ def _rekeyed(ctx: _Context, report: dict, split: str) -> tuple[_Context, dict, s
     from vspw_ray.layout import member_for_split, split_fingerprint
 
     data = split_fingerprint(ctx.cfg.data.root, split)
+    if split == ctx.cfg.data.val_split:  # the members' keys are val's already
+        return ctx, report, data
     new = {m.key: member_for_split(m.key, data) for m in ctx.members}
     report = {**report, "groups": {g: [new[k] for k in ms] for g, ms in report["groups"].items()},
               "inner": {new[k]: w for k, w in (report.get("inner") or {}).items()},
