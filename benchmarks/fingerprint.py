@@ -41,6 +41,7 @@ CLASSES = 124
 
 
 def _class_table(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     table = {"others": 0, **{f"class_{c:03d}": c for c in range(1, CLASSES + 1)}}
     (root / "label_num_dic_final.json").write_text(json.dumps(table))
 

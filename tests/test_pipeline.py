@@ -373,10 +373,12 @@ def test_other_data_reruns_every_step_under_new_ids_then_nothing_to_do(tmp_path,
     import vspw_ray.train.driver as driver
     import vspw_ray.train.swa as swa
     from vspw_ray.config import variant_id
+    from vspw_ray.data.fingerprint import data_fingerprint
     from vspw_ray.data.synth import SynthSpec, synthesize
     from vspw_ray.layout import member_key, split_fingerprint, swa_variant_id
     from vspw_ray.pipeline import steps
     from vspw_ray.pipeline.run import PipelineResult, _execute, run_pipeline
+    from vspw_ray.pipeline.steps import members_rows
 
     other, moved = tmp_path / "other", tmp_path / "moved"
     synthesize(other, SynthSpec(videos=8, frames=12, classes=6, height=64, width=80, seed=4),
@@ -417,3 +419,7 @@ def test_other_data_reruns_every_step_under_new_ids_then_nothing_to_do(tmp_path,
     assert not set(ids[:2]) & set(ids[2:])  # new variant ids
     new = {s.id: s.key for s in plan_b}
     assert all(old[k] != new[k] for k in old)  # every later step under a new key
+    second.steps = plan_b  # members.csv: each step's data (a variant's, a split's)
+    rows = {r["step"]: r["data_fingerprint"] for r in members_rows(second)}
+    assert rows["train:small"] == rows["swa:large"] == data_fingerprint(other, ("train", "val"))
+    assert rows["infer:small/val"] == split_fingerprint(str(other), "val")

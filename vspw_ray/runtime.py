@@ -33,7 +33,8 @@ from vspw_ray.layout import RunLayout
 from vspw_ray.storage import check_cluster_settings, is_uri, resolve_storage
 
 __all__ = ["Stage", "open_stage", "connect_ray", "resolve_address", "prepare_config",
-           "git_commit", "note_id_scheme", "ID_SCHEME_FILE", "DASHBOARD_ENV", "PARENT_RUN_ENV", "LOCAL", "RayConnectionError"]
+           "git_commit", "note_id_scheme", "ID_SCHEME_FILE", "DASHBOARD_ENV", "PARENT_RUN_ENV",
+           "LOCAL", "RayConnectionError"]
 
 log = logging.getLogger("vspw_ray")
 
