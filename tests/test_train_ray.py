@@ -189,6 +189,23 @@ def test_other_data_of_the_same_shape_trains_afresh_under_a_new_id(ray_local, sy
                                    "transfer": "other data"}
 
 
+def test_train_from_weights_records_whose_data_they_learnt(synth_root, tmp_path):
+    from vspw_ray.config import variant_fingerprint
+    from vspw_ray.train.driver import data_tags
+
+    cfg = load_config(EXPERIMENT, [f"data.root={synth_root}"])
+    mine = variant_fingerprint(cfg)
+    assert data_tags(cfg) == {"data_fingerprint": mine}  # no --from: nothing more
+    for name, recorded, transfer in (("same", mine, "same data"), ("old", None, "unknown")):
+        state = {"model": {}, "variant_id": "up-1", "iteration": 2,
+                 **({"data_fingerprint": recorded} if recorded else {})}
+        path = write_checkpoint(str(tmp_path / name), state)
+        tags = data_tags(load_config(EXPERIMENT, [f"data.root={synth_root}",
+                                                  f"model.init_checkpoint={path}"]))
+        assert tags["transfer"] == transfer and tags["init_data_fingerprint"] == (
+            recorded or "unknown")
+
+
 def test_cluster_run_with_node_local_settings_fails_up_front(tmp_path):
     cfg = load_config(EXPERIMENT, [f"storage.path={tmp_path}"])
     with pytest.raises(ConfigError, match="'storage.path'.*s3://"):

@@ -53,17 +53,17 @@ def check_inputs(cfg: ExperimentConfig) -> None:
 def data_tags(cfg: ExperimentConfig) -> dict[str, str]:
     """The data a run learns from, for its MLflow tags and checkpoints: ``data_fingerprint``
     and, when it starts from other weights (``train --from``, ``model.init_checkpoint``),
-    ``init_data_fingerprint`` (``unknown`` for weights without one) and ``transfer`` (``same
-    data`` or ``other data``: fine-tuning or transfer, allowed and recorded)."""
+    ``init_data_fingerprint`` and ``transfer`` (``same data`` or ``other data``: fine-tuning or
+    transfer, allowed and recorded; ``unknown`` for weights that record no fingerprint)."""
     from vspw_ray.checkpoints import checkpoint_file, read_summary
 
     fingerprint = variant_fingerprint(cfg)
     tags = {"data_fingerprint": fingerprint}
     if cfg.model.init_checkpoint:
         header = read_summary(checkpoint_file(cfg.model.init_checkpoint))
-        init = header.get("data_fingerprint") or "unknown"
-        tags.update(init_data_fingerprint=init,
-                    transfer="same data" if init == fingerprint else "other data")
+        init = header.get("data_fingerprint")
+        transfer = "unknown" if not init else "same data" if init == fingerprint else "other data"
+        tags.update(init_data_fingerprint=init or "unknown", transfer=transfer)
     return tags
 
 
