@@ -72,7 +72,8 @@ def test_written_checkpoint_is_complete_and_reads_back(tmp_path):
     assert torch.equal(read_state(str(tmp_path / "checkpoint_1"))["model"]["w"], state["model"]["w"])
     assert read_summary(path) == {"variant_id": "v1", "iteration": 4, "kind": "train",
                                   "metrics": {"val_A/miou": 0.6}, "parent_variant_id": None,
-                                  "family": None, "train_split": None, "fold_seed": None}
+                                  "family": None, "train_split": None, "fold_seed": None,
+                                  "data_fingerprint": None, "init_data_fingerprint": None}
     described = _state(4, miou=0.6)
     described["config"] = {"model": {"family": "maskformer"},
                            "data": {"train_split": "train_a", "fold_seed": 3}}

@@ -39,6 +39,20 @@ def test_config_show_starts_without_torch():
                          cwd=ROOT, check=True).stdout
     assert "name: tiny_synth" in out  # the resolved YAML was printed
     assert out.strip().splitlines()[-1] == "TORCH False 0"
+    # data/synth is not made here: the ids need the data's fingerprint, and say so
+    assert "# variant ids: not shown: config key 'data.root': dataset root data/synth" in out
+
+
+def test_config_show_and_data_check_print_ids_and_fingerprints_of_the_data(synth_root, capsys):
+    from vspw_ray.config import load_config, resolve_variant, variant_id
+    from vspw_ray.data.fingerprint import data_fingerprint
+
+    assert main(["config", "show", str(EXPERIMENT), f"data.root={synth_root}"]) == 0
+    cfg = load_config(EXPERIMENT, [f"data.root={synth_root}"])
+    assert f"#   crop64: {variant_id(resolve_variant(cfg, 'crop64'))}" in capsys.readouterr().out
+    assert main(["data", "check", str(synth_root), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert f"fingerprint {data_fingerprint(synth_root, ('val',))} (class table + val)" in out
 
 
 def test_closed_pipe_is_not_an_error():

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -86,20 +87,87 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
-def test_variant_ids_are_stable_and_distinguish_what_changes_weights():
-    cfg = load_config(EXPERIMENTS / "tiny_synth.yaml")
+def test_variant_ids_are_stable_and_distinguish_what_changes_weights(synth_root, synth_copy):
+    cfg = load_config(EXPERIMENTS / "tiny_synth.yaml", [f"data.root={synth_root}"])
     ids = [variant_id(resolve_variant(cfg, v.name)) for v in cfg.variants]
     assert len(set(ids)) == len(ids)
-    # stable across loads and independent of where the data lives or how runs are logged
+    # stable across loads and independent of where the data lives or how runs are logged: the
+    # same data copied to another folder keeps every id
     moved = load_config(EXPERIMENTS / "tiny_synth.yaml",
-                        ["data.root=/elsewhere", "train.log_interval=7", "storage.path=s3://b/r"])
+                        [f"data.root={synth_copy}", "train.log_interval=7",
+                         "storage.path=s3://b/r"])
     assert [variant_id(resolve_variant(moved, v.name)) for v in moved.variants] == ids
     # but a learning rate change is a different model
-    lr = load_config(EXPERIMENTS / "tiny_synth.yaml", ["train.lr=1e-5"])
+    lr = load_config(EXPERIMENTS / "tiny_synth.yaml", ["train.lr=1e-5", f"data.root={synth_root}"])
     assert variant_id(resolve_variant(lr, "crop96")) != ids[0]
     # a variant can be selected by its id too, and gets its own seed and overrides
     v = resolve_variant(cfg, ids[2])
     assert v.seed == 1 and v.data.crop_size == (96, 128) and v.variants == ()
+
+
+def test_variant_id_covers_the_data_read_not_its_path(synth_root, tmp_path):
+    """Another dataset of the same shape, or the same one with a val video replaced, is other
+    data: other ids, while the data-free settings stay the same."""
+    import shutil
+
+    from vspw_ray.config import settings_id, variant_fingerprint
+    from vspw_ray.data.fingerprint import data_fingerprint
+    from vspw_ray.data.synth import SynthSpec, synthesize
+    from vspw_ray.errors import DataError
+
+    other = tmp_path / "other"  # the session's set, drawn with another seed
+    synthesize(other, SynthSpec(videos=8, frames=12, classes=6, height=64, width=80, seed=4),
+               processes=1)
+    a = load_config(EXPERIMENTS / "tiny_synth.yaml", [f"data.root={synth_root}"])
+    b = load_config(EXPERIMENTS / "tiny_synth.yaml", [f"data.root={other}"])
+    ra, rb = resolve_variant(a, "crop96"), resolve_variant(b, "crop96")
+    assert settings_id(ra) == settings_id(rb)  # the same settings ...
+    assert variant_id(ra) != variant_id(rb)  # ... on other data: another variant
+    assert variant_fingerprint(ra) == data_fingerprint(synth_root, ("train", "val"))
+    # a val video replaced by another (the selection data changes): another id
+    edited = tmp_path / "edited"
+    shutil.copytree(synth_root, edited)
+    val = (edited / "val.txt").read_text().split()
+    shutil.copytree(edited / "data" / val[0], edited / "data" / "replacement")
+    (edited / "val.txt").write_text("\n".join(["replacement", *val[1:]]) + "\n")
+    re = resolve_variant(load_config(EXPERIMENTS / "tiny_synth.yaml", [f"data.root={edited}"]),
+                         "crop96")
+    assert variant_id(re) not in (variant_id(ra), variant_id(rb))
+    # no data, no id: the error names the key
+    gone = load_config(EXPERIMENTS / "tiny_synth.yaml", [f"data.root={tmp_path / 'nowhere'}"])
+    with pytest.raises(DataError, match="config key 'data.root'.*nowhere does not exist"):
+        variant_id(resolve_variant(gone, "crop96"))
+
+
+def test_a_prior_changed_in_place_changes_the_la_id_and_a_moved_prior_does_not(synth_root,
+                                                                               tmp_path):
+    from vspw_ray.data.stats import class_prior
+
+    names = [f"class{i}" for i in range(6)]
+
+    def write_prior(path: Path, pixels: list[int]) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"names": names, "prior": class_prior(pixels).tolist()}))
+        return path
+
+    def la_id(prior: Path) -> str:
+        cfg = load_config(EXPERIMENTS / "tiny_synth.yaml", [
+            f"data.root={synth_root}", "loss.logit_adjust.enabled=true",
+            f"loss.logit_adjust.prior={prior}"])
+        return variant_id(resolve_variant(cfg, "crop96"))
+
+    first = write_prior(tmp_path / "a" / "class_prior.json", [10, 20, 30, 40, 50, 60])
+    before = la_id(first)
+    moved = write_prior(tmp_path / "b" / "elsewhere.json", [10, 20, 30, 40, 50, 60])
+    assert la_id(moved) == before  # the same class frequencies at another path
+    write_prior(first, [60, 50, 40, 30, 20, 10])  # rewritten in place
+    assert la_id(first) != before
+    # without logit adjustment the prior setting does not count at all
+    off = load_config(EXPERIMENTS / "tiny_synth.yaml", [
+        f"data.root={synth_root}", f"loss.logit_adjust.prior={first}"])
+    plain = load_config(EXPERIMENTS / "tiny_synth.yaml", [f"data.root={synth_root}"])
+    assert variant_id(resolve_variant(off, "crop96")) == variant_id(resolve_variant(plain,
+                                                                                   "crop96"))
 
 
 def test_variant_required_when_several_exist():

@@ -145,9 +145,11 @@ def write_member(store, root, key: str, k: int, manifest: dict, splits=("val",),
 
 def manifest(key: str, vid: str, family: str, root, *, metrics=None, **changes) -> dict:
     from vspw_ray.data import load_class_table
+    from vspw_ray.layout import split_fingerprint
 
     table = load_class_table(root)
     out = {"key": key, "variant_id": vid, "checkpoint": f"/ckpt/{vid}", "family": family,
+           "data_fingerprint": split_fingerprint(str(root), "val"),
            "train_split": "train", "fold_seed": 0, "class_names": list(table.names),
            "num_classes": C, "encoding": {"name": "topk-logq-u8", "params": ENC},
            "splits": {"val": {"metrics": metrics or {}}}}
@@ -174,7 +176,7 @@ def storage(tmp_path_factory, synth_root) -> Path:
     """Runs with a training checkpoint per variant and the designed scores in the store, plus
     broken members (named by store key) for the error tests."""
     from vspw_ray.checkpoints import write_checkpoint
-    from vspw_ray.layout import RunLayout, member_key
+    from vspw_ray.layout import RunLayout, member_key, split_fingerprint
     from vspw_ray.scores import ScoreStore
 
     runs = tmp_path_factory.mktemp("ensemble") / "runs"
@@ -186,7 +188,7 @@ def storage(tmp_path_factory, synth_root) -> Path:
         write_checkpoint(f"{layout.train_run(vid)}/checkpoint_000000", {
             "variant_id": vid, "iteration": 10, "kind": "train", "config": to_dict(resolved),
             "metrics": {"val_A/miou": 0.5}})
-        key = member_key(vid, 10, resolved.infer)
+        key = member_key(vid, 10, resolved.infer, split_fingerprint(str(synth_root), "val"))
         info = manifest(key, vid, resolved.model.family, synth_root)
         write_member(store, synth_root, key, k, info)
         write_member(store, synth_root, key, k, {**info, "splits": {"val": {
@@ -204,6 +206,8 @@ def storage(tmp_path_factory, synth_root) -> Path:
                                                             **good), splits=("test",))
     write_member(store, synth_root, "leaky", 1, manifest("leaky", "x", "upernet", synth_root,
                                                          train_split="val", **good))
+    write_member(store, synth_root, "otherdata", 0, manifest(
+        "otherdata", "x", "upernet", synth_root, data_fingerprint="0123456789ab", **good))
     for k, (name, family) in enumerate((("oracle", "upernet"), ("noisy1", "upernet"),
                                         ("noisy2", "maskformer"))):
         info = manifest(name, name, family, synth_root)
@@ -487,6 +491,8 @@ def _bad(root, storage, *overrides, groups=GROUPS):
     (["ensemble.members=[strong,relabelled]"], {}, r"class table .*'relabelled'"),
     (["ensemble.members=[strong,seed1]"], {}, r"fold seed other than 0: \{'seed1': 1\}"),
     (["ensemble.members=[strong,testonly]"], {}, r"member testonly has no scores for split 'val'"),
+    (["ensemble.members=[strong,otherdata]"], {}, r"member otherdata holds scores of data with "
+                                                  r"fingerprint 0123456789ab, not of split 'val'"),
     ([], {"strong": ["strong"], "weak": ["nope"]}, r"ensemble.groups.weak': 'nope' is not an "
                                                     r"ensemble member"),
     ([], {"strong": ["strong", "weak"], "weak": ["weak"]}, r"in groups 'strong' and 'weak'"),
@@ -511,10 +517,11 @@ def test_more_bad_input(ray_local, synth_copy, synth_root, storage, tmp_path, ca
     with pytest.raises(UserError, match=r"'gappy' hold different frames of val video "
                                         r"'synth_003_00005'"):
         run_ensemble(cfg, track=False)
-    # a split without masks where scores are needed
+    # a split without masks where scores are needed (other data than the variants': store keys)
     (synth_copy / "data" / "synth_003_00005" / "mask" / "00000004.png").unlink()
     with pytest.raises(UserError, match=r"synth_003_00005' frame '00000004'.* against its masks"):
-        run_ensemble(_bad(synth_copy, storage), track=False)
+        run_ensemble(_bad(synth_copy, storage, "ensemble.members=[oracle,noisy1]",
+                          groups={"strong": ["oracle"], "weak": ["noisy1"]}), track=False)
     # the command line prints the error in one line and exits 2
     path = tmp_path / "exp.yaml"
     path.write_text(dump_yaml(_bad(synth_root, storage, "ensemble.members=[strong,nope]")))
@@ -522,7 +529,7 @@ def test_more_bad_input(ray_local, synth_copy, synth_root, storage, tmp_path, ca
     assert "error: config key 'ensemble.members': 'nope'" in capsys.readouterr().err
 
 
-def test_naming_every_member_is_the_default_ensemble_and_another_member_set_is_not():
+def test_naming_every_member_is_the_default_ensemble_and_another_member_set_is_not(synth_root):
     """The ensemble's identity counts ``ensemble.members`` through the store keys it selects:
     naming all variants reuses the default ensemble's weights; dropping one gives another."""
     from vspw_ray.ensemble.members import Member, ensemble_id
@@ -532,7 +539,7 @@ def test_naming_every_member_is_the_default_ensemble_and_another_member_set_is_n
         return Member(name, f"key-{name}", f"vid-{name}", None, "upernet", "train", 0, 0.5, C,
                       tuple(map(str, range(C))))
 
-    cfg = load_config(EXPERIMENT)
+    cfg = load_config(EXPERIMENT, [f"data.root={synth_root}"])
     named = config_from_dict({**to_dict(cfg), "ensemble": {
         **to_dict(cfg.ensemble), "members": ["b", "a", "c"]}})
     everyone = [member(n) for n in "abc"]

@@ -145,7 +145,7 @@ def test_store_round_trip_aligned_read_and_half_written_files(tmp_path):
 # ------------------------------------------------------------------------------ Ray Data job
 
 
-def _checkpoint(cfg, folder):
+def _checkpoint(cfg, folder, **extra):
     from vspw_ray.config import variant_id
     from vspw_ray.data import load_class_table
     from vspw_ray.models import build_model
@@ -157,7 +157,7 @@ def _checkpoint(cfg, folder):
     opt = build_optimizer(model, cfg.train)
     folder.mkdir(parents=True, exist_ok=True)
     save_training_state(folder, model=model, optimizer=opt, scheduler=build_scheduler(opt, cfg.train),
-                        scaler=None, iteration=0, cfg=cfg, variant=variant_id(cfg))
+                        scaler=None, iteration=0, cfg=cfg, variant=variant_id(cfg), **extra)
     return folder
 
 
@@ -213,19 +213,21 @@ def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth
     assert again.frames == 0 and again.key == out.key
 
 
-def test_other_tta_settings_or_checkpoint_never_reuse_old_scores(ray_local, synth_root, tmp_path):
-    """The store is keyed by the checkpoint and the infer settings: a re-run with other scales
-    writes a new member; the old one stays readable. With no --checkpoint, the variant's
-    checkpoint is found in the run layout."""
-    from vspw_ray.config import variant_id
+def test_other_tta_settings_checkpoint_or_data_never_reuse_old_scores(ray_local, synth_copy,
+                                                                      tmp_path):
+    """The store is keyed by the checkpoint, the infer settings and the split's data: a re-run
+    with other scales writes a new member; the old one stays readable. With no --checkpoint,
+    the variant's checkpoint is found in the run layout."""
+    from vspw_ray.config import variant_fingerprint, variant_id
     from vspw_ray.evaluate import evaluate_store
     from vspw_ray.infer.job import run_inference
     from vspw_ray.layout import RunLayout
 
-    storage = tmp_path / "runs"
+    synth_root, storage = synth_copy, tmp_path / "runs"
     cfg = _cfg(synth_root, storage, "infer.flip=false")
     layout = RunLayout(str(storage))
-    _checkpoint(cfg, Path(layout.train_run(variant_id(cfg))) / "checkpoint_000000")
+    ckpt = _checkpoint(cfg, Path(layout.train_run(variant_id(cfg))) / "checkpoint_000000",
+                       data_fingerprint=variant_fingerprint(cfg))
     first = run_inference(cfg, None, "val", track=False)  # found from the config alone
     assert first.frames > 0
     other = _cfg(synth_root, storage, "infer.flip=false", "infer.scales=[1.0]")
@@ -240,6 +242,41 @@ def test_other_tta_settings_or_checkpoint_never_reuse_old_scores(ray_local, synt
         report = evaluate_store(out.store, out.key, synth_root, "val", processes=1)
         assert report["miou"] == pytest.approx(out.metrics["miou"])
         assert Path(out.predictions).parent.name == out.key
+    _replaced_val_video_is_a_new_member(store, second, other, ckpt)
+
+
+def _replaced_val_video_is_a_new_member(store: ScoreStore, old, cfg, ckpt: Path) -> None:
+    """A member covers one split's data: with a val video replaced, the same checkpoint and
+    settings write a new member with every video inferred (none reused); the old member's
+    files and manifest are untouched. The weights learnt on the data before: the new manifest
+    records a transfer (``infer --checkpoint`` of weights from other data)."""
+    import shutil
+
+    from vspw_ray.infer.job import run_inference
+    from vspw_ray.layout import split_fingerprint
+
+    root = Path(cfg.data.root)
+    files = {p: p.stat().st_mtime_ns for p in Path(old.store, old.key).rglob("*")}
+    manifest = store.manifest(old.key)
+    assert manifest["data_fingerprint"] == split_fingerprint(str(root), "val")
+    assert manifest["transfer"] == "same data"
+    before = (root / "val.txt").read_text().split()
+    shutil.copytree(root / "data" / before[0], root / "data" / "replacement")
+    after = ["replacement", *before[1:]]
+    (root / "val.txt").write_text("\n".join(after) + "\n")
+
+    new = run_inference(cfg, str(ckpt), "val", track=False)
+    assert new.key != old.key and new.variant_id == old.variant_id
+    assert new.frames == old.frames  # every video inferred again, the shared ones too
+    assert store.videos(new.key, "val") == sorted(after)
+    assert store.videos(old.key, "val") == sorted(before)
+    assert {p: p.stat().st_mtime_ns for p in Path(old.store, old.key).rglob("*")} == files
+    assert store.manifest(old.key) == manifest
+    written = store.manifest(new.key)
+    assert written["data_fingerprint"] == split_fingerprint(str(root), "val") != \
+        manifest["data_fingerprint"]
+    assert written["checkpoint_data_fingerprint"] == manifest["checkpoint_data_fingerprint"]
+    assert written["transfer"] == "other data"
 
 
 def test_corrupt_frame_fails_naming_it_or_is_skipped(ray_local, synth_copy, tmp_path):

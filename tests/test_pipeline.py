@@ -22,6 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 
 
+def _load(path: Path, tmp_path: Path, root: Path, *overrides: str):
+    """An experiment with its storage under ``tmp_path`` and its data at ``root``."""
+    return load_config(path, [f"storage.path={tmp_path / 'runs'}", f"data.root={root}",
+                              *overrides])
+
+
 def _complete(cfg, layout):
     """Mark every step of ``cfg``'s plan done, as a finished pipeline leaves it."""
     for step in build_plan(cfg, layout):
@@ -40,28 +46,27 @@ STUDENT_TRAIN = {"train:upernet_crop96_distill"}
     (["ensemble.weight_range=[0.0,3.0]"], {"ensemble"}, set()),
     (["train.lr=0.001"], {"train", "swa", "infer", "ensemble"}, set()),
 ])
-def test_a_changed_setting_reruns_exactly_its_stage_and_later_ones(tmp_path, change, reruns,
-                                                                   also):
+def test_a_changed_setting_reruns_exactly_its_stage_and_later_ones(tmp_path, synth_root,
+                                                                   change, reruns, also):
     layout = RunLayout(str(tmp_path / "runs"))
-    cfg = load_config(QUICKSTART, [f"storage.path={tmp_path / 'runs'}"])
+    cfg = _load(QUICKSTART, tmp_path, synth_root)
     _complete(cfg, layout)
-    changed = build_plan(load_config(QUICKSTART, [f"storage.path={tmp_path / 'runs'}", *change]),
-                         layout)
+    changed = build_plan(_load(QUICKSTART, tmp_path, synth_root, *change), layout)
     assert {s.id for s in changed if s.run and s.stage not in reruns} == also
     if reruns:  # every step of a re-run stage runs, for every variant
         assert all(s.run for s in changed if s.stage in reruns)
         assert any("settings changed" in s.reason for s in changed if s.run)
 
 
-def test_a_variant_override_reruns_only_that_variant(tmp_path):
+def test_a_variant_override_reruns_only_that_variant(tmp_path, synth_root):
     layout = RunLayout(str(tmp_path / "runs"))
-    cfg = load_config(QUICKSTART, [f"storage.path={tmp_path / 'runs'}"])
+    cfg = _load(QUICKSTART, tmp_path, synth_root)
     _complete(cfg, layout)
     text = QUICKSTART.read_text().replace("    data.crop_size: [64, 64]\n",
                                           "    data.crop_size: [64, 96]\n")
     path = tmp_path / "quickstart.yaml"
     path.write_text(text)
-    plan = build_plan(load_config(path, [f"storage.path={tmp_path / 'runs'}"]), layout)
+    plan = build_plan(_load(path, tmp_path, synth_root), layout)
     ran = {s.id for s in plan if s.run}
     assert ran == {"train:upernet_crop64", "swa:upernet_crop64", "infer:upernet_crop64/val",
                    "infer:upernet_crop64/test", "ensemble:all"}
@@ -88,13 +93,14 @@ def _with_variants(tmp_path: Path, variants: str, name: str = "distill.yaml") ->
     return path
 
 
-def test_a_student_waits_for_its_teacher_variant_and_follows_its_changes(tmp_path):
-    from vspw_ray.config import resolve_variant, variant_id
+def test_a_student_waits_for_its_teacher_variant_and_follows_its_changes(tmp_path, synth_root):
+    from vspw_ray.config import resolve_variant, settings_id
 
     runs = f"storage.path={tmp_path / 'runs'}"
+    data = f"data.root={synth_root}"
     layout = RunLayout(str(tmp_path / "runs"))
     exp = _with_variants(tmp_path, STUDENT_FIRST)
-    cfg = load_config(exp, [runs])
+    cfg = load_config(exp, [runs, data])
     plan = build_plan(cfg, layout)
     ids = [s.id for s in plan]
     assert ids.index("swa:teacher") < ids.index("train:student")  # teachers first
@@ -102,26 +108,27 @@ def test_a_student_waits_for_its_teacher_variant_and_follows_its_changes(tmp_pat
     assert student_train.needs == ("data:all", "swa:teacher")  # its SWA average, pipeline.swa
     teacher = resolve_variant(cfg, "teacher")
     pinned = resolve_variant(cfg, "student").loss.distill.teacher
-    assert pinned.startswith(f"variant:teacher@{variant_id(teacher)}+swa-")
+    assert pinned.startswith(f"variant:teacher@{settings_id(teacher)}+swa-")
     _complete(cfg, layout)
     # the teacher's training changes: both chains re-run; its SWA changes: the student too
     for change in (["train.lr=0.001"], ["swa.every=5"]):
-        changed = build_plan(load_config(exp, [runs, *change]), layout)
+        changed = build_plan(load_config(exp, [runs, data, *change]), layout)
         assert {s.id for s in changed if s.run} >= {"train:student", "swa:student"}
     # only the student's own setting changes: the teacher stays done
     text = exp.read_text().replace("    loss.distill.enabled: true\n",
                                    "    loss.distill.enabled: true\n    loss.distill.weight: 0.5\n")
     exp.write_text(text)
-    ran = {s.id for s in build_plan(load_config(exp, [runs]), layout) if s.run}
+    ran = {s.id for s in build_plan(load_config(exp, [runs, data]), layout) if s.run}
     assert not any(step.endswith(":teacher") or ":teacher/" in step for step in ran)
     assert "train:student" in ran
     # without pipeline.swa the student learns from the teacher's training checkpoint
-    plain = build_plan(load_config(exp, [runs, "pipeline.swa=false"]), layout)
+    plain = build_plan(load_config(exp, [runs, data, "pipeline.swa=false"]), layout)
     assert next(s for s in plain if s.id == "train:student").needs == ("data:all",
                                                                        "train:teacher")
 
 
 def test_a_student_chain_trains_from_its_teachers_swa_average_once_it_is_made(tmp_path,
+                                                                             synth_root,
                                                                              monkeypatch):
     """The pipeline's variant chains in flight together: the student waits for its teacher's
     SWA average and trains with it bound as ``loss.distill.teacher_checkpoint``. The stage
@@ -139,8 +146,8 @@ def test_a_student_chain_trains_from_its_teachers_swa_average_once_it_is_made(tm
     from vspw_ray.pipeline import steps
     from vspw_ray.pipeline.run import PipelineResult, _execute
 
-    cfg = load_config(_with_variants(tmp_path, STUDENT_FIRST), [
-        f"storage.path={tmp_path / 'runs'}", "pipeline.max_concurrent=2", "pipeline.splits=[val]"])
+    cfg = _load(_with_variants(tmp_path, STUDENT_FIRST), tmp_path, synth_root,
+                "pipeline.max_concurrent=2", "pipeline.splits=[val]")
     layout = RunLayout(str(tmp_path / "runs"))
     events, lock = [], threading.Lock()
 
@@ -185,30 +192,35 @@ def test_a_student_chain_trains_from_its_teachers_swa_average_once_it_is_made(tm
     (STUDENT_FIRST.replace("variant:teacher", "variant:student"), "circle"),
     (STUDENT_FIRST + "    model.channels: 32\n", "model keys ['channels'] differ"),
 ])
-def test_a_bad_teacher_variant_is_refused_naming_the_key(tmp_path, variants, message):
+def test_a_bad_teacher_variant_is_refused_naming_the_key(tmp_path, synth_root, variants,
+                                                        message):
     from vspw_ray.config import ConfigError
 
-    cfg = load_config(_with_variants(tmp_path, variants))
+    cfg = load_config(_with_variants(tmp_path, variants), [f"data.root={synth_root}"])
     with pytest.raises(ConfigError, match="loss.distill.teacher") as err:
         build_plan(cfg, RunLayout(str(tmp_path / "runs")))
     assert message in str(err.value)
 
 
-def test_a_student_trained_alone_before_its_teacher_names_the_command(tmp_path):
+def test_a_student_trained_alone_before_its_teacher_names_the_command(tmp_path, synth_root):
     from vspw_ray.config import ConfigError
     from vspw_ray.train.driver import train_variant
 
-    cfg = load_config(_with_variants(tmp_path, STUDENT_FIRST), [f"storage.path={tmp_path}"])
+    cfg = load_config(_with_variants(tmp_path, STUDENT_FIRST), [f"storage.path={tmp_path}",
+                                                                 f"data.root={synth_root}"])
     with pytest.raises(ConfigError, match="teacher variant 'teacher' has no complete training "
                                           "checkpoint") as err:
         train_variant(cfg, "student", track=False)
     assert "vspw-ray train" in str(err.value) and "--variant teacher" in str(err.value)
 
 
-def test_seed_recipe_plan_has_22_variants_in_stage_order(tmp_path):
+def test_seed_recipe_plan_has_22_variants_in_stage_order(tmp_path, synth_copy):
+    train = (synth_copy / "train.txt").read_text().split()  # the seed's halves of train
+    (synth_copy / "train_a.txt").write_text("\n".join(train[: len(train) // 2]))
+    (synth_copy / "train_b.txt").write_text("\n".join(train[len(train) // 2:]))
     out = subprocess.run([sys.executable, "-m", "vspw_ray", "pipeline",
                           str(REPO / "experiments" / "vspw_seed.yaml"), "--dry-run",
-                          f"storage.path={tmp_path / 'runs'}"],
+                          f"storage.path={tmp_path / 'runs'}", f"data.root={synth_copy}"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines() if ":" in line.split(" ")[0]]
@@ -291,7 +303,7 @@ def test_pipeline_killed_after_an_swa_snapshot_resumes_without_retraining(synth_
     assert len(list((storage / "scores").glob("*/val/*.parquet"))) > 0
 
 
-def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path):
+def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path, synth_root):
     from types import SimpleNamespace
 
     from vspw_ray.pipeline.plan import Step
@@ -299,7 +311,7 @@ def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path):
     from vspw_ray.pipeline.run import PipelineResult
     from vspw_ray.pipeline.steps import Context, StageFailed
 
-    cfg = load_config(QUICKSTART, [f"storage.path={tmp_path / 'runs'}"])
+    cfg = _load(QUICKSTART, tmp_path, synth_root)
     layout = RunLayout(str(tmp_path / "runs"))
     step = Step("swa", "upernet_crop64", "k1", ("train:upernet_crop64",), True, "not done yet")
     ctx = Context(cfg, SimpleNamespace(layout=layout, run_id=None), 1, PipelineResult([step]))
@@ -316,7 +328,7 @@ def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path):
     assert ctx.result.ran == [step.id] and ctx.result.headline[step.id] == 0.5
 
 
-def test_only_the_val_split_fills_the_common_final_keys(tmp_path, monkeypatch):
+def test_only_the_val_split_fills_the_common_final_keys(tmp_path, synth_root, monkeypatch):
     """A test split's inference figures are folds of *test*: they must not be recorded (or
     logged to MLflow) as final/val_A/... beside the val members."""
     from types import SimpleNamespace
@@ -326,7 +338,7 @@ def test_only_the_val_split_fills_the_common_final_keys(tmp_path, monkeypatch):
     from vspw_ray.pipeline.plan import variants_of
     from vspw_ray.pipeline.run import PipelineResult
 
-    cfg = load_config(QUICKSTART, [f"storage.path={tmp_path / 'runs'}"])
+    cfg = _load(QUICKSTART, tmp_path, synth_root)
     figures = {"val_A/miou": 0.3, "val_B/miou": 0.4}
     monkeypatch.setattr(job, "run_inference", lambda *a, **k: SimpleNamespace(
         key="m", variant_id="v", run_id=None, predictions="p", metrics=figures))
@@ -336,3 +348,78 @@ def test_only_the_val_split_fills_the_common_final_keys(tmp_path, monkeypatch):
     val, test = (steps._infer(ctx, v, split) for split in ("val", "test"))
     assert val["final/val_A/miou"] == 0.3 and val["final/val_B/miou"] == 0.4
     assert not [k for k in test if k.startswith("final/")]
+
+
+TWO_VARIANTS = """variants:
+- name: small
+  seed: 0
+  overrides:
+    data.crop_size: [64, 64]
+- name: large
+  seed: 1
+"""
+
+
+def test_other_data_reruns_every_step_under_new_ids_then_nothing_to_do(tmp_path, synth_root,
+                                                                        monkeypatch, capsys):
+    """The pipeline's own orchestration (plan, the real data step, records) with stand-in stages
+    that return the ids the stages compute: a set of the same shape drawn with another seed
+    re-runs every step under new ids, and a re-run then has nothing to do; the first set copied
+    to another path is the same data (nothing to do, the same ids)."""
+    import shutil
+    from types import SimpleNamespace
+
+    import vspw_ray.infer.job as job
+    import vspw_ray.train.driver as driver
+    import vspw_ray.train.swa as swa
+    from vspw_ray.config import variant_id
+    from vspw_ray.data.fingerprint import data_fingerprint
+    from vspw_ray.data.synth import SynthSpec, synthesize
+    from vspw_ray.layout import member_key, split_fingerprint, swa_variant_id
+    from vspw_ray.pipeline import steps
+    from vspw_ray.pipeline.run import PipelineResult, _execute, run_pipeline
+    from vspw_ray.pipeline.steps import members_rows
+
+    other, moved = tmp_path / "other", tmp_path / "moved"
+    synthesize(other, SynthSpec(videos=8, frames=12, classes=6, height=64, width=80, seed=4),
+               processes=1)
+    shutil.copytree(synth_root, moved)
+    ids: list[str] = []
+    monkeypatch.setattr(driver, "train_variant", lambda c, v, **_: SimpleNamespace(
+        variant_id=ids.append(variant_id(c)) or ids[-1], best_checkpoint="b", run_id=None,
+        metrics={}))
+    monkeypatch.setattr(swa, "swa_variant", lambda c, v, **_: SimpleNamespace(
+        variant_id=swa_variant_id(variant_id(c), c.swa, 8), checkpoint="s", run_id=None,
+        metrics={}))
+    monkeypatch.setattr(job, "run_inference", lambda c, ckpt, split, **_: SimpleNamespace(
+        key=member_key(variant_id(c), 8, c.infer, split_fingerprint(c.data.root, split)),
+        variant_id=variant_id(c), run_id=None, predictions=None, metrics={}))
+    monkeypatch.setattr(steps, "ensemble_step", lambda c, s, v: {})
+    exp = _with_variants(tmp_path, TWO_VARIANTS)
+    layout = RunLayout(str(tmp_path / "runs"))
+
+    def pipeline(root: Path) -> tuple[list, PipelineResult]:
+        cfg = _load(exp, tmp_path, root, "pipeline.max_concurrent=1", "pipeline.splits=[val]")
+        plan = build_plan(cfg, layout)
+        result = PipelineResult(plan)
+        if any(s.run for s in plan):
+            _execute(cfg, SimpleNamespace(layout=layout, run_id=None, address=None), result, 1)
+        again = run_pipeline(cfg, track=False)
+        assert again.nothing_to_do and "nothing to do" in capsys.readouterr().out
+        return plan, result
+
+    plan_a, first = pipeline(synth_root)
+    assert set(first.ran) == {s.id for s in plan_a} and len(ids) == 2
+    old = {s.id: s.key for s in plan_a}
+    plan_moved, moved_run = pipeline(moved)  # the first set at another path: the same keys
+    assert moved_run.ran == [] and {s.id: s.key for s in plan_moved} == old and len(ids) == 2
+    plan_b, second = pipeline(other)
+    assert set(second.ran) == {s.id for s in plan_b}  # every step, the data step too
+    assert all("settings changed" in s.reason for s in plan_b)
+    assert not set(ids[:2]) & set(ids[2:])  # new variant ids
+    new = {s.id: s.key for s in plan_b}
+    assert all(old[k] != new[k] for k in old)  # every later step under a new key
+    second.steps = plan_b  # members.csv: each step's data (a variant's, a split's)
+    rows = {r["step"]: r["data_fingerprint"] for r in members_rows(second)}
+    assert rows["train:small"] == rows["swa:large"] == data_fingerprint(other, ("train", "val"))
+    assert rows["infer:small/val"] == split_fingerprint(str(other), "val")

@@ -3,6 +3,7 @@ batches, and the run layout's paths."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from tests.conftest import free_port
 from vspw_ray.config import ConfigError, load_config
-from vspw_ray.layout import RunLayout, member_key
+from vspw_ray.layout import RunLayout, member_for_split, member_key
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "tiny_synth.yaml"
@@ -104,8 +105,30 @@ def test_run_layout_paths_are_the_same_for_folders_and_uris():
         assert layout.scores == f"{base}/scores"
         assert layout.predictions("k", "val") == f"{base}/predictions/k/val"
         assert layout.submission("e") == f"{base}/submissions/e"
-    a = member_key("up-1", 100, InferConfig(scales=(1.0,)))
-    assert a == member_key("up-1", 100, InferConfig(scales=(1.0,), actors=3, batch_size=4))
-    assert a != member_key("up-1", 100, InferConfig(scales=(0.5, 1.0)))  # other TTA
-    assert a != member_key("up-1", 200, InferConfig(scales=(1.0,)))  # another checkpoint
-    assert a != member_key("up-1", 100, InferConfig(scales=(1.0,), top_k=4))  # other encoding
+    a = member_key("up-1", 100, InferConfig(scales=(1.0,)), "d0d0d0d0d0d0")
+    assert a == member_key("up-1", 100, InferConfig(scales=(1.0,), actors=3, batch_size=4),
+                           "d0d0d0d0d0d0")
+    assert a != member_key("up-1", 100, InferConfig(scales=(0.5, 1.0)), "d0d0d0d0d0d0")  # TTA
+    assert a != member_key("up-1", 200, InferConfig(scales=(1.0,)), "d0d0d0d0d0d0")  # checkpoint
+    assert a != member_key("up-1", 100, InferConfig(scales=(1.0,), top_k=4),
+                           "d0d0d0d0d0d0")  # other encoding
+    other = member_key("up-1", 100, InferConfig(scales=(1.0,)), "e1e1e1e1e1e1")  # other data
+    assert other != a and member_for_split(a, "e1e1e1e1e1e1") == other
+
+
+def test_storage_from_before_fingerprints_is_noted_once_and_new_storage_never(tmp_path, capsys):
+    from vspw_ray.runtime import ID_SCHEME_FILE, note_id_scheme
+
+    old = tmp_path / "old"
+    (old / "train" / "up-8311fe2d1e").mkdir(parents=True)  # an id of the scheme before
+    assert note_id_scheme(RunLayout(str(old)))
+    err = capsys.readouterr().err
+    assert "stay readable under their old ids" in err and "(train)" in err
+    assert not note_id_scheme(RunLayout(str(old)))  # once
+    assert json.loads((old / ID_SCHEME_FILE).read_text())["older_outputs"] == ["train"]
+    new = tmp_path / "new"
+    new.mkdir()
+    assert not note_id_scheme(RunLayout(str(new)))
+    (new / "train" / "up-1").mkdir(parents=True)  # written under the new scheme
+    assert not note_id_scheme(RunLayout(str(new)))
+    assert capsys.readouterr().err == ""

@@ -105,6 +105,8 @@ def _final_weights(storage):
 def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_local, synth_root, tmp_path):
     import mlflow
 
+    from vspw_ray.data.fingerprint import data_fingerprint
+
     cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path / "runs", iters=16, workers=2))
     out = train_variant(cfg, "crop64")
     assert out.metrics["iteration"] == 16
@@ -113,6 +115,7 @@ def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["variant_id"] == out.variant_id and run.data.tags["family"] == "upernet"
+    assert run.data.tags["data_fingerprint"] == data_fingerprint(synth_root, ("train", "val"))
     assert run.data.params["train.num_workers"] == "2" and run.data.params["data.crop_size"] == "[64, 64]"
     loss = [m.value for m in client.get_metric_history(out.run_id, "train/loss")]
     assert len(loss) == 8 and min(loss[-2:]) < loss[0]  # one point per log interval; it learns
@@ -151,6 +154,56 @@ def test_interrupted_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_
     assert_no_half_written_left(storage)
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_other_data_of_the_same_shape_trains_afresh_under_a_new_id(ray_local, synth_root,
+                                                                    tmp_path):
+    """The issue's report: a second synthetic set of the same shape, trained with the same
+    storage, used to resume the first set's finished run and return its checkpoint. Now it is
+    another variant, trained from iteration 0; weights of the first set given with --from are
+    recorded as a transfer."""
+    from vspw_ray.data.fingerprint import data_fingerprint
+    from vspw_ray.data.synth import SynthSpec, synthesize
+    from vspw_ray.train.driver import data_tags
+
+    other = tmp_path / "other"
+    synthesize(other, SynthSpec(videos=8, frames=12, classes=6, height=64, width=80, seed=4),
+               processes=1)
+    storage, short = tmp_path / "runs", ["train.val_interval=2"]
+    first = train_variant(load_config(EXPERIMENT, _overrides(synth_root, storage, 2) + short),
+                          "crop64", track=False)
+    second = train_variant(load_config(EXPERIMENT, _overrides(other, storage, 2) + short),
+                           "crop64", track=False)
+    assert second.variant_id != first.variant_id
+    assert Path(second.best_checkpoint).parent.name == second.variant_id
+    states = [load_training_state(Path(out.best_checkpoint) / CHECKPOINT_FILE)
+              for out in (first, second)]
+    assert [s["resumes"] for s in states] == [[], []]  # both trained from iteration 0
+    assert [s["iteration"] for s in states] == [2, 2]
+    assert [s["data_fingerprint"] for s in states] == [
+        data_fingerprint(root, ("train", "val")) for root in (synth_root, other)]
+    transfer = load_config(EXPERIMENT, _overrides(other, storage) + [
+        f"model.init_checkpoint={first.best_checkpoint}/{CHECKPOINT_FILE}"])
+    assert data_tags(transfer) == {"data_fingerprint": states[1]["data_fingerprint"],
+                                   "init_data_fingerprint": states[0]["data_fingerprint"],
+                                   "transfer": "other data"}
+
+
+def test_train_from_weights_records_whose_data_they_learnt(synth_root, tmp_path):
+    from vspw_ray.config import variant_fingerprint
+    from vspw_ray.train.driver import data_tags
+
+    cfg = load_config(EXPERIMENT, [f"data.root={synth_root}"])
+    mine = variant_fingerprint(cfg)
+    assert data_tags(cfg) == {"data_fingerprint": mine}  # no --from: nothing more
+    for name, recorded, transfer in (("same", mine, "same data"), ("old", None, "unknown")):
+        state = {"model": {}, "variant_id": "up-1", "iteration": 2,
+                 **({"data_fingerprint": recorded} if recorded else {})}
+        path = write_checkpoint(str(tmp_path / name), state)
+        tags = data_tags(load_config(EXPERIMENT, [f"data.root={synth_root}",
+                                                  f"model.init_checkpoint={path}"]))
+        assert tags["transfer"] == transfer and tags["init_data_fingerprint"] == (
+            recorded or "unknown")
 
 
 def test_cluster_run_with_node_local_settings_fails_up_front(tmp_path):

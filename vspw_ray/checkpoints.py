@@ -36,15 +36,18 @@ _PREFIX = "checkpoint_"  # Ray Train's checkpoint folder names
 
 def summary(state: dict) -> dict:
     """What ``metrics.json`` records of a checkpoint's state: enough to find, choose and
-    describe checkpoints without loading weights (the family, training split and fold seed
-    travel on into the score store's manifest)."""
+    describe checkpoints without loading weights (the family, training split, fold seed and
+    data fingerprint travel on into the score store's manifest; None in checkpoints written
+    before fingerprints)."""
     config = state.get("config") or {}
     data = config.get("data", {})
     return {"variant_id": state.get("variant_id"), "iteration": state.get("iteration"),
             "kind": state.get("kind", "train"), "metrics": state.get("metrics", {}),
             "parent_variant_id": state.get("parent_variant_id"),
             "family": config.get("model", {}).get("family"),
-            "train_split": data.get("train_split"), "fold_seed": data.get("fold_seed")}
+            "train_split": data.get("train_split"), "fold_seed": data.get("fold_seed"),
+            "data_fingerprint": state.get("data_fingerprint"),
+            "init_data_fingerprint": state.get("init_data_fingerprint")}
 
 
 class _HashingWriter:

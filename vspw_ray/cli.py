@@ -31,7 +31,19 @@ def _cmd_data_check(args) -> int:
               f"named above, or set data.skip_bad_frames=true to skip them in training")
         return 1
     print(f"{args.root}: clean ({splits})")
+    print(_fingerprints(args.root, args.split))
     return 0
+
+
+def _fingerprints(root: str, splits: list[str] | None) -> str:
+    """The data's fingerprint lines (what every id of results on this data covers)."""
+    from vspw_ray.data.check import available_splits
+    from vspw_ray.data.fingerprint import data_fingerprint
+
+    splits = list(splits or available_splits(root))
+    lines = [f"fingerprint {data_fingerprint(root, splits)} (class table + {', '.join(splits)})"]
+    lines += [f"  {s}: {data_fingerprint(root, (s,))}" for s in splits]
+    return "\n".join(lines)
 
 
 def _cmd_data_synth(args) -> int:
@@ -58,6 +70,7 @@ def _cmd_data_stats(args) -> int:
         share = 100 * c["pixels"] / total if total else 0.0
         print(f"{c['name']:<28} {c['pixels']:>14,} {share:>8.3f} {c['videos']:>7}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(_fingerprints(args.root, [args.split]))
     return 0
 
 
@@ -88,17 +101,21 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_config_show(args) -> int:
     from vspw_ray.config import dump_yaml, load_config, resolve_variant, variant_id
+    from vspw_ray.errors import DataError
 
     cfg = load_config(args.experiment, args.overrides)
     if args.variant:
         cfg = resolve_variant(cfg, args.variant)
     print(dump_yaml(cfg), end="")
-    if cfg.variants:
-        print("# variants:")
-        for spec in cfg.variants:
-            print(f"#   {spec.name}: {variant_id(resolve_variant(cfg, spec.name))}")
-    else:
-        print(f"# variant_id: {variant_id(cfg)}")
+    try:
+        if cfg.variants:
+            ids = [(spec.name, variant_id(resolve_variant(cfg, spec.name)))
+                   for spec in cfg.variants]
+            print("# variants:\n" + "\n".join(f"#   {name}: {vid}" for name, vid in ids))
+        else:
+            print(f"# variant_id: {variant_id(cfg)}")
+    except DataError as err:  # the YAML above is complete; only the ids need the data
+        print(f"# variant ids: not shown: {err}")
     return 0
 
 

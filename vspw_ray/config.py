@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from vspw_ray.errors import ConfigError
+from vspw_ray.data.fingerprint import data_fingerprint
+from vspw_ray.errors import ConfigError, DataError
 
 __all__ = [
     "ConfigError",
@@ -52,6 +53,9 @@ __all__ = [
     "teacher_variant",
     "teacher_pin",
     "variant_id",
+    "variant_fingerprint",
+    "settings_id",
+    "prior_digest",
     "to_dict",
     "dump_yaml",
 ]
@@ -747,24 +751,40 @@ def _resolve_variant(cfg: ExperimentConfig, name: str | None,
     if name is None:
         if not cfg.variants:
             return cfg
-        listing = ", ".join(f"{v.name} ({variant_id(resolve_variant(cfg, v.name))})"
-                            for v in cfg.variants)
         raise ConfigError(f"experiment '{cfg.name}' lists several variants; choose one with "
-                          f"--variant: {listing}")
+                          f"--variant: {_variant_listing(cfg)}")
     for spec in cfg.variants:
         if name == spec.name:
             data = to_dict(dataclasses.replace(cfg, variants=()))
             data = apply_overrides(data, spec.overrides)
             data["seed"] = spec.seed
             return _pin_teacher(cfg, config_from_dict(data), spec.name, students)
-    for spec in cfg.variants:
-        resolved = resolve_variant(cfg, spec.name)
-        if variant_id(resolved) == name:
-            return resolved
-    if not cfg.variants and name == variant_id(cfg):
-        return cfg
+    by_id, why = _variants_by_id(cfg)
+    if name in by_id:
+        return by_id[name]
     known = [v.name for v in cfg.variants] or ["(no variants: omit --variant)"]
-    raise ConfigError(f"experiment '{cfg.name}' has no variant '{name}'; known: {known}")
+    raise ConfigError(f"experiment '{cfg.name}' has no variant '{name}'; known: {known}{why}")
+
+
+def _variants_by_id(cfg: ExperimentConfig) -> tuple[dict[str, ExperimentConfig], str]:
+    """``{variant_id: resolved variant}`` (the base config when there are no variants), and
+    why it is empty when the ids cannot be computed (they need the data)."""
+    try:
+        if not cfg.variants:
+            return {variant_id(cfg): cfg}, ""
+        resolved = [resolve_variant(cfg, spec.name) for spec in cfg.variants]
+        return {variant_id(r): r for r in resolved}, ""
+    except DataError as err:
+        return {}, f" (variant ids could not be matched: {err})"
+
+
+def _variant_listing(cfg: ExperimentConfig) -> str:
+    """``name (variant_id), ...``; the names alone when the data is not there to fingerprint."""
+    try:
+        return ", ".join(f"{v.name} ({variant_id(resolve_variant(cfg, v.name))})"
+                         for v in cfg.variants)
+    except DataError:
+        return ", ".join(v.name for v in cfg.variants)
 
 
 TEACHER_PREFIX = "variant:"
@@ -772,16 +792,16 @@ TEACHER_PREFIX = "variant:"
 
 def teacher_variant(teacher: str | None) -> str | None:
     """The variant NAME a ``loss.distill.teacher`` of the form ``variant:NAME`` names (resolved
-    variants hold ``variant:NAME@VARIANT_ID``, plus ``+swa-HASH`` when the teacher's SWA average
-    is meant), else None."""
+    variants hold ``variant:NAME@SETTINGS_ID``, plus ``+swa-HASH`` when the teacher's SWA
+    average is meant), else None."""
     if teacher and teacher.startswith(TEACHER_PREFIX):
         return teacher[len(TEACHER_PREFIX):].split("@", 1)[0]
     return None
 
 
 def teacher_pin(teacher: str) -> tuple[str | None, bool]:
-    """``(the teacher's variant_id, whether its SWA average is meant)`` of a resolved
-    ``variant:NAME@VARIANT_ID[+swa-HASH]`` reference (``(None, False)`` before resolution)."""
+    """``(the teacher's settings_id, whether its SWA average is meant)`` of a resolved
+    ``variant:NAME@SETTINGS_ID[+swa-HASH]`` reference (``(None, False)`` before resolution)."""
     if "@" not in teacher:
         return None, False
     pin = teacher.split("@", 1)[1]
@@ -790,8 +810,9 @@ def teacher_pin(teacher: str) -> tuple[str | None, bool]:
 
 def _pin_teacher(cfg: ExperimentConfig, student: ExperimentConfig, name: str,
                  students: tuple[str, ...]) -> ExperimentConfig:
-    """``variant:NAME`` -> ``variant:NAME@<the teacher's variant_id>[+swa-<its swa section>]``:
-    the student's variant_id then changes exactly when its teacher's model does."""
+    """``variant:NAME`` -> ``variant:NAME@<the teacher's settings_id>[+swa-<its swa section>]``:
+    the student's variant_id then changes exactly when its teacher's settings do (and, through
+    the student's own fingerprint, when the data they both read does)."""
     d = student.loss.distill
     teacher = teacher_variant(d.teacher)
     if not d.enabled or teacher is None:
@@ -810,7 +831,7 @@ def _pin_teacher(cfg: ExperimentConfig, student: ExperimentConfig, name: str,
         diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         raise ConfigError(f"{key}: teacher '{teacher}' has another architecture (model keys "
                           f"{diff} differ); self-distillation needs the same model section")
-    ref = f"{TEACHER_PREFIX}{teacher}@{variant_id(model)}"
+    ref = f"{TEACHER_PREFIX}{teacher}@{settings_id(model)}"
     if cfg.pipeline.swa:
         swa = hashlib.sha256(json.dumps(to_dict(model.swa), sort_keys=True).encode())
         ref += f"+swa-{swa.hexdigest()[:8]}"
@@ -840,9 +861,10 @@ def check_trainable(cfg: ExperimentConfig) -> None:
                           "loss.logit_adjust.prior=DIR/class_prior.json")
 
 
-def variant_id(cfg: ExperimentConfig) -> str:
-    """A short stable hash of what determines the trained weights: data, model, loss and train
-    settings (runtime-only keys left out) and the seed."""
+def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What of ``cfg`` determines the trained weights besides the data: the data, model, loss
+    and train sections (runtime-only keys left out), the seed, and the class prior by its
+    content (its class frequencies), not by its path."""
     identity: dict[str, Any] = {"seed": cfg.seed}
     for section in _IDENTITY_SECTIONS:
         values = to_dict(getattr(cfg, section))
@@ -853,5 +875,54 @@ def variant_id(cfg: ExperimentConfig) -> str:
                 node = node.get(part, {})
             node.pop(last, None)
         identity[section] = values
+    la = cfg.loss.logit_adjust
+    identity["loss"]["logit_adjust"]["prior"] = prior_digest(la.prior) if la.enabled else None
+    return identity
+
+
+def prior_digest(path: str | None) -> str | None:
+    """A hash of a ``class_prior.json``'s class names and frequencies (the same prior at another
+    path gives the same hash, a rewritten one another); ``"absent"`` while the file does not
+    exist yet (the pipeline's data step writes it; training refuses to start without it)."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except FileNotFoundError:
+        return "absent"
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config key 'loss.logit_adjust.prior': cannot read {path}: {err}; "
+                          f"recreate it with `vspw-ray data stats ROOT --out DIR`") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key 'loss.logit_adjust.prior': {path} is not a class prior "
+                          f"written by `vspw-ray data stats`")
+    content = {"names": data.get("names"), "prior": data.get("prior")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def settings_id(cfg: ExperimentConfig) -> str:
+    """A short stable hash of the settings that determine the trained weights, without the
+    data (:func:`variant_id` adds the data's fingerprint). A ``variant:NAME`` teacher is pinned
+    by it, so that a config resolves without the data present."""
+    blob = json.dumps(_settings(cfg), sort_keys=True, separators=(",", ":"))
+    return f"{cfg.model.family[:2]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def variant_fingerprint(cfg: ExperimentConfig) -> str:
+    """The fingerprint of the data a variant learns from and is selected on: the class table,
+    the training split and the val split (:func:`vspw_ray.data.fingerprint.data_fingerprint`).
+
+    Raises:
+        DataError: ``data.root`` or a split of it is missing (the error names the key).
+    """
+    return data_fingerprint(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+
+
+def variant_id(cfg: ExperimentConfig, *, fingerprint: str | None = None) -> str:
+    """A short stable hash of what determines the trained weights: the settings
+    (:func:`settings_id`: data, model, loss and train sections, runtime keys left out, the
+    seed) and the fingerprint of the data read (:func:`variant_fingerprint`, computed when not
+    given). ``data.root`` stays out: a moved or copied dataset keeps its ids."""
+    identity = {**_settings(cfg), "data_fingerprint": fingerprint or variant_fingerprint(cfg)}
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return f"{cfg.model.family[:2]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

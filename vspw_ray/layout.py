@@ -7,7 +7,8 @@ stage's output is found from the config alone.
     <storage>/swa/<variant_id>-swa-<hash>/checkpoint_*/  SWA jobs; the last holds the average
     <storage>/tune/<sweep_id>/ (+ best/)             Tune experiments and their best configs
     <storage>/tune/optuna.db                          the default Optuna study storage
-    <storage>/scores/<member key>/                    the score store (one member per key)
+    <storage>/scores/<member key>/                    the score store (one member per key:
+                                                      checkpoint, TTA settings, split data)
     <storage>/predictions/<member key>/<split>/       prediction PNGs
     <storage>/ensembles/<ensemble id>/                ensemble reports
     <storage>/submissions/<ensemble id>/              submission PNGs, zip and manifest
@@ -29,7 +30,7 @@ from typing import Any
 from vspw_ray.config import ExperimentConfig, InferConfig, SwaConfig, to_dict, variant_id
 
 __all__ = ["RunLayout", "bind_teacher", "swa_variant_id", "infer_hash", "member_key",
-           "SCORE_AFFECTING_INFER_KEYS"]
+           "member_for_split", "split_fingerprint", "SCORE_AFFECTING_INFER_KEYS"]
 
 # the infer keys that change the stored scores; actors, batch size and the bad-frame policy
 # change how the job runs, not what it writes
@@ -41,7 +42,9 @@ def _digest(data: Any, n: int = 6) -> str:
 
 
 def swa_variant_id(parent: str, swa: SwaConfig, base_iteration: int) -> str:
-    """The variant_id of the SWA average of ``parent``'s checkpoint at ``base_iteration``."""
+    """The variant_id of the SWA average of ``parent``'s checkpoint at ``base_iteration``
+    (``parent``, a variant_id, covers the data: the SWA iterations read the same training
+    split)."""
     return f"{parent}-swa-{_digest({'swa': to_dict(swa), 'from_iteration': base_iteration})}"
 
 
@@ -51,10 +54,32 @@ def infer_hash(infer: InferConfig) -> str:
     return _digest({k: data[k] for k in SCORE_AFFECTING_INFER_KEYS})
 
 
-def member_key(checkpoint_variant_id: str, iteration: int, infer: InferConfig) -> str:
-    """The score store's key of one checkpoint inferred with ``infer``: another checkpoint of
-    the same variant, or other TTA or encoding settings, never reuse old scores."""
-    return f"{checkpoint_variant_id}-it{int(iteration)}-tta{infer_hash(infer)}"
+def member_key(checkpoint_variant_id: str, iteration: int, infer: InferConfig,
+               split_fingerprint: str) -> str:
+    """The score store's key of one checkpoint inferred with ``infer`` over one split whose
+    data has ``split_fingerprint`` (:func:`split_fingerprint`): another checkpoint of the same
+    variant, other TTA or encoding settings, or a split with other videos or frames never reuse
+    old scores. Each split of a checkpoint is its own member."""
+    return (f"{checkpoint_variant_id}-it{int(iteration)}-tta{infer_hash(infer)}"
+            f"-d{split_fingerprint[:8]}")
+
+
+def member_for_split(key: str, split_fingerprint: str) -> str:
+    """The key of the same checkpoint and TTA settings inferred over another split (a member
+    key's ``-d<fingerprint>`` replaced): the ensemble's val members' test scores."""
+    base, sep, _ = key.rpartition("-d")
+    if not sep:
+        raise ValueError(f"'{key}' is not a score-store member key (CHECKPOINT-itN-ttaH-dF); "
+                         f"members stored before data fingerprints must be inferred again")
+    return f"{base}-d{split_fingerprint[:8]}"
+
+
+def split_fingerprint(root: str, split: str) -> str:
+    """The fingerprint of one split's data (the class table and the split's videos, frames
+    and file sizes), as score-store members and submissions are keyed by it."""
+    from vspw_ray.data.fingerprint import data_fingerprint
+
+    return data_fingerprint(root, (split,))
 
 
 @dataclass(frozen=True)
@@ -148,16 +173,22 @@ class RunLayout:
                 named).
         """
         from vspw_ray.checkpoints import checkpoint_file
-        from vspw_ray.config import ConfigError, resolve_variant, teacher_pin, teacher_variant
+        from vspw_ray.config import (
+            ConfigError,
+            resolve_variant,
+            settings_id,
+            teacher_pin,
+            teacher_variant,
+        )
 
         ref = student.loss.distill.teacher
         name = teacher_variant(ref)
         teacher = resolve_variant(experiment, name)
         pinned, swa = teacher_pin(ref)
-        if pinned is not None and pinned != variant_id(teacher):
+        if pinned is not None and pinned != settings_id(teacher):
             raise ConfigError(f"config key 'loss.distill.teacher': '{ref}' was pinned to "
-                              f"variant_id {pinned}, but variant '{name}' of experiment "
-                              f"'{experiment.name}' now resolves to {variant_id(teacher)}; "
+                              f"settings {pinned}, but variant '{name}' of experiment "
+                              f"'{experiment.name}' now resolves to {settings_id(teacher)}; "
                               f"resolve the student from the same experiment file")
         command = f"vspw-ray {{}} {experiment.name}.yaml --variant {name}"
         try:

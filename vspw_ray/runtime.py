@@ -21,13 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vspw_ray.config import ExperimentConfig, check_trainable, teacher_variant, to_dict
+from vspw_ray.config import (
+    ExperimentConfig,
+    check_trainable,
+    teacher_variant,
+    to_dict,
+    variant_fingerprint,
+)
 from vspw_ray.errors import UserError
 from vspw_ray.layout import RunLayout
 from vspw_ray.storage import check_cluster_settings, is_uri, resolve_storage
 
 __all__ = ["Stage", "open_stage", "connect_ray", "resolve_address", "prepare_config",
-           "git_commit", "DASHBOARD_ENV", "PARENT_RUN_ENV", "LOCAL", "RayConnectionError"]
+           "git_commit", "note_id_scheme", "ID_SCHEME_FILE", "DASHBOARD_ENV", "PARENT_RUN_ENV",
+           "LOCAL", "RayConnectionError"]
 
 log = logging.getLogger("vspw_ray")
 
@@ -140,6 +147,37 @@ def prepare_config(cfg: ExperimentConfig, *, trainable: bool = True) -> Experime
     )
 
 
+ID_SCHEME_FILE = "ids.json"  # <storage>/ids.json: which ids the storage's results are under
+ID_SCHEME = 2  # 2: every id covers the data's fingerprint (issue 28); 1: ids before that
+_OLDER_OUTPUTS = ("train", "swa", "scores", "ensembles", "pipeline")
+
+
+def note_id_scheme(layout: RunLayout) -> bool:
+    """Mark the storage with :data:`ID_SCHEME`; for storage written before ids covered the
+    data, print once that its results stay readable under their old ids and that new runs use
+    new ones (nothing is re-keyed: an old id never names a result of the new scheme). Returns
+    whether the notice was printed."""
+    import json
+
+    import pyarrow.fs
+
+    from vspw_ray.storage import filesystem, write_atomic
+
+    fs, root = filesystem(layout.storage)
+    if fs.get_file_info(f"{root}/{ID_SCHEME_FILE}").type == pyarrow.fs.FileType.File:
+        return False
+    older = [name for name in _OLDER_OUTPUTS
+             if fs.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.Directory]
+    if older:
+        print(f"note: {layout.storage} holds results written before ids covered the data's "
+              f"fingerprint ({', '.join(older)}); they stay readable under their old ids, and "
+              f"new runs use new ids, so nothing of theirs is reused (README: What an id means)",
+              file=sys.stderr, flush=True)
+    write_atomic(fs, f"{root}/{ID_SCHEME_FILE}", json.dumps(
+        {"scheme": ID_SCHEME, "older_outputs": older}).encode())
+    return bool(older)
+
+
 def git_commit() -> str:
     """The project's git commit, or ``unknown`` outside a checkout."""
     try:
@@ -193,6 +231,7 @@ def open_stage(cfg: ExperimentConfig, stage: str, tags: Mapping[str, str], *,
     check_cluster_settings(cfg, address, track=track)
     cfg = prepare_config(cfg, trainable=trainable)
     layout = RunLayout(resolve_storage(cfg.storage.path))
+    note_id_scheme(layout)
     uri = _tracking_uri(cfg, layout.storage, track)
     experiment = experiment or cfg.tracking.experiment or cfg.name
     key = {**tags, "stage": stage}
@@ -205,7 +244,8 @@ def open_stage(cfg: ExperimentConfig, stage: str, tags: Mapping[str, str], *,
         yield Stage(cfg, layout, address, uri, experiment, None)
         return
     parent = os.environ.get(PARENT_RUN_ENV) if stage != "pipeline" else None
-    tags = {**key, **(extra_tags or {}), "git_commit": git_commit()}
+    tags = {**key, "data_fingerprint": variant_fingerprint(cfg), **(extra_tags or {}),
+            "git_commit": git_commit()}
     if parent:  # inside a pipeline: the stage's run is a child of the pipeline's
         tags[tracking.PARENT_TAG] = parent
     with tracking.open_run(uri, experiment, layout.storage, run_id=run_id, run_name=run_name,

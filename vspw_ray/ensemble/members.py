@@ -19,7 +19,7 @@ from vspw_ray.errors import DataError, StoreError, UserError
 from vspw_ray.metrics import VAL_A_MIOU
 
 __all__ = ["Member", "EnsembleError", "member_names", "load_members", "check_members", "check_split",
-           "check_scored", "check_leakage", "ensemble_settings", "ensemble_id"]
+           "check_scored", "check_data", "check_leakage", "ensemble_settings", "ensemble_id"]
 
 
 class EnsembleError(UserError):
@@ -38,6 +38,7 @@ class Member:
     miou_a: float | None  # fold-A mIoU of its stored val scores (the manifest's)
     num_classes: int
     class_names: tuple[str, ...]
+    data_fingerprint: str | None = None  # of the val data its scores cover (the manifest's)
 
     @property
     def label(self) -> str:
@@ -59,10 +60,11 @@ def _variant_key(cfg: ExperimentConfig, name: str, layout, stored: set[str]) -> 
     variant_id is the one ``vspw-ray train`` computed."""
     from vspw_ray.checkpoints import checkpoint_file, read_summary
     from vspw_ray.config import resolve_variant, variant_id
-    from vspw_ray.layout import member_key
+    from vspw_ray.layout import member_key, split_fingerprint
 
     resolved = resolve_variant(cfg, name)
     vid = variant_id(resolved)
+    data = split_fingerprint(resolved.data.root, resolved.data.val_split)
     try:
         best = layout.best_train_checkpoint(vid, resolved.tune.metric)
     except FileNotFoundError as err:
@@ -71,7 +73,8 @@ def _variant_key(cfg: ExperimentConfig, name: str, layout, stored: set[str]) -> 
     tried = []
     for folder in ([swa] if swa else []) + [best]:
         header = read_summary(checkpoint_file(folder))
-        key = member_key(header["variant_id"], header.get("iteration") or 0, resolved.infer)
+        key = member_key(header["variant_id"], header.get("iteration") or 0, resolved.infer,
+                         data)
         if key in stored:
             return key, checkpoint_file(folder)
         tried.append(key)
@@ -88,7 +91,8 @@ def _member(name: str, key: str, checkpoint: str | None, manifest: dict,
                   family=manifest.get("family"), train_split=manifest.get("train_split"),
                   fold_seed=manifest.get("fold_seed"), miou_a=metrics.get(VAL_A_MIOU),
                   num_classes=int(manifest.get("num_classes") or 0),
-                  class_names=tuple(manifest.get("class_names") or ()))
+                  class_names=tuple(manifest.get("class_names") or ()),
+                  data_fingerprint=manifest.get("data_fingerprint"))
 
 
 def load_members(cfg: ExperimentConfig, layout) -> list[Member]:
@@ -119,6 +123,21 @@ def load_members(cfg: ExperimentConfig, layout) -> list[Member]:
             key, checkpoint = _variant_key(cfg, name, layout, stored)
         members.append(_member(name, key, checkpoint, store.manifest(key), cfg.data.val_split))
     return members
+
+
+def check_data(members: Sequence[Member], cfg: ExperimentConfig) -> None:
+    """Every member's scores are of the val split's data as it is now (a store key named in
+    ``ensemble.members`` may hold scores of other data, or of data before fingerprints)."""
+    from vspw_ray.layout import split_fingerprint
+
+    now = split_fingerprint(cfg.data.root, cfg.data.val_split)
+    for m in members:
+        if m.data_fingerprint != now:
+            what = (f"data with fingerprint {m.data_fingerprint}" if m.data_fingerprint
+                    else "data stored before fingerprints")
+            raise StoreError(f"ensemble member {m.label} holds scores of {what}, not of split "
+                             f"'{cfg.data.val_split}' of {cfg.data.root} (fingerprint {now}); "
+                             f"run vspw-ray infer for it on this data and name the new member")
 
 
 def _check_same(members: Sequence[Member], field: str, expected, what: str, fix: str) -> None:
@@ -242,9 +261,12 @@ def ensemble_settings(cfg: ExperimentConfig) -> dict:
 
 def ensemble_id(cfg: ExperimentConfig, members: Sequence[Member]) -> str:
     """``<experiment>-ens-<hash>`` of the member keys, the ensemble settings
-    (:func:`ensemble_settings`), the val split and the fold seed: another member, setting or
-    fold gives another ensemble."""
+    (:func:`ensemble_settings`), the val split, its data's fingerprint and the fold seed:
+    another member, setting, fold or val data gives another ensemble."""
+    from vspw_ray.layout import split_fingerprint
+
     identity = {"members": sorted(m.key for m in members), "ensemble": ensemble_settings(cfg),
-                "val_split": cfg.data.val_split, "fold_seed": cfg.data.fold_seed}
+                "val_split": cfg.data.val_split, "fold_seed": cfg.data.fold_seed,
+                "val_data": split_fingerprint(cfg.data.root, cfg.data.val_split)}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     return f"{cfg.name}-ens-{digest.hexdigest()[:10]}"

@@ -92,6 +92,7 @@ def _prepare(loaded: ExperimentConfig, stage) -> _Context:
     from vspw_ray.data import load_class_table
     from vspw_ray.ensemble.grouping import format_groups, resolve_groups
     from vspw_ray.ensemble.members import (
+        check_data,
         check_leakage,
         check_members,
         check_scored,
@@ -109,6 +110,7 @@ def _prepare(loaded: ExperimentConfig, stage) -> _Context:
     store = ScoreStore(stage.layout.scores)
     frames = check_split(members, store, cfg.data.root, cfg.data.val_split, masks=True)
     check_scored(members, cfg.data.val_split)
+    check_data(members, cfg)
     folds = _folds(cfg, list(frames))
     flagged = check_leakage(members, cfg.data.root, cfg.data.val_split,
                             allow=e.allow_val_trained)
@@ -270,6 +272,24 @@ def _cached(ctx: _Context) -> tuple[dict, str] | None:
     return report, text
 
 
+def _rekeyed(ctx: _Context, report: dict, split: str) -> tuple[_Context, dict, str]:
+    """``ctx`` and ``report`` with every member key moved to the members' scores of ``split``
+    (a member key covers one split's data), and that split's data fingerprint."""
+    from dataclasses import replace
+
+    from vspw_ray.layout import member_for_split, split_fingerprint
+
+    data = split_fingerprint(ctx.cfg.data.root, split)
+    if split == ctx.cfg.data.val_split:  # the members' keys are val's already
+        return ctx, report, data
+    new = {m.key: member_for_split(m.key, data) for m in ctx.members}
+    report = {**report, "groups": {g: [new[k] for k in ms] for g, ms in report["groups"].items()},
+              "inner": {new[k]: w for k, w in (report.get("inner") or {}).items()},
+              "order": [new[k] for k in report["order"]] if report.get("order") else None}
+    members = [replace(m, key=new[m.key]) for m in ctx.members]
+    return replace(ctx, members=members), report, data
+
+
 def _apply(ctx: _Context, report: dict, split: str) -> Submission:
     """Fuse every grouped member's scores of ``split`` with the applied fusion (chosen on all of
     val under crossfit, on fold A under holdout), unchanged."""
@@ -280,6 +300,7 @@ def _apply(ctx: _Context, report: dict, split: str) -> Submission:
     from vspw_ray.runtime import connect_ray
     from vspw_ray.scores.store import ScoreStore
 
+    ctx, report, data = _rekeyed(ctx, report, split)
     groups, weights, inner = report["groups"], report["weights"], report.get("inner") or {}
     # the decode order the report's figures were made in (older reports: the grouped order)
     order = report.get("order") or [m for ms in groups.values() for m in ms]
@@ -288,7 +309,8 @@ def _apply(ctx: _Context, report: dict, split: str) -> Submission:
     figures = {v: {f: {k: fig[k] for k in ("miou", "fwiou", "vc8", "vc16")}
                    for f, fig in folds.items()} for v, folds in report["figures"].items()}
     identity = {"ensemble_id": ctx.eid, "split": split, "groups": groups, "weights": weights,
-                "space": report["space"], **({"inner": inner} if inner else {})}
+                "space": report["space"], "data_fingerprint": data,
+                **({"inner": inner} if inner else {})}
     info = {"ensemble_id": ctx.eid, "split": split, "method": report["method"],
             "base_group": report["base_group"], "groups": groups, "weights": weights,
             "inner": inner, "chosen": report.get("chosen", {}).get("name"),

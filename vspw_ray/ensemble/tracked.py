@@ -36,7 +36,7 @@ def _fetch(folder: str, names: tuple[str, ...], local: Path) -> list[Path]:
 
 
 def _child_runs(uri: str, experiment: str, storage: str, parent: str, eid: str,
-                selections: dict[str, Selection]) -> None:
+                selections: dict[str, Selection], data: str) -> None:
     """The Tune trials as child runs of the ensemble's run (in a thread of their own: MLflow's
     active run is per thread, and the parent's is open)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +47,8 @@ def _child_runs(uri: str, experiment: str, storage: str, parent: str, eid: str,
         for fit, sel in selections.items():
             for row in sel.rows:
                 tags = {tracking.PARENT_TAG: parent, "ensemble_id": eid,
-                        "stage": "ensemble-trial", "optuna_trial": str(row.number), "fit": fit}
+                        "stage": "ensemble-trial", "optuna_trial": str(row.number), "fit": fit,
+                        "data_fingerprint": data}
                 params = {f"weight.{g}": str(w) for g, w in row.params.items()}
                 metrics = {"sample/selecting/miou": row.val_a}
                 if row.val_b is not None:
@@ -89,7 +90,7 @@ def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
         The run's id.
     """
     from vspw_ray import tracking
-    from vspw_ray.config import to_dict
+    from vspw_ray.config import to_dict, variant_fingerprint
     from vspw_ray.ensemble.report import report_metrics
     from vspw_ray.runtime import open_stage
 
@@ -113,6 +114,7 @@ def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
             for f in _fetch(folder, ("report.json", *REPORT_FILES), Path(d)):
                 tracking.log_artifact(uri, rid, f)
         if selections and report["method"] == "tune":
-            _child_runs(uri, experiment, stage.storage, rid, eid, selections)
+            _child_runs(uri, experiment, stage.storage, rid, eid, selections,
+                        variant_fingerprint(stage.cfg))
         _log_submission(uri, rid, submission)
     return rid

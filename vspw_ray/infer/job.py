@@ -25,7 +25,7 @@ import numpy as np
 from vspw_ray.config import ExperimentConfig, config_from_dict, to_dict
 from vspw_ray.data.layout import DataError, Frame
 from vspw_ray.labels import class_labels
-from vspw_ray.layout import infer_hash, member_key
+from vspw_ray.layout import infer_hash, member_key, split_fingerprint
 from vspw_ray.runtime import open_stage
 from vspw_ray.scores.encoding import ScoreEncoding, encode
 from vspw_ray.scores.store import (
@@ -201,9 +201,20 @@ class _Member:
 
     checkpoint: str  # its checkpoint.pt
     header: dict  # its summary (variant_id, iteration, kind, family, ...)
-    key: str  # the store member key: checkpoint identity + infer settings
+    key: str  # the store member key: checkpoint identity + infer settings + split data
     store: str
     predictions: str
+    data_fingerprint: str  # of the inferred split (the class table and its videos' frames)
+    transfer: str  # "same data" | "other data" | "unknown": the weights' training data
+
+    @property
+    def data_tags(self) -> dict[str, str]:
+        """For the manifest and the MLflow tags: the split's fingerprint, the one of the data
+        the weights learnt from, and whether that is this dataset's (``infer --checkpoint`` of
+        weights from other data is allowed, and recorded as a transfer)."""
+        return {"data_fingerprint": self.data_fingerprint,
+                "checkpoint_data_fingerprint": self.header.get("data_fingerprint") or "unknown",
+                "transfer": self.transfer}
 
 
 def _member(stage, checkpoint: str | None, resolved: ExperimentConfig | None, split: str,
@@ -220,9 +231,24 @@ def _member(stage, checkpoint: str | None, resolved: ExperimentConfig | None, sp
     header = read_summary(checkpoint)
     if not header.get("variant_id"):
         raise ValueError(f"{checkpoint} records no variant_id; infer needs a vspw_ray checkpoint")
-    key = member_key(header["variant_id"], header.get("iteration") or 0, stage.cfg.infer)
+    data = split_fingerprint(stage.cfg.data.root, split)
+    key = member_key(header["variant_id"], header.get("iteration") or 0, stage.cfg.infer, data)
     return _Member(checkpoint, header, key, store or stage.layout.scores,
-                   predictions or stage.layout.predictions(key, split))
+                   predictions or stage.layout.predictions(key, split), data,
+                   _transfer(stage.cfg, header.get("data_fingerprint")))
+
+
+def _transfer(cfg: ExperimentConfig, trained: str | None) -> str:
+    """Whether weights that learnt from data ``trained`` (a variant fingerprint) learnt from
+    this dataset's training and val splits."""
+    from vspw_ray.config import variant_fingerprint
+
+    if not trained:
+        return "unknown"
+    try:
+        return "same data" if trained == variant_fingerprint(cfg) else "other data"
+    except DataError:  # a dataset without the config's training split: nothing to compare
+        return "other data"
 
 
 def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
@@ -255,7 +281,7 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
     tags = {"variant_id": member.header["variant_id"], "member_key": member.key, "split": split}
     with open_stage(cfg, "infer", tags, address=address, track=track, connect=bool(todo),
                     trainable=False, run_name=f"{member.key}-infer-{split}",
-                    params=_run_params(cfg, member)) as stage:
+                    params=_run_params(cfg, member), extra_tags=member.data_tags) as stage:
         rate, start = _Throughput(), time.perf_counter()
         if todo:
             batches = _pipeline(cfg, [f for v in todo for f in by_video[v]], member.checkpoint,
@@ -329,6 +355,7 @@ def _manifest(cfg: ExperimentConfig, member: _Member, table, previous: dict) -> 
         "checkpoint_kind": header.get("kind", "train"),
         "family": header.get("family"), "train_split": header.get("train_split"),
         "data_root": cfg.data.root, "fold_seed": cfg.data.fold_seed,
+        **member.data_tags,  # the split's data; the checkpoint's training data
         "class_names": table.names, "num_classes": table.num_classes,
         "infer_hash": infer_hash(cfg.infer),
         "tta": {"scales": list(cfg.infer.scales), "flip": cfg.infer.flip},

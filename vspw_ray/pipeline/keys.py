@@ -1,6 +1,7 @@
-"""Stage keys: a hash of the config sections a stage reads plus its inputs' keys, computed from
-the config alone. A stage whose completion record holds the same key is skipped; a changed
-setting changes that stage's key and, through the inputs, every later one."""
+"""Stage keys: a hash of the config sections a stage reads, the fingerprint of the data it reads
+and its inputs' keys, computed from the config and the data's listing. A stage whose completion
+record holds the same key is skipped; a changed setting or changed data changes that stage's key
+and, through the inputs, every later one."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import json
 from typing import Any
 
 from vspw_ray.config import ExperimentConfig, to_dict, variant_id
+from vspw_ray.data.fingerprint import data_fingerprint
 from vspw_ray.ensemble.members import ensemble_settings
-from vspw_ray.layout import infer_hash
+from vspw_ray.layout import infer_hash, split_fingerprint
 
-__all__ = ["digest", "data_key", "train_key", "swa_key", "infer_key", "ensemble_key"]
+__all__ = ["digest", "data_splits", "data_key", "train_key", "swa_key", "infer_key", "ensemble_key"]
 
 
 def digest(*parts: Any, n: int = 12) -> str:
@@ -21,9 +23,16 @@ def digest(*parts: Any, n: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def data_key(cfg: ExperimentConfig, splits: tuple[str, ...]) -> str:
-    """The data check and class statistics: the dataset root and the splits read."""
-    return digest("data", cfg.data.root, cfg.data.train_split, sorted(splits))
+def data_splits(cfg: ExperimentConfig) -> list[str]:
+    """The splits the pipeline reads: the training split and ``pipeline.splits``."""
+    return sorted({cfg.data.train_split, *cfg.pipeline.splits})
+
+
+def data_key(cfg: ExperimentConfig) -> str:
+    """The data check and class statistics: the fingerprint of the splits read (not the
+    dataset's path: a moved or copied dataset is the same data)."""
+    splits = data_splits(cfg)
+    return digest("data", data_fingerprint(cfg.data.root, splits), cfg.data.train_split, splits)
 
 
 def train_key(resolved: ExperimentConfig) -> str:
@@ -37,10 +46,11 @@ def swa_key(resolved: ExperimentConfig) -> str:
 
 
 def infer_key(resolved: ExperimentConfig, split: str, *, swa: bool) -> str:
-    """Inference of one split: the model's key (SWA or training) plus the infer settings that
-    change scores."""
+    """Inference of one split: the model's key (SWA or training), the infer settings that
+    change scores and the split's data fingerprint."""
     model = swa_key(resolved) if swa else train_key(resolved)
-    return digest("infer", model, infer_hash(resolved.infer), split)
+    return digest("infer", model, infer_hash(resolved.infer), split,
+                  split_fingerprint(resolved.data.root, split))
 
 
 def ensemble_key(cfg: ExperimentConfig, member_keys: list[str]) -> str:

@@ -146,7 +146,7 @@ def build_plan(cfg: ExperimentConfig, layout: RunLayout,
     """Every step of the pipeline in order. ``variants`` replaces the experiment's own (after
     a search: the sweep's best configurations)."""
     p = cfg.name
-    data = _step(layout, p, "data", "all", data_key(cfg, cfg.pipeline.splits), [])
+    data = _step(layout, p, "data", "all", data_key(cfg), [])
     steps = [data]
     if cfg.pipeline.search and variants is None:
         from vspw_ray.tune.search import sweep_id

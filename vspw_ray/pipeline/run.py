@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vspw_ray.config import ExperimentConfig
 from vspw_ray.layout import RunLayout
+from vspw_ray.pipeline.keys import data_key
 from vspw_ray.pipeline.plan import Step, Variant, build_plan, format_plan, variants_of
 from vspw_ray.pipeline.steps import StageFailed
 from vspw_ray.runtime import PARENT_RUN_ENV, open_stage
@@ -62,7 +63,9 @@ def run_pipeline(cfg: ExperimentConfig, *, address: str | None = None, track: bo
         print("nothing to do: every step is done for these settings", flush=True)
         result.nothing_to_do = True
         return result
-    with open_stage(cfg, "pipeline", {"pipeline": cfg.name}, address=address, track=track,
+    # a killed pipeline's MLflow run is resumed only on the same data (every split it reads)
+    key = {"pipeline": cfg.name, "pipeline_data": data_key(cfg)}
+    with open_stage(cfg, "pipeline", key, address=address, track=track,
                     trainable=False, run_name=f"{cfg.name}-pipeline") as stage:
         result.run_id = stage.run_id
         previous = os.environ.get(PARENT_RUN_ENV)
@@ -90,7 +93,11 @@ def _execute(cfg: ExperimentConfig, stage, result: PipelineResult, threads: int)
 
     ctx = run_steps.Context(cfg, stage, threads, result)
     by_id = {s.id: s for s in result.steps}
-    ctx.run(by_id["data:all"], run_steps.data_step)
+    if by_id["data:all"].run:
+        ctx.run(by_id["data:all"], run_steps.data_step)
+        # planned before the data step wrote the class priors, which count by their content
+        result.steps = build_plan(cfg, stage.layout)
+        by_id = {s.id: s for s in result.steps}
     variants = variants_of(cfg)
     if cfg.pipeline.search:
         variants = ctx.run(by_id["search:all"], run_steps.search_step) or \

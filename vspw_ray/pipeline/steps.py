@@ -10,9 +10,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from vspw_ray.config import ExperimentConfig
+from vspw_ray.config import ExperimentConfig, variant_fingerprint
 from vspw_ray.errors import UserError
-from vspw_ray.layout import bind_teacher
+from vspw_ray.layout import bind_teacher, split_fingerprint
 from vspw_ray.metrics import fold_metric
 from vspw_ray.pipeline.plan import Step, Variant, teacher_of
 from vspw_ray.pipeline.records import read_record, write_record
@@ -75,16 +75,23 @@ class Context:
 
 def data_step(ctx: Context, step: Step) -> dict:
     """Check every split the pipeline reads; write the class prior where logit-adjusted
-    variants expect it."""
+    variants expect it; record the data's fingerprints (the data must not have changed since
+    the plan fingerprinted it)."""
     from pathlib import Path
 
     from vspw_ray.data.check import check_dataset
+    from vspw_ray.data.fingerprint import clear_cache, data_fingerprint
     from vspw_ray.data.stats import class_stats, write_stats
     from vspw_ray.errors import DataError
+    from vspw_ray.pipeline.keys import data_key, data_splits
     from vspw_ray.pipeline.plan import variants_of
 
     cfg = ctx.cfg
-    splits = sorted({cfg.data.train_split, *cfg.pipeline.splits})
+    splits = data_splits(cfg)
+    clear_cache()  # fingerprint the files as they are now, not as planned
+    if data_key(cfg) != step.key:
+        raise DataError(f"the data under {cfg.data.root} changed while the pipeline planned "
+                        f"(its fingerprint differs); re-run the same command to plan on it")
     problems = check_dataset(cfg.data.root, splits)
     if problems:
         shown = "; ".join(str(p) for p in problems[:5])
@@ -94,7 +101,9 @@ def data_step(ctx: Context, step: Step) -> dict:
               if v.cfg.loss.logit_adjust.enabled and v.cfg.loss.logit_adjust.prior}
     for prior in sorted(priors):
         write_stats(class_stats(cfg.data.root, cfg.data.train_split), Path(prior).parent)
-    return {"splits": splits, "priors": sorted(priors)}
+    return {"splits": splits, "priors": sorted(priors),
+            "data_fingerprint": data_fingerprint(cfg.data.root, splits),
+            "split_fingerprints": {s: data_fingerprint(cfg.data.root, (s,)) for s in splits}}
 
 
 def search_step(ctx: Context, step: Step) -> dict:
@@ -160,7 +169,7 @@ def _train(ctx: Context, v: Variant) -> dict:
     finals = _finals(out.metrics)
     _mark(ctx, out.run_id, finals, v, swa=False)
     return {"variant_id": out.variant_id, "checkpoint": out.best_checkpoint,
-            "run_id": out.run_id, **finals}
+            "run_id": out.run_id, "data_fingerprint": variant_fingerprint(v.cfg), **finals}
 
 
 def _swa(ctx: Context, v: Variant) -> dict:
@@ -172,7 +181,7 @@ def _swa(ctx: Context, v: Variant) -> dict:
                       if k.startswith("swa/")})
     _mark(ctx, out.run_id, finals, v, swa=True)
     return {"variant_id": out.variant_id, "checkpoint": out.checkpoint, "run_id": out.run_id,
-            **finals}
+            "data_fingerprint": variant_fingerprint(v.cfg), **finals}
 
 
 def _infer(ctx: Context, v: Variant, split: str) -> dict:
@@ -186,7 +195,8 @@ def _infer(ctx: Context, v: Variant, split: str) -> dict:
     finals = _finals(out.metrics or {}) if split == v.cfg.data.val_split else {}
     _mark(ctx, out.run_id, finals, v, swa=bool(ctx.outputs(f"swa:{v.name}")))
     return {"member_key": out.key, "variant_id": out.variant_id, "run_id": out.run_id,
-            "predictions": out.predictions, **finals}
+            "predictions": out.predictions,
+            "data_fingerprint": split_fingerprint(v.cfg.data.root, split), **finals}
 
 
 def ensemble_step(ctx: Context, step: Step, variants: list[Variant]) -> dict:
@@ -199,6 +209,7 @@ def ensemble_step(ctx: Context, step: Step, variants: list[Variant]) -> dict:
     return {"ensemble_id": out.ensemble_id, "method": out.method, "weights": out.weights,
             "submission": out.submission.folder if out.submission else None,
             "zip": out.submission.zip if out.submission else None, "run_id": out.run_id,
+            "data_fingerprint": split_fingerprint(cfg.data.root, cfg.data.val_split),
             **{k: v for k, v in out.metrics.items() if k.startswith("final/")}}
 
 
@@ -254,7 +265,9 @@ def _mark(ctx: Context, run_id: str | None, finals: dict, v: Variant, *, swa: bo
 
 
 def members_rows(result) -> list[dict]:
-    """One row per member and stage: step, stage, variant, key, MLflow run, final metrics."""
+    """One row per member and stage: step, stage, variant, key, MLflow run, the fingerprint of
+    the data it read (the variant's training and val data; an inferred split's), final
+    metrics."""
     rows = []
     for step in result.steps:
         if step.stage not in ("train", "swa", "infer", "ensemble"):
@@ -262,5 +275,6 @@ def members_rows(result) -> list[dict]:
         out = result.outputs.get(step.id, {})
         rows.append({"step": step.id, "stage": step.stage, "item": step.item, "key": step.key,
                      "ran": step.id in result.ran, "run_id": out.get("run_id", ""),
+                     "data_fingerprint": out.get("data_fingerprint", ""),
                      **{k: out.get(f"final/{k}", "") for k in FINAL_METRICS}})
     return rows

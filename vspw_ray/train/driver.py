@@ -11,6 +11,7 @@ from vspw_ray.config import (
     dump_yaml,
     resolve_variant,
     to_dict,
+    variant_fingerprint,
     variant_id,
 )
 from vspw_ray.data import load_class_table, split_frames
@@ -20,7 +21,7 @@ from vspw_ray.metrics import VAL_A_MIOU
 from vspw_ray.runtime import open_stage
 from vspw_ray.train.resources import check_feasible, wait_for_resources
 
-__all__ = ["TrainResult", "train_variant", "build_trainer", "check_inputs"]
+__all__ = ["TrainResult", "train_variant", "build_trainer", "check_inputs", "data_tags"]
 
 
 @dataclass(frozen=True)
@@ -49,22 +50,46 @@ def check_inputs(cfg: ExperimentConfig) -> None:
             f"{2 * cfg.train.num_workers} or lower train.num_workers")
 
 
+def data_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """The data a run learns from, for its MLflow tags and checkpoints: ``data_fingerprint``
+    and, when it starts from other weights (``train --from``, ``model.init_checkpoint``),
+    ``init_data_fingerprint`` and ``transfer`` (``same data`` or ``other data``: fine-tuning or
+    transfer, allowed and recorded; ``unknown`` for weights that record no fingerprint)."""
+    from vspw_ray.checkpoints import checkpoint_file, read_summary
+
+    fingerprint = variant_fingerprint(cfg)
+    tags = {"data_fingerprint": fingerprint}
+    if cfg.model.init_checkpoint:
+        header = read_summary(checkpoint_file(cfg.model.init_checkpoint))
+        init = header.get("data_fingerprint")
+        transfer = "unknown" if not init else "same data" if init == fingerprint else "other data"
+        tags.update(init_data_fingerprint=init or "unknown", transfer=transfer)
+    return tags
+
+
 def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                   address: str | None = None, track: bool = True,
                   torch_threads: int = 1) -> TrainResult:
     """Train one variant of ``cfg`` to ``train.iters`` (resuming when its run exists)."""
     resolved = bind_teacher(cfg, resolve_variant(cfg, variant))
-    vid = variant_id(resolved)
     check_inputs(resolved)
+    data = data_tags(resolved)
+    vid = variant_id(resolved, fingerprint=data["data_fingerprint"])
+    if data.get("transfer") == "other data":
+        print(f"[{vid}] starts from weights trained on other data (fingerprint "
+              f"{data['init_data_fingerprint']}, this data {data['data_fingerprint']}): recorded "
+              f"as a transfer in its checkpoints and MLflow tags", flush=True)
     tags = {"family": resolved.model.family, "variant": variant or "base",
-            "seed": str(resolved.seed)}
+            "seed": str(resolved.seed), **data}
     with open_stage(resolved, "train", {"variant_id": vid}, address=address, track=track,
                     run_name=vid, extra_tags=tags, experiment=cfg.tracking.experiment or cfg.name
                     ) as stage:
         check_feasible(stage.cfg)
         wait_for_resources(stage.cfg)
         trainer = build_trainer(stage.cfg, vid, stage.tracking_uri, stage.run_id, torch_threads,
-                                stage.layout, best_by=stage.cfg.tune.metric)
+                                stage.layout, best_by=stage.cfg.tune.metric,
+                                extra_config={k: v for k, v in data.items()
+                                              if k == "init_data_fingerprint"})
         out = _result(vid, trainer.fit(), stage.run_id, stage.cfg.tune.metric)
         if stage.run_id:
             _log_summary(stage.tracking_uri, stage.run_id, stage.cfg, out, stage.storage)
@@ -93,6 +118,7 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
         train_fn or train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "variant_id": vid, "tracking_uri": uri,
                            "run_id": run_id, "torch_threads": torch_threads,
+                           "data_fingerprint": variant_fingerprint(cfg),
                            **(extra_config or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,

@@ -71,6 +71,13 @@ def training_state(*, model, optimizer, scheduler, scaler, iteration: int,
     }
 
 
+def data_record(config: dict) -> dict:
+    """What a checkpoint records of its data: the fingerprint of the data it learnt from and,
+    after ``train --from``, that of its starting weights' data (see the driver's
+    :func:`~vspw_ray.train.driver.data_tags`)."""
+    return {k: config[k] for k in ("data_fingerprint", "init_data_fingerprint") if k in config}
+
+
 def save_training_state(directory: str | Path, **kwargs) -> str:
     """Write a training checkpoint (see :func:`training_state`) into ``directory``."""
     return write_checkpoint(str(directory), training_state(**kwargs))
@@ -345,5 +352,5 @@ def train_loop_per_worker(config: dict) -> None:
                 state = training_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                        scaler=w.scaler, iteration=done, cfg=cfg,
                                        variant=config["variant_id"], metrics=metrics,
-                                       resumes=resumes)
+                                       resumes=resumes, **data_record(config))
             report(w, metrics, state, confusions)

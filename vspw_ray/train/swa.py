@@ -133,6 +133,7 @@ def swa_loop_per_worker(config: dict) -> None:
     from vspw_ray.train.ray_train import (
         CHECKPOINT_FILE,
         ProgressLog,
+        data_record,
         load_training_state,
         report,
         setup_worker,
@@ -197,6 +198,7 @@ def swa_loop_per_worker(config: dict) -> None:
             model=model, optimizer=optimizer, scheduler=scheduler, scaler=w.scaler,
             iteration=done, cfg=cfg, variant=config["variant_id"], resumes=resumes,
             kind="swa_state", parent_variant_id=config["parent_variant_id"],
+            **data_record(config),
             base_checkpoint=config["base_checkpoint"],
             swa={"average": average.module.state_dict(),
                  "n_averaged": int(average.n_averaged), "base_metrics": base_metrics}, **extra)
@@ -269,8 +271,10 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     if owner and owner != parent:
         raise ConfigError(
             f"checkpoint {base_file} belongs to variant_id {owner}, but the experiment and "
-            f"--variant {variant or '(base)'} resolve to {parent}: pass the variant that "
-            f"trained it (vspw-ray config show EXPERIMENT.yaml lists the ids)")
+            f"--variant {variant or '(base)'} resolve to {parent} (other settings, or other "
+            f"data at data.root: ids cover the data's fingerprint): pass the variant that "
+            f"trained it with its data (vspw-ray config show EXPERIMENT.yaml lists the ids), "
+            f"or start a new variant from it with vspw-ray train --from")
     base_iter = int(header.get("iteration") or 0)
     vid = swa_variant_id(parent, resolved.swa, base_iter)
     tags = {"parent_variant_id": parent, "family": resolved.model.family,

@@ -27,7 +27,14 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from vspw_ray.config import ConfigError, ExperimentConfig, SearchParam, config_from_dict, to_dict
+from vspw_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    SearchParam,
+    config_from_dict,
+    to_dict,
+    variant_fingerprint,
+)
 from vspw_ray.layout import RunLayout
 from vspw_ray.tune.space import (
     has_compound_choices,
@@ -135,12 +142,13 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
 def sweep_id(cfg: ExperimentConfig) -> str:
     """A stable name for the sweep of this experiment: what decides its trials (seed, data,
-    model, loss, train and tune sections, runtime-only keys left out) -> the same sweep, which
-    a re-run resumes."""
+    model, loss, train and tune sections, runtime-only keys left out, and the fingerprint of
+    the training and val data) -> the same sweep, which a re-run resumes."""
     data = to_dict(cfg)
     identity = {k: data[k] for k in ("name", "seed", "data", "model", "loss", "train", "tune")}
     for key in ("root", "loader_workers"):
         identity["data"].pop(key, None)
+    identity["data_fingerprint"] = variant_fingerprint(cfg)
     blob = json.dumps(identity, sort_keys=True, default=str)
     return f"{cfg.name}-tune-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
