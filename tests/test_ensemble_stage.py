@@ -550,3 +550,27 @@ def test_naming_every_member_is_the_default_ensemble_and_another_member_set_is_n
     moved = config_from_dict({**to_dict(cfg), "ensemble": {**to_dict(cfg.ensemble),
                                                            "grid_step": 0.25}})
     assert ensemble_id(moved, everyone) != ensemble_id(cfg, everyone)
+
+
+def test_the_submission_reads_each_members_scores_of_the_applied_split(synth_root):
+    """A member key covers one split's data: applying the fusion chosen on val to test moves
+    every key of the report (groups, inner shares, decode order) to the same checkpoint's test
+    member; val keeps its keys."""
+    from vspw_ray.ensemble.members import Member
+    from vspw_ray.ensemble.stage import _Context, _rekeyed
+    from vspw_ray.layout import member_key, split_fingerprint
+
+    cfg = load_config(EXPERIMENT, [f"data.root={synth_root}"])
+    val, test = (split_fingerprint(str(synth_root), s) for s in ("val", "test"))
+    keys = {n: member_key(f"up-{n}", 10, cfg.infer, val) for n in ("s", "w")}
+    members = [Member(n, k, f"up-{n}", None, "upernet", "train", 0, 0.5, C, ())
+               for n, k in keys.items()]
+    ctx = _Context(cfg, None, members, {}, {}, {}, {}, "e", None)
+    report = {"groups": {"strong": [keys["s"]], "weak": [keys["w"]]}, "inner": {keys["w"]: 1.0},
+              "order": [keys["w"], keys["s"]], "weights": {"weak": 0.5}}
+    moved, out, data = _rekeyed(ctx, report, "test")
+    want = {n: member_key(f"up-{n}", 10, cfg.infer, test) for n in ("s", "w")}
+    assert data == test and [m.key for m in moved.members] == [want["s"], want["w"]]
+    assert out["groups"] == {"strong": [want["s"]], "weak": [want["w"]]}
+    assert out["inner"] == {want["w"]: 1.0} and out["order"] == [want["w"], want["s"]]
+    assert _rekeyed(ctx, report, "val") == (ctx, report, val)

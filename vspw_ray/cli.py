@@ -42,7 +42,7 @@ def _fingerprints(root: str, splits: list[str] | None) -> str:
 
     splits = list(splits or available_splits(root))
     lines = [f"fingerprint {data_fingerprint(root, splits)} (class table + {', '.join(splits)})"]
-    lines += [f"  {s}: {data_fingerprint(root, (s,))}" for s in splits]
+    lines += [f"  {s}: {data_fingerprint(root, (s,))}" for s in splits if len(splits) > 1]
     return "\n".join(lines)
 
 

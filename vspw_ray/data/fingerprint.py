@@ -6,7 +6,7 @@ byte sizes of its frame images (``origin/``) and masks (``mask/``); the fingerpr
 class table and the digests of the splits used, in the order given. Nothing is decoded and the
 root's path does not enter: a moved or copied dataset keeps its fingerprint, a re-extracted
 frame of another size or a replaced video changes it. Files are listed with ``os.scandir`` and
-sized with ``stat``: VSPW's 251k frames in about 10 s on a loaded 2-core machine, 0.04 % of
+sized with ``stat``: VSPW's 251k frames in 5-10 s on a shared 2-core machine, under 0.1 % of
 a data check (``benchmarks/fingerprint.py``).
 
 Digests are cached in the process, keyed by the root, the split and the split file's and class
