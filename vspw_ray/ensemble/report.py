@@ -164,7 +164,8 @@ def _choice_lines(report: Mapping[str, Any]) -> list[str]:
         margin = (f", {100 * ch['margin']:+.2f} over {ch['runner_up']}"
                   if ch.get("runner_up") else "")
         lines.append(f"  chosen on {'all of val' if fit == 'all' else 'fold ' + fit}: "
-                     f"{ch['chosen']} ({c['members']} members) {100 * ch['score']:.2f}{margin}")
+                     f"{ch['chosen']} ({c['members']} member{'s' * (c['members'] != 1)}) "
+                     f"{100 * ch['score']:.2f}{margin}")
     applied = report["chosen"]
     inner = ", ".join(f"{k[:18]} {v:.2f}" for k, v in report.get("inner", {}).items())
     lines.append(f"applied to test: {applied['name']}, weights "
