@@ -26,6 +26,7 @@ import numpy as np
 
 from vspw_ray.ensemble.fusion import LOG_FLOOR, fuse_arrays
 from vspw_ray.errors import StoreError
+from vspw_ray.labels import class_labels
 
 __all__ = ["FusionPlan", "FrameFusion", "frame_labels", "video_scores", "RescoreJob",
            "run_rescore_job", "Rescored", "rescore", "VC_WINDOWS"]
@@ -71,8 +72,11 @@ class FusionPlan:
         return out
 
 
-def _argmax_u8(scores) -> np.ndarray:
-    return np.asarray(scores).argmax(0).astype(np.uint8)
+def _labels_u8(scores) -> np.ndarray:
+    """The first-maximum class of ``scores [C, H, W]`` (a torch tensor) as uint8: torch's
+    ``max(0).indices`` is the same index as numpy's ``argmax(0)`` and several times faster
+    over the class dimension (:func:`vspw_ray.labels.class_labels`)."""
+    return class_labels(scores, 0).numpy().astype(np.uint8)
 
 
 class FrameFusion:
@@ -100,7 +104,7 @@ class FrameFusion:
             s = p.clamp_min(LOG_FLOOR).log() if self.space == "log" else p
             for name, single in self.singles.items():
                 if single == m:
-                    out[name] = _argmax_u8(s.numpy())
+                    out[name] = _labels_u8(s)
             for key in self.keys:
                 if m in key:
                     sums[key] = s.clone() if key not in sums else sums[key].add_(s)
@@ -108,12 +112,12 @@ class FrameFusion:
                 if v.get(m):
                     term = float(v[m]) * s
                     acc[name] = term if name not in acc else acc[name].add_(term)
-        means = {key: total.div_(len(key)).numpy() for key, total in sums.items()}
+        means = {key: total.div_(len(key)) for key, total in sums.items()}
         for name, plan in self.grouped.items():
             fused = fuse_arrays([means[tuple(ms)] for ms in plan.groups.values()], plan.weights)
-            out[name] = _argmax_u8(fused)
+            out[name] = _labels_u8(fused)
         for name, total in acc.items():
-            out[name] = _argmax_u8(total.numpy())
+            out[name] = _labels_u8(total)
         return out
 
 
