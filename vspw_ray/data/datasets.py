@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from vspw_ray.config import DataConfig
 from vspw_ray.data.layout import (
     DataError,
     Frame,
@@ -30,6 +30,9 @@ from vspw_ray.data.layout import (
     reduce_mask,
 )
 from vspw_ray.data.transforms import normalize, train_transform
+
+if TYPE_CHECKING:  # annotations only: the data layer does not import the config at run time
+    from vspw_ray.config import DataConfig
 
 __all__ = ["IterationSampler", "TrainDataset", "EvalDataset", "sample_seed"]
 
