@@ -131,11 +131,13 @@ def test_the_ensemble_on_real_members_is_at_least_the_best_single_where_it_was_c
     assert "at least the best single member" in stdout
 
 
-def test_the_same_rows_at_vspw_sizes_plan_for_gpus(tmp_path):
+def test_the_same_rows_at_vspw_sizes_plan_for_gpus(tmp_path, synth_root):
+    """Planned without Ray on a VSPW-layout set (ids cover the data's fingerprint, so the plan
+    needs one: the suite's synthetic set stands in for VSPW_480p)."""
     from vspw_ray.pipeline.run import plan_pipeline
 
     module = _module()
-    args = module.parse_args(["--sizes", "vspw", "--root", "/data/VSPW_480p", "--storage",
+    args = module.parse_args(["--sizes", "vspw", "--root", str(synth_root), "--storage",
                               str(tmp_path / "runs")])
     cfg, seeds = module.build_config(args)
     assert seeds == 2 and cfg.model.backbone.startswith("swin_large")
