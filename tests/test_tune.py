@@ -160,7 +160,7 @@ def _shared_mock_filesystem(monkeypatch):
 
 
 def test_finish_sweep_ranks_on_tune_metric_and_writes_into_remote_storage(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, synth_root):
     import pyarrow.fs
 
     from vspw_ray.tune.report import finish_sweep
@@ -169,6 +169,8 @@ def test_finish_sweep_ranks_on_tune_metric_and_writes_into_remote_storage(
     mock = _shared_mock_filesystem(monkeypatch)
     monkeypatch.chdir(tmp_path)
     cfg = _cfg({"iters": 12, "grace_period": 4, "top_k": 2, "metric": fold_metric("A", "fwiou")})
+    data = to_dict(cfg)  # a real data root: the best configs' ids cover the data's fingerprint
+    cfg = config_from_dict({**data, "data": {**data["data"], "root": str(synth_root)}})
     _study_of(tmp_path, ["COMPLETE", "COMPLETE", "PRUNED"])
     scores = {0: (0.6, 0.2, 0.3, 0.25), 1: (0.4, 0.35, 0.5, 0.4), 2: (0.7, 0.1, 0.1, 0.1)}
     grid = [_result(n, 1e-4 * (n + 1), 4 if n == 2 else 12,
