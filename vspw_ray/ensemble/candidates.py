@@ -54,14 +54,8 @@ class Candidate:
 
     def member_weights(self) -> dict[str, float]:
         """Each member's weight in the fused sum ``sum_m v_m P_m`` (members of a group share
-        its weight; the base group's is 1)."""
-        base = next(iter(self.groups))
-        out = {}
-        for g, members in self.groups.items():
-            w = 1.0 if g == base else float(self.weights[g])
-            for m in members:
-                out[m] = w * self.inner.get(m, 1.0 / len(members))
-        return out
+        its weight; the base group's is 1): the fusion plan's own rule."""
+        return self.plan("prob", 0).member_weights()
 
     @property
     def size(self) -> int:

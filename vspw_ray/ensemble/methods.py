@@ -255,7 +255,7 @@ def _greedy_fit(space: SearchSpace, sample: PixelSample, check: PixelSample | No
     if e.bags > 1:
         mean, bags = bagged_greedy(sample.scores, sample.labels, sample.weights, sample.videos,
                                    e.greedy_rounds, init=init, bags=e.bags, seed=e.seed)
-        row = _member_row(len(rows) + 1000, members, mean, _counts_miou(sample, mean), check,
+        row = _member_row(len(rows) + 1000, members, mean, hull_miou(sample, mean), check,
                           fit, kind="bagged")
         rows.append(row)
         top = [member_candidate(f"bagged#{e.bags}@{fit}", members, mean, fit),
@@ -274,13 +274,8 @@ def _member_row(number: int, members, weights, value: float, check, fit: str,
     return TrialRow(number=number, tune_trial_id=None, state="complete",
                     params={m: float(w) for m, w in zip(members, weights) if w},
                     iteration=number, val_a=value,
-                    val_b=_counts_miou(check, weights) if check is not None else None,
+                    val_b=hull_miou(check, np.asarray(weights, np.float64)) if check is not None else None,
                     optuna_state="-", extra={"fit": fit, "kind": kind})
-
-
-def _counts_miou(sample: PixelSample, weights: np.ndarray) -> float:
-    """The sample's mIoU of the members' scores weighed ``weights`` (counts or shares)."""
-    return hull_miou(sample, np.asarray(weights, np.float64))
 
 
 def greedy_method(space: SearchSpace, map_fn: Callable) -> dict[str, Selection]:
