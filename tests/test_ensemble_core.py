@@ -182,6 +182,38 @@ def test_one_pass_grid_equals_brute_force_exactly(k, space, axes, small_blocks, 
     assert acc.common.sum() > 0 and acc.contested.sum() > 0  # both paths were taken
 
 
+@pytest.mark.parametrize("space", ["prob", "log"])
+def test_plans_sharing_groups_get_the_labels_each_gets_alone(space, monkeypatch):
+    """Rescoring labels several plans of one group structure together with the grid's corner
+    pass (``point_labels``); each plan's labels equal fusing it alone (``fuse_arrays``) and
+    taking the first maximum, on quantised scores where exact ties are common, with chunks and
+    buckets small enough that the settled, bucketed and all-classes paths are all taken."""
+    import vspw_ray.ensemble.grid as grid
+    from vspw_ray.ensemble.rescore import FrameFusion, FusionPlan
+
+    monkeypatch.setattr(grid, "CHUNK", 150)
+    monkeypatch.setattr(grid, "BUCKETS", (2,))
+    rng = np.random.default_rng(3)
+    c, groups = 6, {"s": ["a", "b"], "w": ["c"], "x": ["d", "e"]}
+    probs = {m: torch.from_numpy(np.maximum(np.round(rng.dirichlet(
+        np.full(c, 0.7), size=(20, 30)).transpose(2, 0, 1) * 8) / 8, 1e-3).astype(np.float32))
+        for ms in groups.values() for m in ms}
+    points = [(0.0, 0.0), (1.0, 0.5), (0.5, 1.0), (2.0, 0.0), (1.5, 1.5), (0.3, 0.7)]
+    plans = {f"p{i}": FusionPlan(groups, w, space, c) for i, w in enumerate(points)}
+    together = FrameFusion(plans)
+    assert together.shared  # the corner pass labels them, not one fusion each
+    labels = together.labels(probs.items())
+    for name, plan in plans.items():
+        alone = FrameFusion({name: plan})
+        assert not alone.shared
+        np.testing.assert_array_equal(labels[name], alone.labels(probs.items())[name])
+    member = {m: np.log(p.numpy()) if space == "log" else p.numpy() for m, p in probs.items()}
+    s = [np.stack([member[m] for m in ms]).mean(0, dtype=np.float32) for ms in groups.values()]
+    winners, reach = grid.candidates([x.reshape(c, -1) for x in s], np.array(points))
+    counts = reach.sum(0)
+    assert (counts == 1).any() and (counts == 2).any() and (counts > 2).any()  # every path
+
+
 def test_grid_finds_the_designed_optimum(designed):
     scores, gt = designed
     raw = np.where(gt == 255, 255, gt + 1).astype(np.uint8)  # raw VSPW ids

@@ -32,7 +32,7 @@ from vspw_ray.data.layout import DataError, label_lut, list_frames, read_raw_mas
 from vspw_ray.ensemble.fusion import fuse_into, fuse_points, group_means, group_order
 
 __all__ = ["grid_axis", "make_grid", "GridConfusions", "grid_confusions", "candidates",
-           "gather_candidates", "group_frames", "argmax_rows", "EPS32",
+           "gather_candidates", "point_labels", "group_frames", "argmax_rows", "EPS32",
            "GridJob", "run_grid_job", "shard_videos", "grid_search_store"]
 
 CHUNK = 1 << 14  # pixels scored at once: a few [C, CHUNK] temporaries, mostly in cache
@@ -102,20 +102,8 @@ class GridConfusions:
         valid = labels != 255
         settled = valid & (counts == 1)  # only the winner itself can win
         self.common += _confusion(labels[settled], winner[settled], c)
-        cont = np.flatnonzero(valid & (counts > 1))
-        cand, counts = reachable[:, cont], counts[cont]
-        done = 0
-        for t in BUCKETS:  # pixels with few candidates are scored over few rows
-            sel = np.flatnonzero((counts > done) & (counts <= t))
-            done = t
-            if sel.size:
-                ids = gather_candidates(cand[:, sel])
-                pix = cont[sel]
-                gathered = np.stack([np.take_along_axis(sk[:, pix], ids, axis=0) for sk in s])
-                self._score_points(gathered, ids, labels[pix])
-        rest = cont[counts > done]
-        if rest.size:
-            self._score_points(np.stack([sk[:, rest] for sk in s]), None, labels[rest])
+        for pix, gathered, ids in _contested(s, reachable, counts, valid & (counts > 1)):
+            self._score_points(gathered, ids, labels[pix])
 
     def _score_points(self, s: np.ndarray, ids: np.ndarray | None, labels: np.ndarray) -> None:
         """Fuse and take the argmax at every grid point: ``s [K, T, n]`` over the classes
@@ -141,6 +129,46 @@ class GridConfusions:
         self.common += other.common
         self.contested += other.contested
         return self
+
+
+def _contested(s: Sequence[np.ndarray], reachable: np.ndarray, counts: np.ndarray,
+               where: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """``(pixels [n'], scores [K, T, n'], class ids [T, n'] or None for all classes)`` of the
+    pixels ``where`` holds, bucketed by their candidate count so that pixels with few
+    candidates are fused over few rows."""
+    cont = np.flatnonzero(where)
+    cand, counts = reachable[:, cont], counts[cont]
+    done = 0
+    for t in BUCKETS:
+        sel = np.flatnonzero((counts > done) & (counts <= t))
+        done = t
+        if sel.size:
+            ids = gather_candidates(cand[:, sel])
+            pix = cont[sel]
+            yield pix, np.stack([np.take_along_axis(sk[:, pix], ids, axis=0) for sk in s]), ids
+    rest = cont[counts > done]
+    if rest.size:
+        yield rest, np.stack([sk[:, rest] for sk in s]), None
+
+
+def point_labels(scores: Sequence[np.ndarray], points: np.ndarray) -> np.ndarray:
+    """The fused label of every pixel at every point: K group scores ``[C, n]`` (base group
+    first) and ``points [P, K-1]`` -> ``[P, n]`` uint8, bit for bit the argmax (first maximum)
+    of :func:`fuse_arrays` at each point, from one corner pass per chunk of pixels and
+    per-point fusion of the contested pixels' candidate classes only."""
+    points = np.asarray(points, np.float64).reshape(len(points), -1)
+    n = scores[0].shape[1]
+    out = np.empty((len(points), n), np.uint8)
+    for start in range(0, n, CHUNK):
+        s = [sk[:, start : start + CHUNK] for sk in scores]
+        winner, reachable = candidates(s, points)
+        counts = np.add.reduce(reachable.view(np.uint8), axis=0, dtype=np.uint16)
+        block = out[:, start : start + CHUNK]
+        block[:] = winner
+        for pix, gathered, ids in _contested(s, reachable, counts, counts > 1):
+            best = argmax_rows(fuse_points(gathered, points))  # [P, n'] rows of gathered
+            block[:, pix] = best if ids is None else np.take_along_axis(ids, best, axis=0)
+    return out
 
 
 def argmax_rows(f: np.ndarray) -> np.ndarray:

@@ -13,6 +13,11 @@ A plan fuses in one of two ways, each the same in rescoring and in the submissio
 * **member level** (inner shares, or one member per group as greedy selection makes them):
   ``sum_m v_m P_m`` accumulated in the decode order.
 
+Plans that share a group structure (the searched points of the grid or of Tune without inner
+shares) are labelled together as the grid labels its points
+(:func:`vspw_ray.ensemble.grid.point_labels`): one corner pass settles most pixels, and only the
+contested ones are fused per plan, over their candidate classes; the labels are the same bits.
+
 Memory: a frame holds one ``[C, H, W]`` float32 sum per distinct group and per member-level
 plan; singles are labelled as their member is decoded.
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vspw_ray.ensemble.fusion import LOG_FLOOR, fuse_arrays
+from vspw_ray.ensemble.grid import point_labels
 from vspw_ray.errors import StoreError
 from vspw_ray.labels import class_labels
 
@@ -32,6 +38,7 @@ __all__ = ["FusionPlan", "FrameFusion", "frame_labels", "video_scores", "Rescore
            "run_rescore_job", "Rescored", "rescore", "VC_WINDOWS"]
 
 VC_WINDOWS = (8, 16)
+SHARED = 2  # plans of one group structure labelled together by the grid's corner pass
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,11 @@ class FrameFusion:
         self.grouped = {n: p for n, p in self.plans.items()
                         if n not in self.singles and n not in self.member}
         self.keys = {tuple(ms) for p in self.grouped.values() for ms in p.groups.values()}
+        shapes: dict[tuple, list[str]] = {}
+        for name, p in self.grouped.items():
+            shapes.setdefault(tuple(tuple(ms) for ms in p.groups.values()), []).append(name)
+        self.shared = {shape: names for shape, names in shapes.items()
+                       if len(names) >= SHARED and len(shape) > 1}
 
     def labels(self, decoded: Iterable[tuple[str, object]]) -> dict[str, np.ndarray]:
         """``{plan name: [H, W] uint8}`` from ``(member, probabilities [C, H, W])`` pairs."""
@@ -113,7 +125,14 @@ class FrameFusion:
                     term = float(v[m]) * s
                     acc[name] = term if name not in acc else acc[name].add_(term)
         means = {key: total.div_(len(key)) for key, total in sums.items()}
+        for shape, names in self.shared.items():
+            stack = [means[key].numpy().reshape(len(means[key]), -1) for key in shape]
+            points = np.array([self.grouped[n].weights for n in names], np.float64)
+            for name, labels in zip(names, point_labels(stack, points)):
+                out[name] = labels.reshape(means[shape[0]].shape[1:])
         for name, plan in self.grouped.items():
+            if name in out:
+                continue
             fused = fuse_arrays([means[tuple(ms)] for ms in plan.groups.values()], plan.weights)
             out[name] = _labels_u8(fused)
         for name, total in acc.items():
