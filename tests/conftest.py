@@ -78,12 +78,19 @@ def ray_local():
     has, so a driver plus two Train workers fit."""
     import ray
 
-    from vspw_ray.runtime import use_local_ray_train_settings
+    from vspw_ray.runtime import API_SERVER_ENV, pin_local_dashboard, use_local_ray_train_settings
 
     if not ray.is_initialized():
         use_local_ray_train_settings()  # as connect_ray's local instances
         # with the dashboard, as the CLI's local instances: it serves the State API, without
-        # which Ray Train's placement-group cleaner can take a live run's controller for dead
-        ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=True)
+        # which Ray Train's placement-group cleaner can take a live run's controller for dead;
+        # its address pinned for Ray's processes only, so that the clusters and CLI commands
+        # other tests start never inherit this instance's address
+        before = os.environ.get(API_SERVER_ENV)
+        ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=True,
+                 dashboard_port=pin_local_dashboard())
+        os.environ.pop(API_SERVER_ENV)
+        if before is not None:
+            os.environ[API_SERVER_ENV] = before
     yield ray
     ray.shutdown()

@@ -279,7 +279,12 @@ def test_killed_worker_process_restarts_from_the_last_checkpoint(synth_root, tmp
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=FAST_POLL_ENV)
     try:
-        registered = wait_for_registered(storage, lambda: proc.poll() is None, "the kill")
+        try:
+            registered = wait_for_registered(storage, lambda: proc.poll() is None, "the kill")
+        except AssertionError:
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before the kill:\n{proc.stdout.read()[-4000:]}")
+            raise
         plant_half_written(registered.parent)
         workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in _cmdline(p)]
         assert workers, "no Ray Train worker process found"

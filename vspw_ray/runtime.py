@@ -40,6 +40,7 @@ log = logging.getLogger("vspw_ray")
 
 LOCAL = "local"  # Ray's own name for "start a new local instance"
 DASHBOARD_ENV = "VSPW_RAY_DASHBOARD"  # "0": start a local instance without the dashboard
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # Ray's State API / job client address override
 PARENT_RUN_ENV = "VSPW_RAY_PARENT_RUN"  # an MLflow run id: stages open their runs as its children
 
 
@@ -58,6 +59,22 @@ def use_local_ray_train_settings() -> None:
     it) where the user has not set a value; call before a local ``ray.init``."""
     for key, value in LOCAL_RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def pin_local_dashboard() -> int:
+    """A free port for a local instance's dashboard, named in ``RAY_API_SERVER_ADDRESS`` of
+    this process's environment (which Ray's processes inherit); call before a local
+    ``ray.init(dashboard_port=...)``. Ray's State API client otherwise finds "the" local
+    instance by looking for running GCS processes: with two local instances on one machine (a
+    sweep and an ensemble in two terminals) Ray Train's placement-group cleaner would ask the
+    other instance about its controller, find none, and remove a live run's resources."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def resolve_address(address: str | None) -> str | None:
@@ -96,8 +113,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         return
     use_local_ray_train_settings()
     dashboard = os.environ.get(DASHBOARD_ENV, "1") not in ("", "0")
+    pinned = {"dashboard_port": pin_local_dashboard()} if dashboard else {}
     ray.init(address=LOCAL, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
-             include_dashboard=dashboard, log_to_driver=True)
+             include_dashboard=dashboard, log_to_driver=True, **pinned)
     print("started a local Ray instance (no --address or RAY_ADDRESS given; a cluster is joined "
           "only when named)", file=sys.stderr, flush=True)
 

@@ -110,21 +110,29 @@ class FrameFusion:
 
     def labels(self, decoded: Iterable[tuple[str, object]]) -> dict[str, np.ndarray]:
         """``{plan name: [H, W] uint8}`` from ``(member, probabilities [C, H, W])`` pairs."""
-        out, sums, acc = {}, {}, {}
+        out, sums, acc, owned = {}, {}, {}, set()
         for m, p in decoded:
             p = p.float()
             s = p.clamp_min(LOG_FLOOR).log() if self.space == "log" else p
             for name, single in self.singles.items():
                 if single == m:
                     out[name] = _labels_u8(s)
-            for key in self.keys:
-                if m in key:
-                    sums[key] = s.clone() if key not in sums else sums[key].add_(s)
+            for key in self.keys:  # a key's sum borrows its first member until a second comes
+                if m not in key:
+                    continue
+                if key not in sums:
+                    sums[key] = s
+                elif key in owned:
+                    sums[key].add_(s)
+                else:
+                    sums[key] = sums[key] + s
+                    owned.add(key)
             for name, v in self.member.items():
                 if v.get(m):
                     term = float(v[m]) * s
                     acc[name] = term if name not in acc else acc[name].add_(term)
-        means = {key: total.div_(len(key)) for key, total in sums.items()}
+        means = {key: total.div_(len(key)) if key in owned else total  # x / 1 == x
+                 for key, total in sums.items()}
         for shape, names in self.shared.items():
             stack = [means[key].numpy().reshape(len(means[key]), -1) for key in shape]
             points = np.array([self.grouped[n].weights for n in names], np.float64)
