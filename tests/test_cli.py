@@ -74,11 +74,13 @@ def test_local_ray_serves_the_state_api_unless_told_not_to():
     another interval."""
     code = ("import os, ray; from vspw_ray.runtime import connect_ray; connect_ray(None); "
             "from ray.util.state import list_nodes\n"
-            "try:\n    state = len(list_nodes(address=ray.get_runtime_context().gcs_address, timeout=20))\n"
+            "try:\n    state = len(list_nodes(address=os.environ['RAY_API_SERVER_ADDRESS'], timeout=20))\n"
             "except Exception:\n    state = 0\n"
-            "print('STATE', state, os.environ.get('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'), "
+            "seen = ray.get(ray.remote(lambda: os.environ.get('RAY_API_SERVER_ADDRESS')).remote())\n"
+            "print('STATE', state, seen == os.environ.get('RAY_API_SERVER_ADDRESS'), "
+            "os.environ.get('RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'), "
             "os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'))")
-    unset = ("RAY_ADDRESS", "VSPW_RAY_DASHBOARD", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    unset = ("RAY_ADDRESS", "VSPW_RAY_DASHBOARD", "RAY_API_SERVER_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     for setting, expect, interval in ((None, True, "0.5"), ("0", False, "3")):
         env = {k: v for k, v in os.environ.items() if k not in unset}
@@ -87,8 +89,11 @@ def test_local_ray_serves_the_state_api_unless_told_not_to():
             env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = interval  # the user's own setting
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              cwd=ROOT, env=env, check=True).stdout
-        nodes, watcher, polled = out.strip().splitlines()[-1].split()[1:]
+        nodes, same, watcher, polled = out.strip().splitlines()[-1].split()[1:]
         assert (nodes == "1") is expect and watcher == "0" and polled == interval, out
+        # Ray's processes ask this instance's own State API (pinned: with two local instances
+        # on one machine, Ray's lookup would find either), never another's
+        assert same == "True", out
 
 
 def test_the_local_ray_train_settings_are_variables_ray_passes_to_its_controller():
