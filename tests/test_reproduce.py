@@ -38,6 +38,13 @@ def smoke(camvid_root, tmp_path_factory):
     return storage, out.stdout, json.loads((storage / "reproduce" / "results.json").read_text())
 
 
+def _own_runs(runs, variant: str, stage: str) -> list:
+    """The ``stage`` runs of the row ``variant`` (``upernet_c240`` for the pipeline's
+    ``upernet_c240_s0``; the smoke has one seed)."""
+    return [r for r in runs if r.data.tags.get("stage") == stage and
+            r.data.params.get("pipeline_variant", "").rsplit("_s", 1)[0] == variant]
+
+
 def test_smoke_rows_are_the_stages_tracked_figures(smoke):
     import mlflow
 
@@ -50,8 +57,6 @@ def test_smoke_rows_are_the_stages_tracked_figures(smoke):
     assert all(r["seeds"] == 1 for rows in tables.values() for r in rows)
     mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["camvid_ablations"], output_format="list")
-    tracked = {stage: [r.data.metrics["final/val_B/miou"] for r in runs
-                       if r.data.tags.get("stage") == stage] for stage in ("train", "swa", "infer")}
     # the TTA'd members (Table 1, TTA) are inference runs' tracked fold-B figures; the
     # single-scale rows (Table 2, TTA's baselines) the training and SWA runs' own validation,
     # recomputed from the per-video matrices saved beside their checkpoints
@@ -63,8 +68,10 @@ def test_smoke_rows_are_the_stages_tracked_figures(smoke):
                 "maskformer_c240:swa": "swa", "upernet_c240:single": "swa",
                 "maskformer_c240:single": "swa"}
     assert rows.keys() == expected.keys()
-    for row_id, stage in expected.items():
-        assert min(abs(rows[row_id]["B"] - v) for v in tracked[stage]) < 1e-9, row_id
+    for row_id, stage in expected.items():  # each row is its own variant's run, no other's
+        own = _own_runs(runs, row_id.split(":")[0], stage)
+        assert own and min(abs(rows[row_id]["B"] - r.data.metrics["final/val_B/miou"])
+                           for r in own) < 1e-9, row_id
     ensembles = [r for r in runs if r.data.tags.get("stage") == "ensemble"]
     table3 = {r["id"]: r for r in tables["Table 3: hierarchical ensemble (per seed)"]}
     assert list(table3) == ["single", "mean", "S", "SA", "grid", "greedy"]
@@ -83,6 +90,7 @@ def test_smoke_pipeline_runs_compare_in_mlflow_and_a_rerun_has_nothing_to_do(smo
 
     import mlflow
 
+    from vspw_ray.config import dump_yaml
     from vspw_ray.pipeline.run import plan_pipeline
 
     storage, _, _ = smoke
@@ -92,6 +100,17 @@ def test_smoke_pipeline_runs_compare_in_mlflow_and_a_rerun_has_nothing_to_do(smo
     start = time.perf_counter()
     _, steps = plan_pipeline(cfg)
     assert time.perf_counter() - start < 10 and not [s.id for s in steps if s.run]
+    # the same from the command line: it says so and starts no Ray
+    path = storage.parent / "smoke.yaml"
+    path.write_text(dump_yaml(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    sessions = set(Path("/tmp/ray").glob("session_2*"))
+    rerun = subprocess.run([sys.executable, "-m", "vspw_ray", "pipeline", str(path)],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "nothing to do: every step is done" in rerun.stdout, rerun.stdout[-2000:]
+    assert "started a local Ray instance" not in rerun.stderr, rerun.stderr[-2000:]
+    assert set(Path("/tmp/ray").glob("session_2*")) == sessions  # no Ray session was made
     mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["camvid_ablations"], output_format="list")
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]

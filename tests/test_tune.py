@@ -275,18 +275,19 @@ def _sweep_yaml(tmp_path, synth_root, storage, **tune):
     return path
 
 
-def _finished(url):
-    """How many trials the study holds as finished, read with sqlite3: cheap enough to poll
-    (loading the study with Optuna takes a core's half second)."""
+def _finished(url, states=("COMPLETE", "PRUNED", "FAIL")):
+    """How many trials the study holds in ``states`` (default: finished), read with sqlite3:
+    cheap enough to poll (loading the study with Optuna takes a core's half second)."""
     import sqlite3
 
     db = Path(url.removeprefix("sqlite:///"))
     if not db.is_file():
         return 0  # not created yet
+    marks = ", ".join("?" for _ in states)
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            return con.execute("SELECT count(*) FROM trials WHERE state IN "
-                               "('COMPLETE', 'PRUNED', 'FAIL')").fetchone()[0]
+            return con.execute(f"SELECT count(*) FROM trials WHERE state IN ({marks})",
+                               states).fetchone()[0]
     except sqlite3.Error:  # the schema is being written
         return 0
 
@@ -361,14 +362,16 @@ def _assert_trials_agree(storage, sid, url, num_samples, iters):
     return rows
 
 
-def _run_until(cmd, env, log: Path, url: str, finished: int, sig: int, timeout_s: float):
+def _run_until(cmd, env, log: Path, url: str, finished: int, sig: int, timeout_s: float,
+               running: int = 0):
     """Start ``cmd`` in its own process group, send ``sig`` to the group once the study holds
-    ``finished`` finished trials, and return the command's exit status."""
+    ``finished`` finished trials (and ``running`` running ones), and return the command's exit
+    status."""
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
         deadline = time.time() + timeout_s
-        while _finished(url) < finished:
+        while _finished(url) < finished or _finished(url, ("RUNNING",)) < running:
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         os.killpg(proc.pid, sig)
@@ -381,10 +384,11 @@ def _run_until(cmd, env, log: Path, url: str, finished: int, sig: int, timeout_s
 
 def test_sweep_interrupted_then_killed_resumes_to_exactly_num_samples_agreeing_everywhere(
         synth_root, tmp_path):
-    """One sweep of 4 trials, stopped twice the ways a sweep stops: Ctrl-C (SIGINT to the
-    command's process group) once the study holds a finished trial -- the command says the
-    sweep was interrupted and tells no trial FAIL -- and SIGKILL of the driver and its local Ray
-    once it holds two. The third run ends with exactly num_samples trials, agreeing across Tune,
+    """One sweep of 4 trials, stopped three times the ways a sweep stops: Ctrl-C (SIGINT to
+    the command's process group) while its first trial runs, before any result; Ctrl-C again in
+    the re-run, once the study holds a finished trial -- each time the command says the sweep
+    was interrupted and tells no trial FAIL -- and SIGKILL of the driver and its local Ray once
+    it holds two. The fourth run ends with exactly num_samples trials, agreeing across Tune,
     Optuna and MLflow; the deliberately bad enqueued point was pruned; the best configuration
     is complete and runnable."""
     import optuna
@@ -393,6 +397,11 @@ def test_sweep_interrupted_then_killed_resumes_to_exactly_num_samples_agreeing_e
     # with the dashboard (the default): without the State API, Ray Train's placement-group
     # cleaner can take a live trial's controller for dead under load
     env = {k: v for k, v in os.environ.items() if k != "VSPW_RAY_DASHBOARD"}
+    rc = _run_until(cmd, env, tmp_path / "early.log", url, 0, signal.SIGINT, 300, running=1)
+    printed = (tmp_path / "early.log").read_text()
+    assert rc == 2 and f"sweep {sid} was interrupted" in printed, printed[-3000:]
+    assert _finished(url) == 0  # the running trial was neither finished nor told FAIL
+
     rc = _run_until(cmd, env, tmp_path / "interrupted.log", url, 1, signal.SIGINT, 300)
     printed = (tmp_path / "interrupted.log").read_text()
     assert rc == 2 and f"sweep {sid} was interrupted" in printed, printed[-3000:]
