@@ -108,7 +108,7 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from vspw_ray.train.ray_train import train_loop_per_worker
+    from vspw_ray.train.ray_train import fault_setting, train_loop_per_worker
 
     keep = ray.train.CheckpointConfig(num_to_keep=2)
     if best_by:
@@ -119,7 +119,7 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
         train_loop_config={"experiment": to_dict(cfg), "variant_id": vid, "tracking_uri": uri,
                            "run_id": run_id, "torch_threads": torch_threads,
                            "data_fingerprint": variant_fingerprint(cfg),
-                           **(extra_config or {})},
+                           "fault_after": fault_setting(), **(extra_config or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker=dict(cfg.train.resources_per_worker) or None),

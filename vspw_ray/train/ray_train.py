@@ -17,6 +17,7 @@ half-copied checkpoint folders a killed run or a lost node left, unless Ray Trai
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -177,6 +178,26 @@ class Worker:
     autocast: Any
     scaler: Any
     forward: Any = None  # (images, targets) -> (loss, terms): compiled when train.compile says
+    fault_after: int | None = None  # raise InjectedFault after this many checkpoints (tests)
+    checkpoints: int = 0  # checkpoints reported by this worker group
+
+
+# A testing aid, as Ray's own RAY_testing_* settings: a run that has not resumed raises
+# InjectedFault on every worker after its N-th reported checkpoint, so the resume path (the same
+# code whether a process died or raised) is tested inside the process, without killing one.
+FAULT_ENV = "VSPW_RAY_FAULT_AFTER"
+
+
+class InjectedFault(RuntimeError):
+    """Raised where ``VSPW_RAY_FAULT_AFTER`` asks for it."""
+
+
+def fault_setting() -> int | None:
+    """``VSPW_RAY_FAULT_AFTER`` of the driver's environment, for the workers' config."""
+    value = os.environ.get(FAULT_ENV, "").strip()
+    if value and not value.isdigit():
+        raise ValueError(f"{FAULT_ENV} must be a checkpoint count, got '{value}'")
+    return int(value) if value else None
 
 
 def quiet_report_dumps() -> None:
@@ -224,7 +245,8 @@ def setup_worker(config: dict) -> Worker:
         for folder in remove_unregistered_checkpoints():
             log.info("[%s] removed half-written checkpoint %s", config["variant_id"], folder)
     forward = forward_loss(model, compile=compile_enabled(cfg.train.compile, device))
-    return Worker(cfg, rank, world, device, table, model, autocast, scaler, forward)
+    fault = config.get("fault_after") if ray.train.get_checkpoint() is None else None
+    return Worker(cfg, rank, world, device, table, model, autocast, scaler, forward, fault)
 
 
 def train_batches(w: Worker, *, seed: int, start_iter: int, num_iters: int):
@@ -297,6 +319,10 @@ def report(w: Worker, metrics: dict, state: dict | None,
             write_checkpoint(d, state, val_confusions=confusions)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)
+    w.checkpoints += 1  # every report of this package carries rank 0's checkpoint
+    if w.fault_after is not None and w.checkpoints == w.fault_after:
+        raise InjectedFault(f"{FAULT_ENV}={w.fault_after}: a fault injected after checkpoint "
+                            f"{w.checkpoints}")
 
 
 def train_loop_per_worker(config: dict) -> None:
