@@ -58,6 +58,33 @@ def test_a_changed_setting_reruns_exactly_its_stage_and_later_ones(tmp_path, syn
         assert any("settings changed" in s.reason for s in changed if s.run)
 
 
+def test_data_and_search_settings_rerun_their_steps(tmp_path, synth_root):
+    """The data step is keyed by the splits the pipeline reads, the search step by the sweep's
+    settings: changing either re-runs that step; a setting neither covers changes nothing.
+    Steps after a re-run data step run again too, under their old keys where their own data
+    is the same (val's members here), so they find their results instead of recomputing."""
+    layout = RunLayout(str(tmp_path / "runs"))
+    cfg = _load(QUICKSTART, tmp_path, synth_root)
+    _complete(cfg, layout)
+    before = {s.id: s.key for s in build_plan(cfg, layout)}
+    fewer = build_plan(_load(QUICKSTART, tmp_path, synth_root, "pipeline.splits=[val]"), layout)
+    assert fewer[0].id == "data:all" and "settings changed" in fewer[0].reason
+    later = [s for s in fewer[1:] if s.stage != "ensemble"]  # the ensemble applies no test now
+    assert later and all(s.run and s.reason.startswith("after ") for s in later)
+    assert {s.id: s.key for s in later} == {s.id: before[s.id] for s in later}
+    assert not any(s.id.endswith("/test") for s in fewer)
+    searched = _load(QUICKSTART, tmp_path, synth_root, "pipeline.search=true")
+    _complete(searched, layout)
+    assert not [s.id for s in build_plan(searched, layout) if s.run]
+    for change in ("tune.num_samples=5", "tune.iters=30"):
+        steps = build_plan(_load(QUICKSTART, tmp_path, synth_root, "pipeline.search=true",
+                                 change), layout)
+        assert [s.id for s in steps if s.run] == ["search:all"], change
+    same = build_plan(_load(QUICKSTART, tmp_path, synth_root, "pipeline.search=true",
+                            "infer.scales=[1.0]"), layout)
+    assert not [s.id for s in same if s.run]  # inference comes after the sweep
+
+
 def test_a_variant_override_reruns_only_that_variant(tmp_path, synth_root):
     layout = RunLayout(str(tmp_path / "runs"))
     cfg = _load(QUICKSTART, tmp_path, synth_root)
