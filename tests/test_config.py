@@ -156,12 +156,25 @@ def test_a_prior_changed_in_place_changes_the_la_id_and_a_moved_prior_does_not(s
             f"loss.logit_adjust.prior={prior}"])
         return variant_id(resolve_variant(cfg, "crop96"))
 
+    def sweep(prior: Path, *extra: str) -> str:  # a sweep's id follows the same rules
+        from vspw_ray.tune.search import sweep_id
+
+        return sweep_id(load_config(EXPERIMENTS / "tiny_synth.yaml", [
+            f"data.root={synth_root}", "loss.logit_adjust.enabled=true",
+            f"loss.logit_adjust.prior={prior}", *extra]))
+
     first = write_prior(tmp_path / "a" / "class_prior.json", [10, 20, 30, 40, 50, 60])
-    before = la_id(first)
+    before, before_sweep = la_id(first), sweep(first)
     moved = write_prior(tmp_path / "b" / "elsewhere.json", [10, 20, 30, 40, 50, 60])
     assert la_id(moved) == before  # the same class frequencies at another path
+    assert sweep(moved) == before_sweep
+    # runtime keys are no setting of the sweep either: raising max_failures to get a crashed
+    # sweep through resumes it instead of starting another
+    assert sweep(first, "train.max_failures=3", "train.log_interval=7") == before_sweep
+    assert sweep(first, "tune.num_samples=9") != before_sweep
     write_prior(first, [60, 50, 40, 30, 20, 10])  # rewritten in place
     assert la_id(first) != before
+    assert sweep(first) != before_sweep
     # without logit adjustment the prior setting does not count at all
     off = load_config(EXPERIMENTS / "tiny_synth.yaml", [
         f"data.root={synth_root}", f"loss.logit_adjust.prior={first}"])

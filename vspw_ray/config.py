@@ -55,6 +55,7 @@ __all__ = [
     "variant_id",
     "variant_fingerprint",
     "settings_id",
+    "weight_settings",
     "prior_digest",
     "to_dict",
     "dump_yaml",
@@ -861,7 +862,7 @@ def check_trainable(cfg: ExperimentConfig) -> None:
                           "loss.logit_adjust.prior=DIR/class_prior.json")
 
 
-def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
+def weight_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """What of ``cfg`` determines the trained weights besides the data: the data, model, loss
     and train sections (runtime-only keys left out), the seed, and the class prior by its
     content (its class frequencies), not by its path."""
@@ -904,7 +905,7 @@ def settings_id(cfg: ExperimentConfig) -> str:
     """A short stable hash of the settings that determine the trained weights, without the
     data (:func:`variant_id` adds the data's fingerprint). A ``variant:NAME`` teacher is pinned
     by it, so that a config resolves without the data present."""
-    blob = json.dumps(_settings(cfg), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(weight_settings(cfg), sort_keys=True, separators=(",", ":"))
     return f"{cfg.model.family[:2]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -923,6 +924,6 @@ def variant_id(cfg: ExperimentConfig, *, fingerprint: str | None = None) -> str:
     (:func:`settings_id`: data, model, loss and train sections, runtime keys left out, the
     seed) and the fingerprint of the data read (:func:`variant_fingerprint`, computed when not
     given). ``data.root`` stays out: a moved or copied dataset keeps its ids."""
-    identity = {**_settings(cfg), "data_fingerprint": fingerprint or variant_fingerprint(cfg)}
+    identity = {**weight_settings(cfg), "data_fingerprint": fingerprint or variant_fingerprint(cfg)}
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return f"{cfg.model.family[:2]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

@@ -34,6 +34,7 @@ from vspw_ray.config import (
     config_from_dict,
     to_dict,
     variant_fingerprint,
+    weight_settings,
 )
 from vspw_ray.layout import RunLayout
 from vspw_ray.tune.space import (
@@ -144,11 +145,8 @@ def sweep_id(cfg: ExperimentConfig) -> str:
     """A stable name for the sweep of this experiment: what decides its trials (seed, data,
     model, loss, train and tune sections, runtime-only keys left out, and the fingerprint of
     the training and val data) -> the same sweep, which a re-run resumes."""
-    data = to_dict(cfg)
-    identity = {k: data[k] for k in ("name", "seed", "data", "model", "loss", "train", "tune")}
-    for key in ("root", "loader_workers"):
-        identity["data"].pop(key, None)
-    identity["data_fingerprint"] = variant_fingerprint(cfg)
+    identity = {"name": cfg.name, **weight_settings(cfg), "tune": to_dict(cfg.tune),
+                "data_fingerprint": variant_fingerprint(cfg)}
     blob = json.dumps(identity, sort_keys=True, default=str)
     return f"{cfg.name}-tune-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
