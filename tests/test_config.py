@@ -42,6 +42,19 @@ def test_overrides_are_parsed_as_yaml_and_applied():
     assert parse_override("model.pretrained=null") == ("model.pretrained", None)
 
 
+def test_on_and_off_mean_what_users_write_in_files_and_overrides(tmp_path):
+    """YAML 1.1 reads on/off/yes/no as booleans; the documented ``train.compile: on`` must
+    reach the config as "on" from a file and from the command line alike."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: x\ntrain:\n  compile: on\nloss:\n  ohem:\n    enabled: true\n")
+    cfg = load_config(path)
+    assert cfg.train.compile == "on" and cfg.loss.ohem.enabled is True
+    assert load_config(path, ["train.compile=off"]).train.compile == "off"
+    assert load_config(path, ["loss.ohem.enabled=false"]).loss.ohem.enabled is False
+    with pytest.raises(ConfigError, match=r"loss\.ohem\.enabled.*true or false.*'yes'"):
+        load_config(path, ["loss.ohem.enabled=yes"])  # a word, not a boolean: said, not guessed
+
+
 def test_single_int_size_means_square():
     cfg = config_from_dict({"name": "x", "data": {"crop_size": 480}})
     assert cfg.data.crop_size == (480, 480)

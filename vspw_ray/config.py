@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -641,6 +642,24 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as users write configs: only ``true``/``false`` are booleans (YAML 1.2), so
+    ``train.compile: on`` means the string "on", not True as YAML 1.1 reads it."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML (files, overrides, stored configs) with YAML 1.2's booleans."""
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: builds plain data only
+
+
 def dump_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
@@ -653,7 +672,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has no key before '='")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = load_yaml(raw) if raw.strip() else None
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads "1e-4" as a string
     return key, value
@@ -709,7 +728,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     if not path.is_file():
         raise FileNotFoundError(f"experiment config {path} does not exist (see experiments/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -123,16 +123,14 @@ def recorded_variants(ctx: Context) -> list[Variant]:
 def best_variants(cfg: ExperimentConfig, paths: list[str]) -> list[Variant]:
     """The sweep's best configurations as the pipeline's variants (read through pyarrow, local
     or remote)."""
-    import yaml
-
-    from vspw_ray.config import config_from_dict, to_dict
+    from vspw_ray.config import config_from_dict, load_yaml, to_dict
     from vspw_ray.storage import filesystem
 
     variants = []
     for i, path in enumerate(paths, 1):
         fs, inner = filesystem(path)
         with fs.open_input_stream(inner) as f:
-            data = yaml.safe_load(f.read())
+            data = load_yaml(f.read().decode())
         data.update(storage={"path": cfg.storage.path}, tracking=to_dict(cfg.tracking),
                     pipeline={**data.get("pipeline", {}), "search": False}, variants=[])
         variants.append(Variant(f"best{i}", config_from_dict(data)))
