@@ -141,6 +141,10 @@ def test_rayjob_has_the_fields_kuberay_requires(rayjob):
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert isinstance(runtime_env, dict) and not {"pip", "uv", "conda"} & set(runtime_env)
+    # `ray job stop` takes Ctrl-C's path with time to end cleanly; a re-run resumes, so retry
+    stop = runtime_env["env_vars"]
+    assert stop["RAY_JOB_STOP_SIGNAL"] == "SIGINT" and int(stop["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
+    assert spec["backoffLimit"] >= 1
     assert json.loads(spec["entrypointResources"]) == {DRIVER: 1}
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"].startswith("2.60.")

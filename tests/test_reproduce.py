@@ -40,9 +40,15 @@ def smoke(camvid_root, tmp_path_factory):
 
 def _own_runs(runs, variant: str, stage: str) -> list:
     """The ``stage`` runs of the row ``variant`` (``upernet_c240`` for the pipeline's
-    ``upernet_c240_s0``; the smoke has one seed)."""
-    return [r for r in runs if r.data.tags.get("stage") == stage and
-            r.data.params.get("pipeline_variant", "").rsplit("_s", 1)[0] == variant]
+    ``upernet_c240_s0``; the smoke has one seed), each named ``<its variant>/<stage>`` in
+    MLflow and tagged with its variant's name."""
+    own = [r for r in runs if r.data.tags.get("stage") == stage and
+           r.data.params.get("pipeline_variant", "").rsplit("_s", 1)[0] == variant]
+    for r in own:
+        name = r.data.params["pipeline_variant"]
+        suffix = f"infer-{r.data.tags['split']}" if stage == "infer" else stage
+        assert (r.info.run_name, r.data.tags["variant"]) == (f"{name}/{suffix}", name)
+    return own
 
 
 def test_smoke_rows_are_the_stages_tracked_figures(smoke):
@@ -78,7 +84,8 @@ def test_smoke_rows_are_the_stages_tracked_figures(smoke):
     for method in ("grid", "greedy"):  # each method's row is its tracked ensemble run's
         assert any(abs(r.data.metrics["final/val_B/miou"] - table3[method]["B"]) < 1e-9 and
                    abs(r.data.metrics["oof/ensemble/miou"] - table3[method]["all"]) < 1e-9 and
-                   r.data.params["method"] == method for r in ensembles), method
+                   r.data.params["method"] == method and r.info.run_name == f"ensemble/{method}"
+                   for r in ensembles), method
     assert "## Claims" in stdout and json.loads(stdout.strip().splitlines()[-1])["metric"]
 
 
@@ -115,6 +122,7 @@ def test_smoke_pipeline_runs_compare_in_mlflow_and_a_rerun_has_nothing_to_do(smo
     runs = mlflow.search_runs(experiment_names=["camvid_ablations"], output_format="list")
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert parents[0].info.run_name == "camvid_ablations/pipeline"
     assert len(parents) == 1 and sorted({r.data.tags["stage"] for r in children}) == [
         "ensemble", "infer", "swa", "train"]
     for run in children:

@@ -112,17 +112,22 @@ def test_train_from_s3_infer_and_tune_report_keep_everything_under_the_uri(
                  s3_env, work)
     checkpoints = [p for p in _s3_files(s3_env, "runs/train") if p.endswith("checkpoint.pt")]
     assert checkpoints, _s3_files(s3_env, "runs")
-    # the console holds our progress lines, not Ray Train's dumps or State API complaints
+    # the console holds our progress lines, not Ray Train's dumps, its line per checkpoint or
+    # State API complaints
     console = train.stdout + train.stderr
     assert "it 2/4" in console and "it 4/4" in console
     assert "Reporting training result" not in console and "State API" not in console
+    assert "Checkpoint successfully created" not in console
 
     # the variant trained from those weights (init_checkpoint is part of its identity): its
     # checkpoint is found in the run layout on S3
-    _run(["infer", str(EXPERIMENT), "--variant", "crop64", "--split", "val",
+    infer = _run(["infer", str(EXPERIMENT), "--variant", "crop64", "--split", "val",
           f"model.init_checkpoint=s3://{BUCKET}/init/ckpt/checkpoint.pt", "train.iters=4",
           "train.val_interval=4", "infer.scales=[1.0]",
           "infer.flip=false", "infer.actors=1", *common], s3_env, work)
+    console = infer.stdout + infer.stderr  # our progress, not Ray Data's start and plan lines
+    assert "model actor(s)" in console, console[-3000:]
+    assert "Starting execution of Dataset" not in console and "Execution plan" not in console
     from vspw_ray.data import split_frames
 
     frames = split_frames(synth_root, "val")
@@ -132,11 +137,15 @@ def test_train_from_s3_infer_and_tune_report_keep_everything_under_the_uri(
     assert len(scores) == len({f.video for f in frames})
     assert any(p.endswith("manifest.json") for p in _s3_files(s3_env, "runs/scores"))
 
-    _run(["tune", str(EXPERIMENT), "tune.num_samples=1", "tune.iters=2", "tune.grace_period=2",
+    tune = _run(["tune", str(EXPERIMENT), "tune.num_samples=1", "tune.iters=2", "tune.grace_period=2",
           f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}", "train.val_interval=2",
           "train.iters=2", *common], s3_env, work)
     best = [p for p in _s3_files(s3_env, "runs/tune") if "/best/" in p and p.endswith(".yaml")]
     assert best, _s3_files(s3_env, "runs/tune")
+    console = tune.stdout + tune.stderr  # tracked in MLflow: no TensorBoard files, no hint
+    assert "tensorboard" not in console.lower(), console[-3000:]
+    assert not [p for p in _s3_files(s3_env, "runs/tune") if "events.out.tfevents" in p]
+    assert [p for p in _s3_files(s3_env, "runs/tune") if p.endswith("progress.csv")]
 
     # nothing landed on local disk: not in the working folder, not in a folder named "s3:"
     assert sorted(p.name for p in work.rglob("*")) == []

@@ -391,10 +391,13 @@ def test_ray_internals_these_tests_read_are_as_of_2_60(tmp_path):
         timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[])
     (run / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).write_text(snapshot.json())
     assert registered_checkpoints(tmp_path) == [run / "checkpoint_a"]
-    # quiet_report_dumps lowers the logger Ray Train's report dump goes to: named by its file
+    # quiet_report_dumps lowers the loggers Ray Train's report dump (named by its file) and
+    # its "Checkpoint successfully created" line go to
     import ray.train.v2._internal.execution.context as ray_context
+    import ray.train.v2._internal.execution.storage as ray_storage
 
     assert ray_context.logger.name == ray_context.__file__
+    assert ray_storage.logger.name == ray_storage.__name__
 
 
 def test_default_tracking_needs_a_local_storage_path():

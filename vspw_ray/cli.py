@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "STOPPED"]
+
+STOPPED = "stopped; run the same command again to resume"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -347,6 +350,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``ray job stop``, ``kill``, a Kubernetes pod's end) takes Ctrl-C's path: the
+    SIGINT handler in place runs (Tune's graceful stop while a sweep runs, else Python's
+    KeyboardInterrupt), so every command stops the same way whichever signal it gets. The
+    handler is called, not the signal re-raised: Ray's job supervisor starts entrypoints with
+    SIGINT blocked unless ``RAY_JOB_STOP_SIGNAL=SIGINT``."""
+    def forward(signum, frame):
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIG_IGN or SIG_DFL: stop all the same
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+def _stopped_exit(code: int) -> int:
+    """Exit at once after a stop, also when stage threads still wait on Ray (the pipeline runs
+    variants in threads, which Python would join at exit): Ray is shut down (its local
+    instance with it) and the process ends without waiting for them. What they left is
+    resumable: a checkpoint, score file or record counts only once written whole."""
+    import threading
+
+    if not [t for t in threading.enumerate() if t is not threading.main_thread()
+            and not t.daemon and t.is_alive()]:
+        return code
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     from vspw_ray.errors import UserError
 
@@ -363,11 +401,15 @@ def main(argv: list[str] | None = None) -> int:
         from vspw_ray.runtime import DASHBOARD_ENV
 
         os.environ[DASHBOARD_ENV] = "0"
+    stop_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: completed writes stay, partial ones never count
+        print(STOPPED, file=sys.stderr, flush=True)
+        return _stopped_exit(130)
     except BrokenPipeError:  # `vspw-ray config show ... | head`: the reader is gone, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -343,6 +343,7 @@ def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: st
     from vspw_ray.storage import check_cluster_settings
 
     check_cluster_settings(cfg, resolve_address(address), track=track)
+    start = time.perf_counter()
     with open_stage(cfg, "ensemble", {}, address=address, track=False, connect=False,
                     trainable=False) as stage:
         ctx = _prepare(cfg, stage)
@@ -361,6 +362,13 @@ def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: st
         from vspw_ray.ensemble.tracked import log_ensemble
 
         run_id = log_ensemble(stage, ctx.eid, ctx.members, report, selections, submission)
+        if cached is None or (submission is not None and submission.written):
+            from vspw_ray.cost import Held, log_cost
+            from vspw_ray.ensemble.raymap import parallelism
+
+            # the search's and the submission's tasks, spread over this many CPUs
+            log_cost(stage.tracking_uri, run_id, Held(parallelism(stage.address)),
+                     time.perf_counter() - start)
     return EnsembleResult(ctx.eid, report["method"], report["groups"], report["weights"], report,
                           text, ctx.folder, cached is None, submission, run_id,
                           report_metrics(report))

@@ -54,7 +54,7 @@ def _child_runs(uri: str, experiment: str, storage: str, parent: str, eid: str,
                 if row.val_b is not None:
                     metrics["sample/checking/miou"] = row.val_b
                 with tracking.open_run(uri, experiment, storage,
-                                       run_name=f"{eid}-{fit}-trial-{row.number}", tags=tags,
+                                       run_name=f"ensemble/{fit}/trial-{row.number}", tags=tags,
                                        params=params) as rid:
                     tracking.log_metrics(uri, rid, metrics, 0)
 
@@ -107,7 +107,8 @@ def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
               "chosen": (report.get("chosen") or {}).get("name", ""),
               "members": json.dumps([m.key for m in members])[:6000]}
     with open_stage(stage.cfg, "ensemble", tags, address=stage.address, track=True,
-                    connect=False, trainable=False, run_name=eid, params=params) as opened:
+                    connect=False, trainable=False, run_name=f"ensemble/{report['method']}",
+                    params=params) as opened:
         rid = opened.run_id
         tracking.log_metrics(uri, rid, report_metrics(report), 0)
         with tempfile.TemporaryDirectory() as d:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vspw_ray.config import ExperimentConfig, config_from_dict, to_dict
+from vspw_ray.cost import Held, measured_cost
 from vspw_ray.data.layout import DataError, Frame
 from vspw_ray.labels import class_labels
 from vspw_ray.layout import infer_hash, member_key, split_fingerprint
@@ -254,11 +255,14 @@ def _transfer(cfg: ExperimentConfig, trained: str | None) -> str:
 def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
                   variant: str | None = None, store: str | None = None,
                   predictions: str | None = None, address: str | None = None,
-                  track: bool = True, torch_threads: int = 1, progress=None) -> InferResult:
+                  track: bool = True, torch_threads: int = 1, progress=None,
+                  label: str | None = None) -> InferResult:
     """Infer ``checkpoint`` (default: the model checkpoint of ``variant`` in the run layout:
     its SWA average, else its best training checkpoint) over ``split`` into the score store and
     prediction PNGs, keyed by the checkpoint and the ``infer`` settings; videos already stored
-    under that key are skipped. Metrics from the stored scores when the split has masks."""
+    under that key are skipped. Metrics from the stored scores when the split has masks.
+    ``label`` names the run in MLflow (``<label>/infer-<split>``; default the variant's name,
+    or the experiment's)."""
     from vspw_ray.config import resolve_variant
     from vspw_ray.data import load_class_table, read_split, split_frames
 
@@ -280,14 +284,18 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
     manifest, skipped, todo = _plan(cfg, member, scores, table, split, videos, by_video)
     tags = {"variant_id": member.header["variant_id"], "member_key": member.key, "split": split}
     with open_stage(cfg, "infer", tags, address=address, track=track, connect=bool(todo),
-                    trainable=False, run_name=f"{member.key}-infer-{split}",
+                    trainable=False,
+                    run_name=f"{label or variant or cfg.name}/infer-{split}",
                     params=_run_params(cfg, member), extra_tags=member.data_tags) as stage:
         rate, start = _Throughput(), time.perf_counter()
         if todo:
-            batches = _pipeline(cfg, [f for v in todo for f in by_video[v]], member.checkpoint,
-                                table.num_classes, stage.address, torch_threads)
-            rate = _write_stream(batches, scores, member, split,
-                                 {v: len(by_video[v]) for v in todo}, skipped, progress, start)
+            batches, held = _pipeline(cfg, [f for v in todo for f in by_video[v]],
+                                      member.checkpoint, table.num_classes, stage.address,
+                                      torch_threads)
+            with measured_cost(stage.tracking_uri, stage.run_id, held):  # while frames stream
+                rate = _write_stream(batches, scores, member, split,
+                                     {v: len(by_video[v]) for v in todo}, skipped, progress,
+                                     start)
         manifest["splits"][split] = {
             "videos": len(videos), "frames": sum(len(by_video[v]) for v in videos),
             "skipped": {v: n for v, n in skipped.items() if n}}
@@ -370,7 +378,7 @@ def _manifest(cfg: ExperimentConfig, member: _Member, table, previous: dict) -> 
 def _pipeline(cfg: ExperimentConfig, frames: list[Frame], checkpoint: str, num_classes: int,
               address: str | None, torch_threads: int):
     """The Ray Data job over ``frames``, in order: decode tasks, then the TTA actor pool; an
-    iterator over its output batches."""
+    iterator over its output batches, and what the actor pool holds."""
     import ray
     import ray.data
 
@@ -383,6 +391,7 @@ def _pipeline(cfg: ExperimentConfig, frames: list[Frame], checkpoint: str, num_c
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # one progress line of ours instead
+    ctx.print_on_execution_start = False  # Ray Data's start and plan lines (in its log file)
     # small blocks (a frame or a few each): results stream back frame by frame, not in chunks
     # that hold the first output back
     ds = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000 * n)))
@@ -395,7 +404,8 @@ def _pipeline(cfg: ExperimentConfig, frames: list[Frame], checkpoint: str, num_c
                            "infer": to_dict(cfg.infer), "mean": list(cfg.data.mean),
                            "std": list(cfg.data.std), "torch_threads": torch_threads},
                        **resources))
-    return ds.iter_batches(batch_size=None, batch_format="numpy")
+    held = Held(n * resources["num_cpus"], n * resources.get("num_gpus", 0))
+    return ds.iter_batches(batch_size=None, batch_format="numpy"), held
 
 
 def _write_stream(batches, scores, member: _Member, split: str, video_frames: dict[str, int],

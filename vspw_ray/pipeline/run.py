@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vspw_ray.config import ExperimentConfig
+from vspw_ray.cost import Held, log_cost, sum_child_costs
 from vspw_ray.layout import RunLayout
 from vspw_ray.pipeline.keys import data_key
 from vspw_ray.pipeline.plan import Step, Variant, build_plan, format_plan, variants_of
@@ -39,6 +41,7 @@ class PipelineResult:
     outputs: dict[str, dict] = field(default_factory=dict)  # step id -> what it produced
     run_id: str | None = None
     nothing_to_do: bool = False
+    started: float = field(default_factory=time.perf_counter)
 
 
 def plan_pipeline(cfg: ExperimentConfig) -> tuple[RunLayout, list[Step]]:
@@ -66,7 +69,7 @@ def run_pipeline(cfg: ExperimentConfig, *, address: str | None = None, track: bo
     # a killed pipeline's MLflow run is resumed only on the same data (every split it reads)
     key = {"pipeline": cfg.name, "pipeline_data": data_key(cfg)}
     with open_stage(cfg, "pipeline", key, address=address, track=track,
-                    trainable=False, run_name=f"{cfg.name}-pipeline") as stage:
+                    trainable=False, run_name=f"{cfg.name}/pipeline") as stage:
         result.run_id = stage.run_id
         previous = os.environ.get(PARENT_RUN_ENV)
         if stage.run_id:
@@ -105,10 +108,16 @@ def _execute(cfg: ExperimentConfig, stage, result: PipelineResult, threads: int)
         result.steps = build_plan(cfg, stage.layout, variants)
         by_id = {s.id: s for s in result.steps}
     models = {v.name: Future() for v in variants}  # teachers come first in ``variants``
-    with ThreadPoolExecutor(_concurrency(cfg, variants)) as pool:
+    pool, stopped = ThreadPoolExecutor(_concurrency(cfg, variants)), False
+    try:
         chains = [pool.submit(run_steps.variant_chain, ctx, v, by_id, models) for v in variants]
         for chain in chains:
             chain.result()  # the first failure stops the pipeline, naming its step
+    except KeyboardInterrupt:  # a stop (Ctrl-C, SIGTERM): leave at once, queued chains dropped
+        stopped = True
+        raise
+    finally:
+        pool.shutdown(wait=not stopped, cancel_futures=stopped)
     if "ensemble:all" in by_id:
         ctx.run(by_id["ensemble:all"], lambda c, s: run_steps.ensemble_step(c, s, variants))
 
@@ -138,6 +147,12 @@ def _report(cfg: ExperimentConfig, stage, result: PipelineResult) -> None:
     print(table, flush=True)
     if not stage.run_id:
         return
+    log_cost(stage.tracking_uri, stage.run_id, Held(0.0), time.perf_counter() - result.started)
+    measured = sum_child_costs(stage.tracking_uri, stage.run_id)  # the stages' resources
+    estimated = sum(s.gpu_hours or 0.0 for s in result.steps if s.id in result.ran)
+    print(f"measured cost of the steps run: {measured.get('cost/gpu_hours', 0.0):.2f} GPU-hours, "
+          f"{measured.get('cost/cpu_hours', 0.0):.3f} CPU-hours (estimated before: "
+          f"{estimated:.2f} GPU-hours)", flush=True)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "summary.txt").write_text(table + "\n")
         rows = members_rows(result)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vspw_ray.config import ExperimentConfig, variant_fingerprint
+from vspw_ray.cost import run_cost
 from vspw_ray.errors import UserError
 from vspw_ray.layout import bind_teacher, split_fingerprint
 from vspw_ray.metrics import fold_metric
@@ -59,6 +60,8 @@ class Context:
                 f"pipeline step {step.id} failed ({step.stage} of {step.item}): "
                 f"{type(err).__name__}: {err}. Fix it and re-run the same `vspw-ray pipeline` "
                 f"command: finished steps are skipped and this one resumes") from err
+        # what the step's run measured, kept with its record (`vspw-ray status` reads records)
+        outputs = {**outputs, **run_cost(self.stage.tracking_uri, outputs.get("run_id"))}
         write_record(self.stage.layout, self.cfg.name, step.id, step.key,
                      {k: v for k, v in outputs.items() if k != "_value"})
         with self.lock:
@@ -163,7 +166,7 @@ def _train(ctx: Context, v: Variant) -> dict:
     from vspw_ray.train.driver import train_variant
 
     out = train_variant(v.cfg, None, address=ctx.stage.address, track=ctx.track,
-                        torch_threads=ctx.threads)
+                        torch_threads=ctx.threads, label=v.name)
     finals = _finals(out.metrics)
     _mark(ctx, out.run_id, finals, v, swa=False)
     return {"variant_id": out.variant_id, "checkpoint": out.best_checkpoint,
@@ -174,7 +177,8 @@ def _swa(ctx: Context, v: Variant) -> dict:
     from vspw_ray.train.swa import swa_variant
 
     out = swa_variant(v.cfg, None, from_checkpoint=ctx.outputs(f"train:{v.name}").get(
-        "checkpoint"), address=ctx.stage.address, track=ctx.track, torch_threads=ctx.threads)
+        "checkpoint"), address=ctx.stage.address, track=ctx.track, torch_threads=ctx.threads,
+        label=v.name)
     finals = _finals({k.removeprefix("swa/"): m for k, m in out.metrics.items()
                       if k.startswith("swa/")})
     _mark(ctx, out.run_id, finals, v, swa=True)
@@ -187,7 +191,7 @@ def _infer(ctx: Context, v: Variant, split: str) -> dict:
 
     model = ctx.outputs(f"swa:{v.name}") or ctx.outputs(f"train:{v.name}")
     out = run_inference(v.cfg, model.get("checkpoint"), split, address=ctx.stage.address,
-                        track=ctx.track, torch_threads=ctx.threads)
+                        track=ctx.track, torch_threads=ctx.threads, label=v.name)
     # the common final/val_{A,B}/... keys name folds of the val split: a test split's own
     # figures stay under the stage's "<split>/..." keys, never relabelled as val
     finals = _finals(out.metrics or {}) if split == v.cfg.data.val_split else {}

@@ -14,6 +14,7 @@ from vspw_ray.config import (
     variant_fingerprint,
     variant_id,
 )
+from vspw_ray.cost import measured_cost, train_held
 from vspw_ray.data import load_class_table, split_frames
 from vspw_ray.data.stats import load_prior
 from vspw_ray.layout import RunLayout, bind_teacher
@@ -69,8 +70,10 @@ def data_tags(cfg: ExperimentConfig) -> dict[str, str]:
 
 def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                   address: str | None = None, track: bool = True,
-                  torch_threads: int = 1) -> TrainResult:
-    """Train one variant of ``cfg`` to ``train.iters`` (resuming when its run exists)."""
+                  torch_threads: int = 1, label: str | None = None) -> TrainResult:
+    """Train one variant of ``cfg`` to ``train.iters`` (resuming when its run exists).
+    ``label`` names it in MLflow (run ``<label>/train``, tag ``variant``; default the variant's
+    name, or the experiment's for the base); its id stays the ``variant_id`` tag."""
     resolved = bind_teacher(cfg, resolve_variant(cfg, variant))
     check_inputs(resolved)
     data = data_tags(resolved)
@@ -79,10 +82,10 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
         print(f"[{vid}] starts from weights trained on other data (fingerprint "
               f"{data['init_data_fingerprint']}, this data {data['data_fingerprint']}): recorded "
               f"as a transfer in its checkpoints and MLflow tags", flush=True)
-    tags = {"family": resolved.model.family, "variant": variant or "base",
-            "seed": str(resolved.seed), **data}
+    label = label or variant or cfg.name
+    tags = {"family": resolved.model.family, "variant": label, "seed": str(resolved.seed), **data}
     with open_stage(resolved, "train", {"variant_id": vid}, address=address, track=track,
-                    run_name=vid, extra_tags=tags, experiment=cfg.tracking.experiment or cfg.name
+                    run_name=f"{label}/train", extra_tags=tags, experiment=cfg.tracking.experiment or cfg.name
                     ) as stage:
         check_feasible(stage.cfg)
         wait_for_resources(stage.cfg)
@@ -90,7 +93,9 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                                 stage.layout, best_by=stage.cfg.tune.metric,
                                 extra_config={k: v for k, v in data.items()
                                               if k == "init_data_fingerprint"})
-        out = _result(vid, trainer.fit(), stage.run_id, stage.cfg.tune.metric)
+        with measured_cost(stage.tracking_uri, stage.run_id, train_held(stage.cfg.train)):
+            result = trainer.fit()
+        out = _result(vid, result, stage.run_id, stage.cfg.tune.metric)
         if stage.run_id:
             _log_summary(stage.tracking_uri, stage.run_id, stage.cfg, out, stage.storage)
     return out

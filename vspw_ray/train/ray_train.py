@@ -203,13 +203,17 @@ def fault_setting() -> int | None:
 def quiet_report_dumps() -> None:
     """Ray Train 2.60 logs every ``ray.train.report`` at INFO with the whole metrics dict
     (``Reporting training result N: TrainingReport(metrics={...})``), a screenful per
-    validation on the driver's console; our own progress lines say what matters. Its logger is
-    named by the file path of ``ray.train.v2._internal.execution.context`` (pinned ray<2.61;
-    tests/test_train_ray.py checks the name). Only that logger goes to WARNING: errors and
+    validation on the driver's console, and "Checkpoint successfully created at: ..." per
+    checkpoint; our own progress lines say what matters. Their loggers: the first is named by
+    the file path of ``ray.train.v2._internal.execution.context``, the second is
+    ``ray.train.v2._internal.execution.storage``'s module logger (pinned ray<2.61;
+    tests/test_train_ray.py checks both names). Only those two go to WARNING: errors and
     warnings of Ray Train, and everything else, still reach the console."""
     import ray.train.v2._internal.execution.context as ray_context
+    import ray.train.v2._internal.execution.storage as ray_storage
 
-    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+    for name in (ray_context.__file__, ray_storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def setup_worker(config: dict) -> Worker:

@@ -27,6 +27,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from vspw_ray.checkpoints import checkpoint_file, list_checkpoints, read_state, read_summary
 from vspw_ray.config import ConfigError, ExperimentConfig, SwaConfig
+from vspw_ray.cost import measured_cost, train_held
 from vspw_ray.data.datasets import sample_seed
 from vspw_ray.layout import swa_variant_id
 from vspw_ray.metrics import VAL_A_MIOU, VAL_B_MIOU
@@ -253,8 +254,10 @@ class SwaResult:
 
 def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                 from_checkpoint: str | None = None, address: str | None = None,
-                track: bool = True, torch_threads: int = 1) -> SwaResult:
-    """Run (or resume, or find finished) the SWA job of one variant."""
+                track: bool = True, torch_threads: int = 1,
+                label: str | None = None) -> SwaResult:
+    """Run (or resume, or find finished) the SWA job of one variant (``label``: its name in
+    MLflow, as :func:`~vspw_ray.train.driver.train_variant`'s)."""
     from vspw_ray.config import resolve_variant, variant_id
     from vspw_ray.layout import RunLayout, bind_teacher
     from vspw_ray.storage import resolve_storage
@@ -278,10 +281,10 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     base_iter = int(header.get("iteration") or 0)
     vid = swa_variant_id(parent, resolved.swa, base_iter)
     tags = {"parent_variant_id": parent, "family": resolved.model.family,
-            "variant": variant or "base", "base_checkpoint": base_file}
+            "variant": label or variant or cfg.name, "base_checkpoint": base_file}
     finished = _finished_average(layout.swa_run(vid))
     with open_stage(resolved, "swa", {"variant_id": vid}, address=address, track=track,
-                    connect=finished is None, run_name=vid, extra_tags=tags,
+                    connect=finished is None, run_name=f"{tags['variant']}/swa", extra_tags=tags,
                     experiment=cfg.tracking.experiment or cfg.name) as stage:
         if finished is not None:  # made before: nothing to run
             return SwaResult(vid, parent, base_file, finished[0], finished[1], stage.run_id)
@@ -292,7 +295,8 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
             storage_path=stage.layout.swa_root, train_fn=swa_loop_per_worker, best_by=None,
             extra_config={"parent_variant_id": parent, "base_checkpoint": base_file,
                           "base_iteration": base_iter})
-        result = trainer.fit()
+        with measured_cost(stage.tracking_uri, stage.run_id, train_held(stage.cfg.train)):
+            result = trainer.fit()
         if result.error:
             raise result.error
         out = SwaResult(vid, parent, base_file, result.checkpoint.path, dict(result.metrics),

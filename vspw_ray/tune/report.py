@@ -200,13 +200,17 @@ def _fail_lost_trials(study, rows: Sequence[TrialRow]) -> None:
                                 "saved the Tune state; never run")
 
 
-def _finish_child_runs(rows: Sequence[TrialRow], sweep: Sweep) -> list[TrialRow]:
-    """Set each trial's MLflow run to its outcome (FINISHED, KILLED when pruned, FAILED) and
-    add its run id to the row."""
+def _finish_child_runs(cfg: ExperimentConfig, rows: Sequence[TrialRow],
+                       sweep: Sweep) -> list[TrialRow]:
+    """Set each trial's MLflow run to its outcome (FINISHED, KILLED when pruned, FAILED), log
+    its cost (Tune's ``time_total_s`` of the trial x its workers and driver) and add its run
+    id to the row."""
     from vspw_ray import tracking
+    from vspw_ray.cost import log_cost, resources_held, train_held
 
     if not sweep.parent_run_id:
         return list(rows)
+    held = train_held(cfg.train) + resources_held(dict(cfg.tune.driver_resources))
     out = []
     for row in rows:
         tags = {"sweep_id": sweep.id, "tune_trial_id": row.tune_trial_id}
@@ -215,6 +219,9 @@ def _finish_child_runs(rows: Sequence[TrialRow], sweep: Sweep) -> list[TrialRow]
             status = {"complete": "FINISHED", "pruned": "KILLED"}.get(row.state, "FAILED")
             tracking.finish_run(sweep.tracking_uri, run_id, status,
                                 {"outcome": row.state, "optuna_state": row.optuna_state})
+            if isinstance(row.extra.get("trial_s"), (int, float)):  # a total: set, not added
+                log_cost(sweep.tracking_uri, run_id, held, row.extra["trial_s"],
+                         accumulate=False)
         out.append(replace(row, run_id=run_id))
     return out
 
@@ -276,7 +283,7 @@ def finish_sweep(cfg: ExperimentConfig, grid, sweep: Sweep) -> SearchResult:
     study = optuna.load_study(study_name=sweep.id, storage=sweep.optuna_url)
     rows = _rows(cfg, grid, study)
     _fail_lost_trials(study, rows)
-    rows = _finish_child_runs(rows, sweep)
+    rows = _finish_child_runs(cfg, rows, sweep)
     optimism = selection_optimism(rows, cfg.tune.mode)
     summary = format_trials(rows, optimism, cfg.tune.mode, cfg.tune.metric)
     with tempfile.TemporaryDirectory() as d:
@@ -320,3 +327,6 @@ def _log_to_parent(cfg: ExperimentConfig, sweep: Sweep, rows: Sequence[TrialRow]
                    trials_pruned=sum(r.state == "pruned" for r in rows),
                    trials_error=sum(r.state == "error" for r in rows))
     tracking.log_metrics(uri, rid, numbers, 0)
+    from vspw_ray.cost import sum_child_costs
+
+    sum_child_costs(uri, rid)  # the trials' resources, summed on the sweep's run

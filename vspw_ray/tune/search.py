@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
@@ -261,7 +262,7 @@ def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool
     sid = sweep_id(prepare_config(cfg))
     try:
         with open_stage(cfg, "tune", {"sweep_id": sid}, address=address, track=track,
-                        run_name=sid) as stage:
+                        run_name=f"{cfg.name}/tune") as stage:
             check_feasible(stage.cfg)
             sweep = Sweep(id=sid, storage=stage.storage,
                           optuna_url=_optuna_url(stage.cfg, stage.layout),
@@ -284,6 +285,10 @@ def _tuner(cfg: ExperimentConfig, params: list[SearchParam], sweep: Sweep, concu
     kept, unfinished and errored ones resumed), else new."""
     import ray.tune
 
+    # MLflow tracks the sweep: Tune writes no TensorBoard files and so prints no TensorBoard
+    # hint (its public switch, read when the Tuner fits; a user's own setting wins), and keeps
+    # its CSV and JSON results through the callbacks given below
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep),
         dict(cfg.tune.driver_resources))
@@ -292,6 +297,7 @@ def _tuner(cfg: ExperimentConfig, params: list[SearchParam], sweep: Sweep, concu
         return ray.tune.Tuner.restore(sweep.path, trainable=trainable, resume_unfinished=True,
                                       resume_errored=True)
     import optuna
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
     _enqueue(cfg, params, sweep.id, sweep.optuna_url)
@@ -309,7 +315,8 @@ def _tuner(cfg: ExperimentConfig, params: list[SearchParam], sweep: Sweep, concu
                                         num_samples=tc.num_samples,
                                         max_concurrent_trials=concurrent),
         run_config=ray.tune.RunConfig(name=sweep.id, storage_path=sweep.layout.tune_root,
-                                      failure_config=ray.tune.FailureConfig(max_failures=1)))
+                                      failure_config=ray.tune.FailureConfig(max_failures=1),
+                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
 
 
 def _check_finished(cfg: ExperimentConfig, grid, sweep: Sweep) -> None:

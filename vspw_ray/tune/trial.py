@@ -39,7 +39,8 @@ def run_trial(config: dict, *, base: dict, sweep: Sweep) -> None:
         return
     tags = {"sweep_id": sweep.id, "tune_trial_id": ray.tune.get_context().get_trial_id()}
     with open_stage(trial_cfg, "tune-trial", tags, track=sweep.parent_run_id is not None,
-                    connect=False, run_name=name, experiment=sweep.experiment,
+                    connect=False, run_name=f"trial_{number:04d}/tune-trial",
+                    experiment=sweep.experiment,
                     extra_tags={tracking.PARENT_TAG: sweep.parent_run_id or "",
                                 "variant_id": vid, "optuna_trial": str(number)},
                     params={**tracking.flatten(to_dict(trial_cfg)),

@@ -1,0 +1,70 @@
+"""Measured cost: wall x the resources a run held, added up over a resumed run's invocations and
+summed over a parent's children, in a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import pytest
+
+from vspw_ray.config import TrainConfig
+from vspw_ray.cost import Held, log_cost, measured_cost, run_cost, sum_child_costs, train_held
+
+
+def test_train_holds_what_ray_asks_for_its_workers():
+    assert train_held(TrainConfig(num_workers=2, batch_size=4)) == Held(2.0, 0.0)
+    assert train_held(TrainConfig(num_workers=4, batch_size=8, use_gpu=True)) == Held(0.0, 4.0)
+    held = train_held(TrainConfig(num_workers=2, batch_size=4, use_gpu=True,
+                                  resources_per_worker={"CPU": 6, "trainer": 1}))
+    assert held == Held(12.0, 2.0)  # the GPU each added by use_gpu, custom resources not counted
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    import mlflow
+
+    from vspw_ray import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("cost", artifact_location=str(tmp_path / "artifacts"))
+    client = mlflow.tracking.MlflowClient(uri)
+    parent = client.create_run(exp).info.run_id
+
+    def child(stage: str) -> str:
+        return client.create_run(exp, tags={tracking.PARENT_TAG: parent, "stage": stage}).info.run_id
+    return uri, parent, child
+
+
+def test_a_resumed_run_adds_its_invocations_and_a_total_is_set(runs):
+    uri, _, child = runs
+    rid = child("train")
+    log_cost(uri, rid, Held(2.0, 1.0), 1800.0)  # first invocation, then the resumed one
+    totals = log_cost(uri, rid, Held(2.0, 1.0), 900.0)
+    assert totals == pytest.approx({"cost/wall_s": 2700.0, "cost/cpu_hours": 1.5,
+                                    "cost/gpu_hours": 0.75})
+    assert run_cost(uri, rid) == pytest.approx(totals)
+    trial = child("tune-trial")  # Tune's time_total_s is a total already: logged twice, set twice
+    for _ in range(2):
+        log_cost(uri, trial, Held(1.0), 360.0, accumulate=False)
+    assert run_cost(uri, trial)["cost/cpu_hours"] == pytest.approx(0.1)
+
+
+def test_measured_cost_counts_a_failed_body_and_the_parent_sums_its_children(runs):
+    import time
+
+    uri, parent, child = runs
+    train, infer = child("train"), child("infer")
+    log_cost(uri, train, Held(4.0, 2.0), 3600.0)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError), measured_cost(uri, infer, Held(1.0, 1.0)):
+        time.sleep(0.05)
+        raise RuntimeError("a failing stage held its resources all the same")
+    wall = time.perf_counter() - start
+    spent = run_cost(uri, infer)
+    assert 0.05 <= spent["cost/wall_s"] <= wall
+    assert spent["cost/gpu_hours"] == pytest.approx(spent["cost/wall_s"] / 3600)
+    sums = sum_child_costs(uri, parent)
+    assert sums["cost/gpu_hours"] == pytest.approx(2.0 + spent["cost/gpu_hours"])
+    assert sums["cost/cpu_hours"] == pytest.approx(4.0 + spent["cost/cpu_hours"])
+    assert sums["cost/train/wall_s"] == pytest.approx(3600.0)
+    assert "cost/wall_s" not in sums  # stages overlap: wall adds up per stage only
+    assert run_cost(uri, parent) == pytest.approx(sums)
