@@ -129,6 +129,27 @@ def test_smoke_pipeline_runs_compare_in_mlflow_and_a_rerun_has_nothing_to_do(smo
         if run.data.tags["stage"] != "ensemble":
             assert "final/val_A/miou" in run.data.metrics and "final/val_B/miou" in run.data.metrics
             assert {"family", "crop", "ohem", "tau", "distill", "swa", "tta"} <= set(run.data.params)
+        # measured: wall x what it held (CPU workers or actors here), no GPU
+        cost = run.data.metrics
+        assert cost["cost/wall_s"] > 0 and cost["cost/cpu_hours"] > 0, run.data.tags["stage"]
+        assert cost["cost/gpu_hours"] == 0
+    parent = parents[0].data.metrics  # the stages' resources summed on the parent
+    assert parent["cost/cpu_hours"] == pytest.approx(
+        sum(r.data.metrics["cost/cpu_hours"] for r in children))
+    assert parent["cost/train/wall_s"] == pytest.approx(
+        sum(r.data.metrics["cost/wall_s"] for r in children if r.data.tags["stage"] == "train"))
+
+    # where the experiment stands, from storage alone: every step done, with its figure and
+    # measured cost (no Ray: the session set above is unchanged)
+    status = subprocess.run([sys.executable, "-m", "vspw_ray", "status", str(path), "--json"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert status.returncode == 0, status.stderr[-2000:]
+    rows = json.loads(status.stdout)
+    assert {r["state"] for r in rows} == {"done"} and len(rows) == len(steps)
+    for row in rows:
+        if not row["step"].startswith("data:"):
+            assert row["value"] is not None and row["cpu_hours"] > 0, row
+    assert set(Path("/tmp/ray").glob("session_2*")) == sessions
 
 
 def test_smoke_claims_follow_their_intervals(smoke):

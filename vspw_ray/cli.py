@@ -220,6 +220,17 @@ def _cmd_pipeline(args) -> int:
     return 0
 
 
+def _cmd_status(args) -> int:
+    import json
+
+    from vspw_ray.config import load_config
+    from vspw_ray.pipeline.status import experiment_status, format_status, status_json
+
+    rows = experiment_status(load_config(args.experiment, args.overrides))
+    print(json.dumps(status_json(rows), indent=1) if args.json else format_status(rows))
+    return 0
+
+
 def _cmd_ensemble(args) -> int:
     from vspw_ray.config import load_config
     from vspw_ray.ensemble.stage import run_ensemble
@@ -330,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing")
     _run_options(p)
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("status", help="where the experiment's pipeline stands, from storage alone "
+                                      "(no Ray): each step done, running, stale or missing, with "
+                                      "its headline figure and measured cost")
+    _experiment_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON list of the rows, for scripts")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("ensemble", help="choose an ensemble on val, cross-fitted (A->B, B->A) "
                                         "beside every single member and the plain mean, report "

@@ -1,15 +1,68 @@
 """Completion records of pipeline steps: a small JSON file per step, written last (through
-pyarrow, local or remote), holding the step's key and what it produced."""
+pyarrow, local or remote), holding the step's key and what it produced. While a step runs, a
+marker beside it (``.running.json``) names the host and process and is refreshed every
+``HEARTBEAT_S``: a marker older than ``LIVE_S`` was left by a pipeline that stopped."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 
 from vspw_ray.layout import RunLayout
 from vspw_ray.storage import filesystem, write_atomic
 
-__all__ = ["read_record", "write_record"]
+__all__ = ["read_record", "write_record", "write_marker", "clear_marker", "read_marker",
+           "HEARTBEAT_S", "LIVE_S"]
+
+HEARTBEAT_S = 30.0
+LIVE_S = 4 * HEARTBEAT_S
+
+
+def _marker(layout: RunLayout, pipeline: str, step: str) -> str:
+    return layout.pipeline_record(pipeline, step).removesuffix(".json") + ".running.json"
+
+
+def write_marker(layout: RunLayout, pipeline: str, step: str, key: str, started: float) -> None:
+    """Mark ``step`` running (again: a heartbeat)."""
+    fs, path = filesystem(_marker(layout, pipeline, step))
+    marker = {"step": step, "key": key, "host": socket.gethostname(), "pid": os.getpid(),
+              "started_at": started, "heartbeat": time.time()}
+    write_atomic(fs, path, json.dumps(marker).encode())
+
+
+def clear_marker(layout: RunLayout, pipeline: str, step: str) -> None:
+    fs, path = filesystem(_marker(layout, pipeline, step))
+    try:
+        fs.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def read_marker(layout: RunLayout, pipeline: str, step: str) -> dict | None:
+    """The running marker of ``step`` (``live`` added: refreshed within ``LIVE_S``, and on
+    this host by a process that still exists)."""
+    fs, path = filesystem(_marker(layout, pipeline, step))
+    try:
+        with fs.open_input_stream(path) as f:
+            marker = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    live = time.time() - float(marker.get("heartbeat", 0)) < LIVE_S
+    if live and marker.get("host") == socket.gethostname():
+        live = _exists(int(marker.get("pid", 0)))
+    return {**marker, "live": live}
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return pid > 0
 
 
 def read_record(layout: RunLayout, pipeline: str, step: str) -> dict | None:

@@ -3,9 +3,10 @@ and the common final keys on the stage's MLflow run."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,13 @@ from vspw_ray.errors import UserError
 from vspw_ray.layout import bind_teacher, split_fingerprint
 from vspw_ray.metrics import fold_metric
 from vspw_ray.pipeline.plan import Step, Variant, teacher_of
-from vspw_ray.pipeline.records import read_record, write_record
+from vspw_ray.pipeline.records import (
+    HEARTBEAT_S,
+    clear_marker,
+    read_record,
+    write_marker,
+    write_record,
+)
 
 __all__ = ["StageFailed", "Context", "data_step", "search_step", "recorded_variants", "variant_chain",
            "ensemble_step", "members_rows", "FINAL_METRICS"]
@@ -36,6 +43,8 @@ class Context:
     threads: int
     result: Any  # run.PipelineResult
     lock: threading.Lock = field(default_factory=threading.Lock)
+    active: dict[str, tuple[str, float]] = field(default_factory=dict)  # running: key, start
+    heartbeat: threading.Thread | None = None
 
     @property
     def track(self) -> bool:
@@ -54,7 +63,8 @@ class Context:
         print(f"[pipeline] {step.id}: {step.reason}", flush=True)
         start = time.perf_counter()
         try:
-            outputs = fn(self, step) or {}
+            with self._running(step):
+                outputs = fn(self, step) or {}
         except Exception as err:
             raise StageFailed(
                 f"pipeline step {step.id} failed ({step.stage} of {step.item}): "
@@ -70,6 +80,37 @@ class Context:
             self.result.outputs[step.id] = outputs
             self.result.headline[step.id] = outputs.get("final/val_A/miou")
         return outputs.get("_value")
+
+    @contextlib.contextmanager
+    def _running(self, step: Step) -> Iterator[None]:
+        """A live marker for ``step`` while it runs (``vspw-ray status`` shows it running),
+        refreshed by one heartbeat thread for all steps in flight."""
+        layout, name, started = self.stage.layout, self.cfg.name, time.time()
+        write_marker(layout, name, step.id, step.key, started)
+        with self.lock:
+            self.active[step.id] = (step.key, started)
+            if self.heartbeat is None:
+                self.heartbeat = threading.Thread(target=self._beat, daemon=True,
+                                                  name="pipeline-heartbeat")
+                self.heartbeat.start()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active.pop(step.id, None)
+            clear_marker(layout, name, step.id)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            with self.lock:
+                active = dict(self.active)
+            for step_id, (key, started) in active.items():
+                try:
+                    write_marker(self.stage.layout, self.cfg.name, step_id, key, started)
+                except OSError as err:  # storage unreachable for a moment: the next beat retries
+                    print(f"[pipeline] could not refresh the running marker of {step_id}: "
+                          f"{err}", flush=True)
 
     def outputs(self, step_id: str) -> dict:
         with self.lock:
