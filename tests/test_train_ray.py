@@ -1,6 +1,7 @@
 """Ray Train: DDP, resume equality, failures and half-written checkpoints, MLflow contents,
 cluster settings (CPU, local Ray)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -126,7 +127,14 @@ def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_
     assert best["variant_id"] == out.variant_id
 
 
-def test_interrupted_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_path):
+def test_stopped_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_path):
+    """SIGTERM to the training command (what `ray job stop`, `kill` and a Kubernetes pod's end
+    send; Ctrl-C takes the same path) mid-run: it says how to resume and exits 130 at once,
+    shutting its local Ray down; the re-run resumes from the last registered checkpoint to the
+    weights of a run never stopped. (The driver and its local Ray SIGKILLed: the pipeline's and
+    the sweep's kill tests.)"""
+    from vspw_ray.cli import STOPPED
+
     cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path / "straight", iters=32))
     train_variant(cfg, "crop64", track=False)
     straight = _final_weights(tmp_path / "straight")
@@ -134,12 +142,21 @@ def test_interrupted_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_
     storage = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "vspw_ray", "train", str(EXPERIMENT), "--variant", "crop64",
            "--no-track", *_overrides(synth_root, storage, iters=32)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=FAST_POLL_ENV)
-    registered = wait_for_registered(storage, lambda: proc.poll() is None, "the kill")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die mid-run
-    proc.wait()
-    assert _final_weights(storage)["iteration"] < 32  # killed mid-run
+    log = tmp_path / "stopped.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=FAST_POLL_ENV)
+        registered = wait_for_registered(storage, lambda: proc.poll() is None, "the stop")
+        os.kill(proc.pid, signal.SIGTERM)  # the driver only: it stops its local Ray itself
+        try:
+            rc = proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # anything left of its session
+                os.killpg(proc.pid, signal.SIGKILL)
+    printed = log.read_text()
+    assert rc == 130 and STOPPED in printed, printed[-3000:]
+    assert "Traceback" not in printed, printed[-3000:]
+    assert _final_weights(storage)["iteration"] < 32  # stopped mid-run
     plant_half_written(registered.parent)
     assert_lookups_complete(registered.parent)
 

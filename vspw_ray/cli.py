@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 __all__ = ["main", "build_parser", "STOPPED"]
@@ -368,21 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (``ray job stop``, ``kill``, a Kubernetes pod's end) takes Ctrl-C's path: the
-    SIGINT handler in place runs (Tune's graceful stop while a sweep runs, else Python's
-    KeyboardInterrupt), so every command stops the same way whichever signal it gets. The
-    handler is called, not the signal re-raised: Ray's job supervisor starts entrypoints with
-    SIGINT blocked unless ``RAY_JOB_STOP_SIGNAL=SIGINT``."""
-    def forward(signum, frame):
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):  # SIG_IGN or SIG_DFL: stop all the same
-            raise KeyboardInterrupt
-        handler(signal.SIGINT, frame)
-
-    signal.signal(signal.SIGTERM, forward)
-
-
 def _stopped_exit(code: int) -> int:
     """Exit at once after a stop, also when stage threads still wait on Ray (the pipeline runs
     variants in threads, which Python would join at exit): Ray is shut down (its local
@@ -419,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         from vspw_ray.runtime import DASHBOARD_ENV
 
         os.environ[DASHBOARD_ENV] = "0"
+    from vspw_ray.runtime import stop_on_sigterm
+
     stop_on_sigterm()
     try:
         return int(args.func(args) or 0)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -83,6 +85,32 @@ def resolve_address(address: str | None) -> str | None:
     return None if address == LOCAL else address
 
 
+_STOP: list = []  # the SIGTERM handler a command installed, kept across ray.init
+
+
+def _forward_to_sigint(signum, frame) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIG_IGN or SIG_DFL: stop all the same
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``ray job stop``, ``kill``, a Kubernetes pod's end) takes Ctrl-C's path: the
+    SIGINT handler in place runs (Tune's graceful stop while a sweep runs, else Python's
+    KeyboardInterrupt), so every command stops the same way whichever signal it gets. The
+    handler is called, not the signal re-raised: Ray's job supervisor starts entrypoints with
+    SIGINT blocked unless ``RAY_JOB_STOP_SIGNAL=SIGINT``. ``ray.init`` puts Ray's own handler
+    in place (it logs the signal and aborts): :func:`connect_ray` puts this one back."""
+    signal.signal(signal.SIGTERM, _forward_to_sigint)
+    _STOP[:] = [_forward_to_sigint]
+
+
+def _keep_stop_handler() -> None:
+    if _STOP and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _STOP[0])
+
+
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local Ray instance
     with enough logical CPUs for a driver plus the workers on a small machine.
@@ -104,6 +132,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         _probe(address)
         try:
             ray.init(address=address, log_to_driver=True)
+            _keep_stop_handler()
         except (ConnectionError, TimeoutError, ValueError, RuntimeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RayConnectionError(
@@ -116,6 +145,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     pinned = {"dashboard_port": pin_local_dashboard()} if dashboard else {}
     ray.init(address=LOCAL, num_cpus=num_cpus or max(4, os.cpu_count() or 1),
              include_dashboard=dashboard, log_to_driver=True, **pinned)
+    _keep_stop_handler()
     print("started a local Ray instance (no --address or RAY_ADDRESS given; a cluster is joined "
           "only when named)", file=sys.stderr, flush=True)
 

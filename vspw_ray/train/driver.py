@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                                 extra_config={k: v for k, v in data.items()
                                               if k == "init_data_fingerprint"})
         with measured_cost(stage.tracking_uri, stage.run_id, train_held(stage.cfg.train)):
-            result = trainer.fit()
+            result = fit(trainer)
         out = _result(vid, result, stage.run_id, stage.cfg.tune.metric)
         if stage.run_id:
             _log_summary(stage.tracking_uri, stage.run_id, stage.cfg, out, stage.storage)
@@ -135,6 +136,31 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
             checkpoint_config=keep,
         ),
     )
+
+
+def fit(trainer):
+    """``trainer.fit()``, from the main thread in a helper thread that it waits for. Ray Train
+    registers a SIGINT handler of its own when ``fit`` runs in the main thread (it aborts the
+    run and exits the process, 0 or 1), which would take a stop past this package's
+    (:func:`vspw_ray.runtime.stop_on_sigterm`: MLflow runs ended KILLED, the cost logged, one
+    "stopped" line, exit 130). A stop leaves the helper thread to the process's exit."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    done: dict = {}
+
+    def run() -> None:
+        try:
+            done["result"] = trainer.fit()
+        except BaseException as err:  # handed to the waiting thread as it is
+            done["error"] = err
+
+    helper = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.5)  # a wait with a timeout lets Ctrl-C and SIGTERM in
+    if "error" in done:
+        raise done["error"]
+    return done["result"]
 
 
 def _result(vid: str, result, run_id: str | None, metric: str) -> TrainResult:

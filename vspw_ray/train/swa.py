@@ -33,7 +33,7 @@ from vspw_ray.layout import swa_variant_id
 from vspw_ray.metrics import VAL_A_MIOU, VAL_B_MIOU
 from vspw_ray.runtime import open_stage
 from vspw_ray.storage import is_uri
-from vspw_ray.train.driver import build_trainer
+from vspw_ray.train.driver import build_trainer, fit
 from vspw_ray.train.resources import check_feasible, wait_for_resources
 
 __all__ = ["cyclic_lr", "swa_scheduler", "swa_steps", "recompute_bn", "has_batchnorm",
@@ -296,7 +296,7 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
             extra_config={"parent_variant_id": parent, "base_checkpoint": base_file,
                           "base_iteration": base_iter})
         with measured_cost(stage.tracking_uri, stage.run_id, train_held(stage.cfg.train)):
-            result = trainer.fit()
+            result = fit(trainer)
         if result.error:
             raise result.error
         out = SwaResult(vid, parent, base_file, result.checkpoint.path, dict(result.metrics),
