@@ -36,8 +36,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.test_train_ray import registered_checkpoints
+from tests.test_train_ray import assert_no_half_written_left, registered_checkpoints
 from vspw_ray.checkpoints import list_checkpoints, read_state, read_summary
+from vspw_ray.cli import STOPPED
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -45,6 +46,7 @@ CI_JOB = "experiments/ci_job.yaml"  # relative: the job runs in its uploaded wor
 EXCLUDES = [".venv", ".git", "runs", "data", "__pycache__", ".pytest_cache", ".ruff_cache",
             "*.egg-info"]
 JOB_TIMEOUT_S = 600
+STOP_WAIT_S = 60  # RAY_JOB_STOP_WAIT_TIME_S, as deploy/rayjob.yaml sets it
 
 pytestmark = pytest.mark.slow
 
@@ -418,24 +420,59 @@ def test_pipeline_job_on_a_two_node_cluster_with_token_auth_and_mlflow_server(
     assert {"summary.txt", "members.csv"} <= artifacts
 
 
+def _stopped(cluster: LocalCluster, job_id: str) -> float:
+    """``ray job stop`` (the client's stop_job); seconds until the job is STOPPED."""
+    from ray.job_submission import JobStatus
+
+    client, start = _client(cluster), time.monotonic()
+    client.stop_job(job_id)
+    status = wait_until(lambda: (s := client.get_job_status(job_id)).is_terminal() and s,
+                        f"the stop of job {job_id}", STOP_WAIT_S + 30, poll_s=0.2)
+    assert status == JobStatus.STOPPED, status
+    return time.monotonic() - start
+
+
 @pytest.mark.timeout(900)
-def test_job_survives_losing_the_training_node(cluster, mlflow_server, ci_data):
-    """Training is pinned to the worker node (its ``trainer`` resource). Once the job's Train
-    run has registered a checkpoint, every process of that node is killed; a replacement node
-    joins; the job succeeds and training resumed from the checkpoint, not from iteration 0."""
+def test_stopped_job_resumes_and_survives_losing_the_training_node(cluster, mlflow_server,
+                                                                     ci_data):
+    """Training is pinned to the worker node (its ``trainer`` resource). ``ray job stop`` once
+    the job's Train run has registered a checkpoint: the job ends STOPPED well within the wait
+    (the driver takes Ctrl-C's path, ``RAY_JOB_STOP_SIGNAL=SIGINT``), saying how to resume,
+    with its MLflow run ended KILLED and no checkpoint half-written. The same job submitted
+    again resumes from the last registered checkpoint; once it registers another, every process
+    of the node is killed, a replacement node joins, and the job succeeds, training resumed from
+    that checkpoint: no iteration trained twice beyond the last checkpoint."""
+    from mlflow.tracking import MlflowClient
+
     cluster.start_head(num_cpus=0, resources={"driver": 1})
     cluster.add_worker("gpu1", num_cpus=2, resources={"trainer": 1})
     storage = Path(cluster.env["VSPW_STORAGE"])
-    job_id = submit(cluster, [
-        "train", CI_JOB, "--variant", "upernet", f"data.root={ci_data}",
-        "storage.path=$VSPW_STORAGE", f"tracking.uri={mlflow_server}",
-        "tracking.experiment=ci_node_loss",
-        "train.iters=40", "train.val_interval=4", "train.log_interval=4",
-        "train.max_failures=3", "train.resources_per_worker={CPU: 1, trainer: 1}"],
-        # the Train controller polls its workers faster, so it registers checkpoints sooner
-        {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
+    args = ["train", CI_JOB, "--variant", "upernet", f"data.root={ci_data}",
+            "storage.path=$VSPW_STORAGE", f"tracking.uri={mlflow_server}",
+            "tracking.experiment=ci_node_loss", "train.iters=40", "train.val_interval=4",
+            "train.log_interval=4", "train.max_failures=3",
+            "train.resources_per_worker={CPU: 1, trainer: 1}"]
+    # as the README's submission and deploy/rayjob.yaml; the Train controller polls its
+    # workers faster, so it registers checkpoints sooner
+    env = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    first = submit(cluster, args, env)
     wait_until(lambda: registered_checkpoints(storage), "a registered checkpoint of the job",
-               JOB_TIMEOUT_S, job_finished(cluster, job_id), poll_s=0.1)
+               JOB_TIMEOUT_S, job_finished(cluster, first), poll_s=0.1)
+    took = _stopped(cluster, first)
+    logs = _client(cluster).get_job_logs(first)
+    print(f"`ray job stop` took {took:.1f} s (wait allowed: {STOP_WAIT_S} s)")
+    assert took < STOP_WAIT_S and STOPPED in logs, logs[-3000:]
+    stopped_at = max(read_summary(str(c))["iteration"] for c in registered_checkpoints(storage))
+    assert stopped_at < 40
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("ci_node_loss").experiment_id])
+    assert run.info.status == "KILLED"
+
+    job_id = submit(cluster, args, env)  # the same job again
+    wait_until(lambda: max((read_summary(str(c))["iteration"] for c in registered_checkpoints(
+        storage)), default=0) > stopped_at, "a checkpoint registered after the resume",
+        JOB_TIMEOUT_S, job_finished(cluster, job_id), poll_s=0.1)
     cluster.kill_node("gpu1")
     # the newest checkpoint registered when the node died: training resumes from it (or from
     # one the controller registered in the moment between the kill and this listing)
@@ -451,5 +488,10 @@ def test_job_survives_losing_the_training_node(cluster, mlflow_server, ci_data):
                            key=lambda c: c[1]["iteration"])[0])
     print(f"final iteration {final['iteration']}, resumed at {final['resumes']}")
     assert final["iteration"] == 40
-    assert len(final["resumes"]) == 1 and 0 < killed_at <= final["resumes"][0] < 40, \
+    assert len(final["resumes"]) == 2 and final["resumes"][0] == stopped_at, \
+        (final["resumes"], stopped_at, logs[-3000:])  # the stop cost nothing registered
+    assert stopped_at < killed_at <= final["resumes"][1] < 40, \
         (final["resumes"], killed_at, logs[-3000:])
+    (run,) = client.search_runs([client.get_experiment_by_name("ci_node_loss").experiment_id])
+    assert run.info.status == "FINISHED"  # the stopped run, resumed and finished
+    assert_no_half_written_left(storage)  # whatever the stop or the node loss cut off

@@ -11,6 +11,7 @@ ensemble; a search that did not finish is started over (its trials cost millisec
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -200,6 +201,24 @@ def _quiet_optuna():
         optuna.logging.set_verbosity(level)
 
 
+@contextlib.contextmanager
+def _stop_raises():
+    """Ctrl-C and SIGTERM stop the ensemble's search outright (KeyboardInterrupt, the command's
+    "stopped" path) instead of through Tune's graceful stop, which returns the trials finished
+    so far as if the search were complete; an unfinished search is started over anyway
+    (:func:`_fresh_study`). ``TUNE_DISABLE_SIGINT_HANDLER`` is Tune's public switch, read when
+    a Tuner fits."""
+    key, before = "TUNE_DISABLE_SIGINT_HANDLER", os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def _fresh_study(url: str, study: str) -> None:
     """Drop a study left by a search that did not finish (the finished one is never rerun)."""
     import optuna
@@ -238,7 +257,8 @@ def run_tuner(samples: dict[str, PixelSample], weights: WeightSpace, num_samples
                                             reuse_actors=True),
             run_config=ray.tune.RunConfig(name=setup.name, storage_path=setup.path,
                                           verbose=0))
-        results = tuner.fit()
+        with _stop_raises():
+            results = tuner.fit()
     failed = [r.error for r in results if r.error is not None]
     if failed:
         raise failed[0]

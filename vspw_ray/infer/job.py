@@ -283,10 +283,11 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
     scores = ScoreStore(member.store)
     manifest, skipped, todo = _plan(cfg, member, scores, table, split, videos, by_video)
     tags = {"variant_id": member.header["variant_id"], "member_key": member.key, "split": split}
+    label = label or variant or cfg.name
     with open_stage(cfg, "infer", tags, address=address, track=track, connect=bool(todo),
-                    trainable=False,
-                    run_name=f"{label or variant or cfg.name}/infer-{split}",
-                    params=_run_params(cfg, member), extra_tags=member.data_tags) as stage:
+                    trainable=False, run_name=f"{label}/infer-{split}",
+                    params=_run_params(cfg, member),
+                    extra_tags={**member.data_tags, "variant": label}) as stage:
         rate, start = _Throughput(), time.perf_counter()
         if todo:
             batches, held = _pipeline(cfg, [f for v in todo for f in by_video[v]],
