@@ -419,13 +419,19 @@ def test_sweep_interrupted_then_killed_resumes_to_exactly_num_samples_agreeing_e
 
     rows = _assert_trials_agree(storage, sid, url, num_samples=4, iters=12)
     bad = next(r for r in rows if r["optuna_trial"] == "2")  # the third enqueued point
-    assert json.loads(bad["train.lr"]) == pytest.approx(2e-7) and bad["state"] == "pruned"
+    assert json.loads(bad["train.lr"]) == pytest.approx(2e-7)
     best = sorted((storage / "tune" / sid / "best").glob("*.yaml"))
     assert len(best) == min(2, sum(r["state"] == "complete" for r in rows)) >= 1
     top = load_config(best[0])  # complete, runnable, with the full-length schedule
     assert top.train.iters == 200 and not top.variants
     ranked = sorted((r for r in rows if r["state"] == "complete"),
                     key=lambda r: -float(r[VAL_A_MIOU]))
+    # ASHA prunes the bad point at its first rung when another trial's value is recorded
+    # there; after the SIGKILL such a record survives only if Tune had saved its state since
+    # (it does so periodically), so on a loaded machine it may run to the end: then it ranks
+    # last and is no best configuration
+    assert bad["state"] == "pruned" or (bad["state"] == "complete" and ranked[-1] is bad), bad
+    assert all(load_config(p).train.lr != pytest.approx(2e-7) for p in best)
     assert [top.data.crop_size, top.train.lr] == [
         tuple(json.loads(ranked[0]["data.crop_size"])),
         pytest.approx(float(ranked[0]["train.lr"]))]

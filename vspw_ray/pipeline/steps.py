@@ -71,7 +71,8 @@ class Context:
                 f"{type(err).__name__}: {err}. Fix it and re-run the same `vspw-ray pipeline` "
                 f"command: finished steps are skipped and this one resumes") from err
         # what the step's run measured, kept with its record (`vspw-ray status` reads records)
-        outputs = {**outputs, **run_cost(self.stage.tracking_uri, outputs.get("run_id"))}
+        if self.track:
+            outputs = {**outputs, **run_cost(self.stage.tracking_uri, outputs.get("run_id"))}
         write_record(self.stage.layout, self.cfg.name, step.id, step.key,
                      {k: v for k, v in outputs.items() if k != "_value"})
         with self.lock:
