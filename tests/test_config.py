@@ -208,3 +208,30 @@ def test_config_is_frozen():
     cfg = ExperimentConfig(name="x")
     with pytest.raises(AttributeError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_config_diff_names_exactly_the_settings_that_differ(tmp_path, capsys):
+    from vspw_ray.cli import main
+    from vspw_ray.config import config_diff, to_dict
+
+    base = load_config(EXPERIMENTS / "quickstart.yaml")
+    assert config_diff(base, base) == []
+    data = to_dict(base)
+    data["train"]["lr"] = 1e-3
+    data["variants"] = list(reversed(data["variants"]))  # order alone is no difference
+    data["variants"][0]["overrides"]["data.crop_size"] = [64, 96]
+    dropped = data["variants"].pop()["name"]
+    other = config_from_dict(data)
+    changed = data["variants"][0]["name"]
+    rows = config_diff(base, other)
+    assert [(k, a, b) for k, a, b in rows if not k.startswith(f"variants[{dropped}]")] == [
+        ("train.lr", base.train.lr, 1e-3),
+        (f"variants[{changed}].overrides.data.crop_size",
+         list(next(v for v in base.variants if v.name == changed).overrides["data.crop_size"]),
+         [64, 96])]
+    assert {b for k, _, b in rows if k.startswith(f"variants[{dropped}]")} == {None}
+    path = tmp_path / "other.yaml"
+    path.write_text(dump_yaml(other))
+    assert main(["config", "diff", str(EXPERIMENTS / "quickstart.yaml"), str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "train.lr" in printed and f"{len(rows)} setting(s) differ" in printed

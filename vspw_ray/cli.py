@@ -121,6 +121,21 @@ def _cmd_config_show(args) -> int:
     return 0
 
 
+def _cmd_config_diff(args) -> int:
+    import json
+
+    from vspw_ray.config import config_diff, load_config
+
+    rows = config_diff(load_config(args.a), load_config(args.b))
+    width = max([len(k) for k, _, _ in rows] + [3])
+    show = lambda v: "-" if v is None else json.dumps(v)  # noqa: E731
+    print(f"{'key':<{width}}  {args.a}  ->  {args.b}")
+    for key, a, b in rows:
+        print(f"{key:<{width}}  {show(a)}  ->  {show(b)}")
+    print(f"{len(rows)} setting(s) differ")
+    return 0
+
+
 def _checkpoint_path(path: str) -> str:
     """A checkpoint folder (as Ray Train writes them) or the file inside it."""
     from pathlib import Path
@@ -364,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_args(p)
     p.add_argument("--variant")
     p.set_defaults(func=_cmd_config_show)
+    p = csub.add_parser("diff", help="print the settings that differ between two experiments "
+                                     "(resolved: defaults filled in, variants by name)")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(func=_cmd_config_diff)
     return parser
 
 

@@ -29,6 +29,7 @@ from vspw_ray.data.fingerprint import data_fingerprint
 from vspw_ray.errors import ConfigError, DataError
 
 __all__ = [
+    "config_diff",
     "ConfigError",
     "DataConfig",
     "ModelConfig",
@@ -658,6 +659,29 @@ _ConfigLoader.add_implicit_resolver(
 def load_yaml(text: str) -> Any:
     """Parse config YAML (files, overrides, stored configs) with YAML 1.2's booleans."""
     return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: builds plain data only
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of every setting; variants keyed by their name, not their position."""
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == "variants" and not prefix:
+                for v in value:
+                    out.update(_leaves({k: x for k, x in v.items() if k != "name"},
+                                       f"variants[{v['name']}]."))
+                continue
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> list[tuple[str, Any, Any]]:
+    """``(key, value in a, value in b)`` for every setting that differs, in ``a``'s order then
+    ``b``'s (a variant only one of them has: its settings against ``None``)."""
+    left, right = _leaves(to_dict(a)), _leaves(to_dict(b))
+    keys = list(left) + [k for k in right if k not in left]
+    return [(k, left.get(k), right.get(k)) for k in keys if left.get(k) != right.get(k)]
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:
