@@ -331,3 +331,23 @@ def test_infer_killed_mid_way_and_rerun_stores_every_frame_once(synth_root, tmp_
         assert stored[video] == sorted(f.name for f in frames if f.video == video)
     manifest = json.loads(next(storage.glob("scores/*/manifest.json")).read_text())
     assert manifest["splits"]["train"]["frames"] == len(frames)
+
+
+def test_ray_data_logging_config_names_classes_that_exist():
+    """vspw_ray/ray_data_logging.yaml (Ray Data's console at WARNING) names Ray's own handler,
+    formatter and filter classes (ray 2.60, pinned <2.61): each must still import, or Ray Data
+    fails to configure its logging at import."""
+    import importlib
+
+    import yaml
+
+    from vspw_ray.runtime import RAY_DATA_LOGGING
+
+    config = yaml.safe_load(RAY_DATA_LOGGING.read_text())
+    names = [h["class"] for h in config["handlers"].values()] + [
+        f["()"] for f in config["filters"].values()]
+    for name in names:
+        module, attr = name.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), attr), name
+    assert config["handlers"]["console"]["level"] == "WARNING"
+    assert config["loggers"]["ray.data"]["handlers"] == ["file", "console"]

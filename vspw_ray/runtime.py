@@ -85,6 +85,21 @@ def resolve_address(address: str | None) -> str | None:
     return None if address == LOCAL else address
 
 
+RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+
+
+def quiet_ray_libraries() -> None:
+    """Ray's libraries as this package's console wants them, through their public switches,
+    where the user has not set them: Ray Data's INFO lines (a dataset's start, plan and end)
+    to its log file only (:data:`RAY_DATA_LOGGING`, read when ``ray.data`` is imported and
+    when a dataset starts); Tune's automatic loggers off (no TensorBoard files, so no
+    TensorBoard hint: MLflow tracks every run; the sweep keeps Tune's CSV and JSON results
+    through its own callbacks). Ray's processes started after this inherit both."""
+    os.environ.setdefault(RAY_DATA_LOGGING_ENV, str(RAY_DATA_LOGGING))
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
 _STOP: list = []  # the SIGTERM handler a command installed, kept across ray.init
 
 
@@ -130,6 +145,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     address = resolve_address(address)
     if address:
         _probe(address)
+        quiet_ray_libraries()
         try:
             ray.init(address=address, log_to_driver=True)
             _keep_stop_handler()
@@ -141,6 +157,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
                 f"leave the address out to run on a local Ray instance") from None
         return
     use_local_ray_train_settings()
+    quiet_ray_libraries()
     dashboard = os.environ.get(DASHBOARD_ENV, "1") not in ("", "0")
     pinned = {"dashboard_port": pin_local_dashboard()} if dashboard else {}
     ray.init(address=LOCAL, num_cpus=num_cpus or max(4, os.cpu_count() or 1),

@@ -392,7 +392,6 @@ def _pipeline(cfg: ExperimentConfig, frames: list[Frame], checkpoint: str, num_c
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # one progress line of ours instead
-    ctx.print_on_execution_start = False  # Ray Data's start and plan lines (in its log file)
     # small blocks (a frame or a few each): results stream back frame by frame, not in chunks
     # that hold the first output back
     ds = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000 * n)))

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,118 +126,183 @@ def _validated(metrics: dict) -> bool:
     return VAL_A_MIOU in metrics and VAL_B_MIOU in metrics
 
 
-def swa_loop_per_worker(config: dict) -> None:
-    """Ray Train worker. ``config``: as for training plus ``base_checkpoint``,
-    ``base_iteration`` and ``parent_variant_id``."""
-    import ray.train
+@dataclass
+class _SwaRun:
+    """One worker's SWA job: the model being trained, its running average and where it is."""
 
-    from vspw_ray.train.loop import build_optimizer
-    from vspw_ray.train.ray_train import (
-        CHECKPOINT_FILE,
-        ProgressLog,
-        data_record,
-        load_training_state,
-        report,
-        setup_worker,
-        step_seed,
-        train_batches,
-        training_state,
-        unwrap,
-        validate,
-    )
+    w: Any  # ray_train.Worker
+    config: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    average: AveragedModel
+    start: int  # SWA iterations done before this (re)start
+    resumes: list[int]
+    base_metrics: dict
 
-    w = setup_worker({**config, "skip_init_checkpoint": True})
-    cfg, model, swa = w.cfg, w.model, w.cfg.swa
-    net = unwrap(model)
-    base_iter, total = int(config["base_iteration"]), swa.extra_iters
-    val = lambda m: validate(m, cfg, cfg.data.root, w.table.num_classes, w.table.names,  # noqa: E731
-                             w.device, w.rank, w.world)
+    def validate(self, model: nn.Module) -> tuple[dict, Any]:
+        from vspw_ray.train.ray_train import validate
 
-    optimizer = build_optimizer(net, replace(cfg.train, lr=swa.lr_max))
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_training_state(Path(d) / CHECKPOINT_FILE)
-        if state.get("kind") == "swa_average":
-            return  # finished; the driver normally sees that before starting workers
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler = swa_scheduler(optimizer, swa)
-        scheduler.load_state_dict(state["scheduler"])
-        average = AveragedModel(net, use_buffers=False)
-        average.module.load_state_dict(state["swa"]["average"])
-        average.n_averaged.fill_(state["swa"]["n_averaged"])
-        start, base_metrics = int(state["iteration"]), state["swa"]["base_metrics"]
-        resumes = list(state.get("resumes", [])) + [start]
-        if w.rank == 0:
-            log.info("[%s] resuming SWA at iteration %d/%d", config["variant_id"], start, total)
-    else:
-        base = read_state(config["base_checkpoint"])
-        net.load_state_dict(base["model"] if "model" in base else base)
-        if isinstance(base.get("optimizer"), dict) and len(base["optimizer"]["param_groups"]) \
-                == len(optimizer.param_groups):
-            lrs = [g["lr"] for g in optimizer.param_groups]
-            optimizer.load_state_dict(base["optimizer"])  # Adam moments carry on
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
-        scheduler = swa_scheduler(optimizer, swa)
-        average = AveragedModel(net, use_buffers=False)
-        base_metrics = base.get("metrics", {})
-        if not _validated(base_metrics):
-            base_metrics, _ = val(model)
-        del base
-        start, resumes = 0, []
+        w = self.w
+        return validate(model, w.cfg, w.cfg.data.root, w.table.num_classes, w.table.names,
+                        w.device, w.rank, w.world)
 
-    batches = train_batches(w, seed=cfg.seed, start_iter=base_iter + start,
-                            num_iters=base_iter + total)
-    progress = ProgressLog(w, config, every=cfg.train.log_interval, total=total, start=start,
-                           unit="swa it")
+    def state(self, done: int, **extra) -> dict | None:
+        """Rank 0's resumable state at SWA iteration ``done``: the model, optimizer and
+        schedule, and the running average with its count."""
+        from vspw_ray.train.ray_train import data_record, training_state
 
-    def state_at(done: int, **extra) -> dict | None:
+        w, config = self.w, self.config
         if w.rank != 0:
             return None
         return training_state(
-            model=model, optimizer=optimizer, scheduler=scheduler, scaler=w.scaler,
-            iteration=done, cfg=cfg, variant=config["variant_id"], resumes=resumes,
-            kind="swa_state", parent_variant_id=config["parent_variant_id"],
-            **data_record(config),
+            model=w.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=w.scaler, iteration=done, cfg=w.cfg, variant=config["variant_id"],
+            resumes=self.resumes, kind="swa_state",
+            parent_variant_id=config["parent_variant_id"], **data_record(config),
             base_checkpoint=config["base_checkpoint"],
-            swa={"average": average.module.state_dict(),
-                 "n_averaged": int(average.n_averaged), "base_metrics": base_metrics}, **extra)
+            swa={"average": self.average.module.state_dict(),
+                 "n_averaged": int(self.average.n_averaged),
+                 "base_metrics": self.base_metrics}, **extra)
+
+
+def _resume(w, config: dict, optimizer, state: dict) -> _SwaRun:
+    """The run as a registered SWA checkpoint left it."""
+    from vspw_ray.train.ray_train import unwrap
+
+    swa = w.cfg.swa
+    unwrap(w.model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler = swa_scheduler(optimizer, swa)
+    scheduler.load_state_dict(state["scheduler"])
+    average = AveragedModel(unwrap(w.model), use_buffers=False)
+    average.module.load_state_dict(state["swa"]["average"])
+    average.n_averaged.fill_(state["swa"]["n_averaged"])
+    start = int(state["iteration"])
+    if w.rank == 0:
+        log.info("[%s] resuming SWA at iteration %d/%d", config["variant_id"], start,
+                 swa.extra_iters)
+    return _SwaRun(w, config, optimizer, scheduler, average, start,
+                   list(state.get("resumes", [])) + [start], state["swa"]["base_metrics"])
+
+
+def _start(w, config: dict, optimizer) -> _SwaRun:
+    """A new run from the base checkpoint: its weights, its Adam moments at SWA's learning
+    rate, and its validated metrics (measured here when the checkpoint has none)."""
+    from vspw_ray.train.ray_train import unwrap
+
+    net = unwrap(w.model)
+    base = read_state(config["base_checkpoint"])
+    net.load_state_dict(base["model"] if "model" in base else base)
+    if isinstance(base.get("optimizer"), dict) and len(base["optimizer"]["param_groups"]) \
+            == len(optimizer.param_groups):
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(base["optimizer"])  # Adam moments carry on
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+    run = _SwaRun(w, config, optimizer, swa_scheduler(optimizer, w.cfg.swa),
+                  AveragedModel(net, use_buffers=False), 0, [], base.get("metrics", {}))
+    if not _validated(run.base_metrics):
+        run.base_metrics, _ = run.validate(w.model)
+    return run
+
+
+def _start_or_resume(w, config: dict) -> _SwaRun | None:
+    """The run to continue: from Ray Train's latest checkpoint, else from the base checkpoint;
+    None when the latest checkpoint is the finished average."""
+    import ray.train
+
+    from vspw_ray.train.loop import build_optimizer
+    from vspw_ray.train.ray_train import CHECKPOINT_FILE, load_training_state, unwrap
+
+    optimizer = build_optimizer(unwrap(w.model), replace(w.cfg.train, lr=w.cfg.swa.lr_max))
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return _start(w, config, optimizer)
+    with checkpoint.as_directory() as d:
+        state = load_training_state(Path(d) / CHECKPOINT_FILE)
+    if state.get("kind") == "swa_average":
+        return None  # finished; the driver normally sees that before starting workers
+    return _resume(w, config, optimizer, state)
+
+
+def _swa_phase(run: _SwaRun) -> None:
+    """The SWA iterations, a snapshot averaged in (and a checkpoint reported) every
+    ``swa.every``."""
+    from vspw_ray.train.ray_train import ProgressLog, report, step_seed, train_batches
+
+    w, config, swa = run.w, run.config, run.w.cfg.swa
+    base_iter, total = int(config["base_iteration"]), swa.extra_iters
+    batches = train_batches(w, seed=w.cfg.seed, start_iter=base_iter + run.start,
+                            num_iters=base_iter + total)
+    progress = ProgressLog(w, config, every=w.cfg.train.log_interval, total=total,
+                           start=run.start, unit="swa it")
 
     def on_snapshot(done: int) -> None:
         if w.rank == 0:
             log.info("[%s] snapshot %d/%d at SWA iteration %d", config["variant_id"],
-                     int(average.n_averaged), total // swa.every, done)
-        report(w, {"swa_iteration": done, "snapshots": int(average.n_averaged)}, state_at(done))
+                     int(run.average.n_averaged), total // swa.every, done)
+        report(w, {"swa_iteration": done, "snapshots": int(run.average.n_averaged)},
+               run.state(done))
 
-    swa_steps(model, average, optimizer, scheduler, batches, start=start, swa=swa,
-              device=w.device, autocast=w.autocast, scaler=w.scaler,
-              grad_clip=cfg.train.grad_clip,
+    swa_steps(w.model, run.average, run.optimizer, run.scheduler, batches, start=run.start,
+              swa=swa, device=w.device, autocast=w.autocast, scaler=w.scaler,
+              grad_clip=w.cfg.train.grad_clip,
               before_step=lambda i: step_seed(w, base_iter + i),
               on_step=lambda done, terms, lr: progress.step(done, terms, lr),
               on_snapshot=on_snapshot, forward=w.forward)
 
-    snapshot_metrics, _ = val(model)
-    if has_batchnorm(average.module) and swa.bn_batches:
-        torch.manual_seed(sample_seed(cfg.seed, base_iter + total, 2_000_000 + w.rank))
-        bn = train_batches(w, seed=cfg.seed + 1, start_iter=0, num_iters=swa.bn_batches)
-        recompute_bn(average.module, (b["image"] for b in bn), w.device)
-        if w.world > 1:
-            _average_bn_buffers(average.module, w.world)
-    swa_metrics, confusions = val(average.module)
-    metrics = {"swa_iteration": total, "snapshots": int(average.n_averaged), **swa_metrics}
-    for prefix, values in zip(COMPARED, (base_metrics, snapshot_metrics, swa_metrics)):
+
+def _refresh_bn(run: _SwaRun) -> None:
+    """BatchNorm statistics of the average, recomputed on ``swa.bn_batches`` training batches
+    (and averaged over workers); models without BatchNorm skip it."""
+    from vspw_ray.train.ray_train import train_batches
+
+    w, swa = run.w, run.w.cfg.swa
+    if not (has_batchnorm(run.average.module) and swa.bn_batches):
+        return
+    base_iter = int(run.config["base_iteration"])
+    torch.manual_seed(sample_seed(w.cfg.seed, base_iter + swa.extra_iters, 2_000_000 + w.rank))
+    bn = train_batches(w, seed=w.cfg.seed + 1, start_iter=0, num_iters=swa.bn_batches)
+    recompute_bn(run.average.module, (b["image"] for b in bn), w.device)
+    if w.world > 1:
+        _average_bn_buffers(run.average.module, w.world)
+
+
+def _finalise(run: _SwaRun, snapshot_metrics: dict) -> None:
+    """Validate the average and report it, side by side with the base checkpoint and the
+    last snapshot, as the run's last checkpoint (``kind: swa_average``, not resumable)."""
+    from vspw_ray.train.ray_train import report
+
+    total = run.w.cfg.swa.extra_iters
+    swa_metrics, confusions = run.validate(run.average.module)
+    metrics = {"swa_iteration": total, "snapshots": int(run.average.n_averaged), **swa_metrics}
+    for prefix, values in zip(COMPARED, (run.base_metrics, snapshot_metrics, swa_metrics)):
         metrics.update({f"{prefix}/{k}": v for k, v in values.items()})
     final = None
-    if w.rank == 0:
-        final = {**state_at(total), "kind": "swa_average",
-                 "model": average.module.state_dict(), "metrics": swa_metrics,
+    if run.w.rank == 0:
+        final = {**run.state(total), "kind": "swa_average",
+                 "model": run.average.module.state_dict(), "metrics": swa_metrics,
                  "comparison": metrics}
         for key in ("optimizer", "scheduler", "scaler"):  # an average is not resumed from
             final.pop(key)
         final["swa"] = {k: v for k, v in final["swa"].items() if k != "average"}
-    report(w, metrics, final, confusions)
+    report(run.w, metrics, final, confusions)
+
+
+def swa_loop_per_worker(config: dict) -> None:
+    """Ray Train worker. ``config``: as for training plus ``base_checkpoint``,
+    ``base_iteration`` and ``parent_variant_id``. Start (or resume), the SWA iterations, the
+    BatchNorm refresh of the average, and the average validated and reported."""
+    from vspw_ray.train.ray_train import setup_worker
+
+    w = setup_worker({**config, "skip_init_checkpoint": True})
+    run = _start_or_resume(w, config)
+    if run is None:
+        return
+    _swa_phase(run)
+    snapshot_metrics, _ = run.validate(w.model)  # the last snapshot, to compare with
+    _refresh_bn(run)
+    _finalise(run, snapshot_metrics)
 
 
 # ---------------------------------------------------------------------------------- driver side

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
@@ -38,6 +37,7 @@ from vspw_ray.config import (
     weight_settings,
 )
 from vspw_ray.layout import RunLayout
+from vspw_ray.runtime import quiet_ray_libraries
 from vspw_ray.tune.space import (
     has_compound_choices,
     optuna_choice,
@@ -285,10 +285,7 @@ def _tuner(cfg: ExperimentConfig, params: list[SearchParam], sweep: Sweep, concu
     kept, unfinished and errored ones resumed), else new."""
     import ray.tune
 
-    # MLflow tracks the sweep: Tune writes no TensorBoard files and so prints no TensorBoard
-    # hint (its public switch, read when the Tuner fits; a user's own setting wins), and keeps
-    # its CSV and JSON results through the callbacks given below
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    quiet_ray_libraries()  # no TensorBoard files or hint; CSV and JSON through the callbacks
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep),
         dict(cfg.tune.driver_resources))
