@@ -100,6 +100,15 @@ def quiet_ray_libraries() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
+def tune_result_loggers() -> list:
+    """Tune's CSV and JSON result files for a Tuner's ``RunConfig(callbacks=...)``: with its
+    automatic loggers off (:func:`quiet_ray_libraries`) they are what Tune's own result
+    reading (``ExperimentAnalysis``) needs; TensorBoard's are left out."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
 _STOP: list = []  # the SIGTERM handler a command installed, kept across ray.init
 
 

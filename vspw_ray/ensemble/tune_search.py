@@ -238,6 +238,8 @@ def run_tuner(samples: dict[str, PixelSample], weights: WeightSpace, num_samples
     import ray.tune
     from ray.tune.search.optuna import OptunaSearch
 
+    from vspw_ray.runtime import tune_result_loggers
+
     names = weights.names()
     studies = {fit: f"{setup.study_name}-{fit}" for fit in samples}
     with _quiet_optuna():
@@ -256,7 +258,7 @@ def run_tuner(samples: dict[str, PixelSample], weights: WeightSpace, num_samples
                                             max_concurrent_trials=setup.concurrency,
                                             reuse_actors=True),
             run_config=ray.tune.RunConfig(name=setup.name, storage_path=setup.path,
-                                          verbose=0))
+                                          verbose=0, callbacks=tune_result_loggers()))
         with _stop_raises():
             results = tuner.fit()
     failed = [r.error for r in results if r.error is not None]

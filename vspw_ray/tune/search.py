@@ -37,7 +37,7 @@ from vspw_ray.config import (
     weight_settings,
 )
 from vspw_ray.layout import RunLayout
-from vspw_ray.runtime import quiet_ray_libraries
+from vspw_ray.runtime import quiet_ray_libraries, tune_result_loggers
 from vspw_ray.tune.space import (
     has_compound_choices,
     optuna_choice,
@@ -294,7 +294,6 @@ def _tuner(cfg: ExperimentConfig, params: list[SearchParam], sweep: Sweep, concu
         return ray.tune.Tuner.restore(sweep.path, trainable=trainable, resume_unfinished=True,
                                       resume_errored=True)
     import optuna
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
     _enqueue(cfg, params, sweep.id, sweep.optuna_url)
@@ -313,7 +312,7 @@ def _tuner(cfg: ExperimentConfig, params: list[SearchParam], sweep: Sweep, concu
                                         max_concurrent_trials=concurrent),
         run_config=ray.tune.RunConfig(name=sweep.id, storage_path=sweep.layout.tune_root,
                                       failure_config=ray.tune.FailureConfig(max_failures=1),
-                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
+                                      callbacks=tune_result_loggers()))
 
 
 def _check_finished(cfg: ExperimentConfig, grid, sweep: Sweep) -> None:
