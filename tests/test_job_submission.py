@@ -171,16 +171,28 @@ class LocalCluster:
         wait_until(lambda: _http_ok(f"{self.dashboard}/api/version", self.headers),
                    "head node's dashboard", 240, self._node_died("head"))
 
-    def add_worker(self, name: str, num_cpus: int, resources: dict[str, float]) -> None:
-        """Start a worker node and wait until the head lists it alive."""
+    def add_worker(self, name: str, num_cpus: int, resources: dict[str, float]) -> str:
+        """Start a worker node and wait until the head lists it alive; its node id."""
         before = {n["node_id"] for n in self.alive_nodes()}
         self._ray_start(name, ["--address", f"127.0.0.1:{self.gcs_port}",
                                "--num-cpus", str(num_cpus),
                                "--resources", json.dumps(resources)], self.env)
-        wait_until(lambda: [n for n in self.alive_nodes() if n["node_id"] not in before
-                            and all(n["resources_total"].get(k) == v
-                                    for k, v in resources.items())],
-                   f"worker node {name} registered", 240, self._node_died(name))
+        new = wait_until(lambda: [n for n in self.alive_nodes() if n["node_id"] not in before
+                                  and all(n["resources_total"].get(k) == v
+                                          for k, v in resources.items())],
+                         f"worker node {name} registered", 240, self._node_died(name))
+        return new[0]["node_id"]
+
+    def drain_for_preemption(self, node_id: str, deadline_s: int) -> None:
+        """What a cloud's spot reclaim does through the autoscaler: Ray's drain with the
+        preemption reason and a deadline (`ray drain-node`, with the cluster's token)."""
+        out = subprocess.run(
+            [str(VENV_BIN / "ray"), "drain-node", "--address", f"127.0.0.1:{self.gcs_port}",
+             "--node-id", node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+             "--reason-message", "spot instance reclaimed (test)",
+             "--deadline-remaining-seconds", str(deadline_s)],
+            env=self.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
     def kill_node(self, name: str) -> None:
         """SIGKILL every process of a node at once (`ray start`, raylet, agents, the workers
@@ -418,6 +430,53 @@ def test_pipeline_job_on_a_two_node_cluster_with_token_auth_and_mlflow_server(
     assert all("final/val_A/miou" in r.data.metrics for r in by_stage["train"])
     artifacts = {a.path for a in client.list_artifacts(pipeline.info.run_id)}
     assert {"summary.txt", "members.csv"} <= artifacts
+
+
+@pytest.mark.timeout(900)
+def test_preempted_node_checkpoints_at_the_drain_and_resumes_on_a_new_node(
+        cluster, mlflow_server, ci_data):
+    """A spot reclaim as Ray sees it: the training node drained with the preemption reason and a
+    deadline while the job trains between two validations. The worker checkpoints at once, at
+    the iteration it reached; a replacement node joins; Ray Train resumes there on it, and with
+    ``train.max_failures=0`` the job still succeeds: a preemption is not a failure."""
+    from mlflow.tracking import MlflowClient
+
+    cluster.start_head(num_cpus=0, resources={"driver": 1})
+    spot = cluster.add_worker("gpu1", num_cpus=2, resources={"trainer": 1})
+    storage = Path(cluster.env["VSPW_STORAGE"])
+    iters = 500  # ~18 it/s here: far from done when the 10 s deadline passes
+    job_id = submit(cluster, [
+        "train", CI_JOB, "--variant", "upernet", f"data.root={ci_data}",
+        "storage.path=$VSPW_STORAGE", f"tracking.uri={mlflow_server}",
+        "tracking.experiment=ci_preemption", f"train.iters={iters}",
+        f"train.val_interval={iters}", "train.log_interval=2", "train.max_failures=0",
+        "train.resources_per_worker={CPU: 1, trainer: 1}"],
+        # Ray Train's drain watcher polls every 0.5 s instead of 5
+        {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"})
+    client = MlflowClient(mlflow_server)
+
+    def training() -> bool:  # rank 0 logs its loss to the run every 2 iterations
+        exp = client.get_experiment_by_name("ci_preemption")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return bool(runs) and any(m.step >= 10 for m in client.get_metric_history(
+            runs[0].info.run_id, "train/loss"))
+
+    wait_until(training, "training under way", JOB_TIMEOUT_S, job_finished(cluster, job_id))
+    assert not registered_checkpoints(storage)  # no validation yet: nothing to resume from
+    cluster.drain_for_preemption(spot, deadline_s=10)
+    cluster.add_worker("gpu2", num_cpus=2, resources={"trainer": 1})  # the replacement
+
+    _, logs = wait_for_job(cluster, job_id)
+    runs = list(storage.glob("train/*"))
+    assert len(runs) == 1, runs
+    listed = {s["iteration"]: s for _, s in list_checkpoints(str(runs[0]))}
+    final = read_state(max(list_checkpoints(str(runs[0])), key=lambda c: c[1]["iteration"])[0])
+    print(f"preempted: resumed at {final['resumes']}, checkpoints at {sorted(listed)}")
+    assert "to be preempted" in logs, logs[-3000:]
+    assert final["iteration"] == iters and len(final["resumes"]) == 1, (final["resumes"], logs[-3000:])
+    resumed_at = final["resumes"][0]
+    # resumed from the checkpoint made at the drain, between validations (none ran before)
+    assert 10 <= resumed_at < iters and resumed_at % 2 == 0, (resumed_at, logs[-3000:])
 
 
 def _stopped(cluster: LocalCluster, job_id: str) -> float:

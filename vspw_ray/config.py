@@ -255,6 +255,9 @@ class TrainConfig:
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     max_failures: int = 3
+    # node preemptions (a spot node drained) resumed from, counted apart from max_failures;
+    # -1: no limit (Ray's default)
+    max_preemptions: int = -1
     resource_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -277,6 +280,8 @@ class TrainConfig:
         _check(self.log_interval > 0, "train.log_interval", "must be positive")
         _check(self.val_interval > 0, "train.val_interval", "must be positive")
         _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1: retry forever)")
+        _check(self.max_preemptions >= -1, "train.max_preemptions",
+               "must be >= -1 (-1: resume after every preemption)")
         if self.grad_clip is not None:
             _check(self.grad_clip > 0, "train.grad_clip", "must be positive or null")
 
@@ -772,8 +777,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
 # that moving the dataset or adding workers keeps a variant's checkpoints and scores.
 _RUNTIME_KEYS = {
     "data": {"root", "loader_workers", "skip_bad_frames"},
-    "train": {"log_interval", "use_gpu", "resources_per_worker", "max_failures", "resource_wait_s",
-              "compile"},
+    "train": {"log_interval", "use_gpu", "resources_per_worker", "max_failures", "max_preemptions",
+              "resource_wait_s", "compile"},
     "model": {"pretrained", "sync_bn"},
     "loss": {"distill.teacher_checkpoint"},
 }

@@ -106,11 +106,14 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
                   torch_threads: int, layout: RunLayout, *, name: str | None = None,
                   storage_path: str | None = None, callbacks: list | None = None,
                   train_fn=None, extra_config: dict | None = None,
-                  best_by: str | None = VAL_A_MIOU):
+                  best_by: str | None = VAL_A_MIOU, preemption_checkpoints: bool = True):
     """The TorchTrainer of one run on ``cfg``'s workers, named ``name`` (default: the
     variant_id) under ``storage_path`` (default: the layout's training folder). ``train_fn``
     (default: training) gets the loop config plus ``extra_config``; Ray Train keeps two
-    checkpoints, the best by ``best_by`` and the latest (``best_by=None``: the two latest)."""
+    checkpoints, the best by ``best_by`` and the latest (``best_by=None``: the two latest).
+    With ``preemption_checkpoints`` the workers checkpoint at once when Ray announces the drain
+    of one of their nodes (a spot reclaim), and Ray Train resumes from it on new workers,
+    counted against ``train.max_preemptions``, not ``train.max_failures``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -125,14 +128,18 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
         train_loop_config={"experiment": to_dict(cfg), "variant_id": vid, "tracking_uri": uri,
                            "run_id": run_id, "torch_threads": torch_threads,
                            "data_fingerprint": variant_fingerprint(cfg),
-                           "fault_after": fault_setting(), **(extra_config or {})},
+                           "fault_after": fault_setting(), "checkpoint_score": best_by,
+                           "preemption_checkpoints": preemption_checkpoints,
+                           **(extra_config or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker=dict(cfg.train.resources_per_worker) or None),
         run_config=ray.train.RunConfig(
             name=name or vid, storage_path=storage_path or layout.train_root,
             callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.train.max_failures,
+                max_preemption_failures=cfg.train.max_preemptions),
             checkpoint_config=keep,
         ),
     )

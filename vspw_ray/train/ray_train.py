@@ -180,6 +180,7 @@ class Worker:
     forward: Any = None  # (images, targets) -> (loss, terms): compiled when train.compile says
     fault_after: int | None = None  # raise InjectedFault after this many checkpoints (tests)
     checkpoints: int = 0  # checkpoints reported by this worker group
+    preemption_saved: bool = False  # this worker group checkpointed for an announced drain
 
 
 # A testing aid, as Ray's own RAY_testing_* settings: a run that has not resumed raises
@@ -311,6 +312,36 @@ class ProgressLog:
         self._reset()
 
 
+def preemption_announced(w: Worker, config: dict, done: int) -> bool:
+    """Whether Ray has announced the drain of a node of this worker group (a spot reclaim) that
+    it has not yet checkpointed for. Asked every ``train.log_interval`` iterations: it is a
+    collective (every worker asks at the same iterations and gets rank 0's answer) and Ray's
+    watcher polls the drains every few seconds anyway."""
+    import ray.train
+
+    if not config.get("preemption_checkpoints") or w.preemption_saved or \
+            done % w.cfg.train.log_interval:
+        return False
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    w.preemption_saved = True
+    if w.rank == 0:
+        log.warning("[%s] node(s) %s to be preempted (ranks %s): checkpoint at iteration %d",
+                    config["variant_id"], ", ".join(n[:12] for n in info.preempted_node_ids),
+                    info.preempted_ranks, done)
+    return True
+
+
+def preemption_metrics(config: dict, done: int, **extra) -> dict:
+    """What a preemption checkpoint reports: no validation ran, so the score Ray Train ranks
+    checkpoints by is NaN (ranked below every validated one; this package's own lookups read
+    the checkpoint's metrics, which hold none)."""
+    score = config.get("checkpoint_score")
+    return {**({score: float("nan")} if score else {}), "iteration": done,
+            "preemption_checkpoint": 1.0, **extra}
+
+
 def report(w: Worker, metrics: dict, state: dict | None,
            confusions: dict[str, np.ndarray] | None = None) -> None:
     """``ray.train.report`` (collective: every worker calls it); rank 0 attaches ``state``
@@ -368,7 +399,13 @@ def train_loop_per_worker(config: dict) -> None:
                             forward=w.forward)
         done = it + 1
         progress.step(done, terms, scheduler.get_last_lr()[0])
-        if done % cfg.train.val_interval == 0 or done == total:
+        validates = done % cfg.train.val_interval == 0 or done == total
+        if preemption_announced(w, config, done) and not validates:
+            report(w, preemption_metrics(config, done), None if w.rank else training_state(
+                model=model, optimizer=optimizer, scheduler=scheduler, scaler=w.scaler,
+                iteration=done, cfg=cfg, variant=config["variant_id"], metrics={},
+                resumes=resumes, **data_record(config)))
+        if validates:
             metrics, confusions = validate(model, cfg, cfg.data.root, w.table.num_classes,
                                            w.table.names, w.device, w.rank, w.world)
             metrics["iteration"] = done

@@ -228,7 +228,14 @@ def _start_or_resume(w, config: dict) -> _SwaRun | None:
 def _swa_phase(run: _SwaRun) -> None:
     """The SWA iterations, a snapshot averaged in (and a checkpoint reported) every
     ``swa.every``."""
-    from vspw_ray.train.ray_train import ProgressLog, report, step_seed, train_batches
+    from vspw_ray.train.ray_train import (
+        ProgressLog,
+        preemption_announced,
+        preemption_metrics,
+        report,
+        step_seed,
+        train_batches,
+    )
 
     w, config, swa = run.w, run.config, run.w.cfg.swa
     base_iter, total = int(config["base_iteration"]), swa.extra_iters
@@ -244,11 +251,16 @@ def _swa_phase(run: _SwaRun) -> None:
         report(w, {"swa_iteration": done, "snapshots": int(run.average.n_averaged)},
                run.state(done))
 
+    def on_step(done: int, terms: dict, lr: float) -> None:
+        progress.step(done, terms, lr)
+        if preemption_announced(w, config, done) and done % swa.every:  # else: a snapshot
+            report(w, preemption_metrics(config, done, swa_iteration=done,
+                                         snapshots=int(run.average.n_averaged)), run.state(done))
+
     swa_steps(w.model, run.average, run.optimizer, run.scheduler, batches, start=run.start,
               swa=swa, device=w.device, autocast=w.autocast, scaler=w.scaler,
               grad_clip=w.cfg.train.grad_clip,
-              before_step=lambda i: step_seed(w, base_iter + i),
-              on_step=lambda done, terms, lr: progress.step(done, terms, lr),
+              before_step=lambda i: step_seed(w, base_iter + i), on_step=on_step,
               on_snapshot=on_snapshot, forward=w.forward)
 
 

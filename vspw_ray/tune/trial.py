@@ -50,6 +50,8 @@ def run_trial(config: dict, *, base: dict, sweep: Sweep) -> None:
                                 sweep.torch_threads, stage.layout, name=name,
                                 storage_path=sweep.trials_path,
                                 callbacks=[TuneReportCallback()],
+                                # every report reaches Tune's scheduler, which needs the metric
+                                preemption_checkpoints=False,
                                 best_by=metric if stage.cfg.tune.mode == "max" else None)
         result = trainer.fit()
         if result.error:
