@@ -389,6 +389,12 @@ def train_loop_per_worker(config: dict) -> None:
         if w.rank == 0:
             log.info("[%s] resuming at iteration %d/%d", config["variant_id"], start, cfg.train.iters)
 
+    def state_at(done: int, metrics: dict) -> dict | None:  # rank 0's checkpoint.pt
+        return None if w.rank else training_state(
+            model=model, optimizer=optimizer, scheduler=scheduler, scaler=w.scaler,
+            iteration=done, cfg=cfg, variant=config["variant_id"], metrics=metrics,
+            resumes=resumes, **data_record(config))
+
     total = cfg.train.iters
     batches = train_batches(w, seed=cfg.seed, start_iter=start, num_iters=total)
     progress = ProgressLog(w, config, every=cfg.train.log_interval, total=total, start=start)
@@ -401,10 +407,7 @@ def train_loop_per_worker(config: dict) -> None:
         progress.step(done, terms, scheduler.get_last_lr()[0])
         validates = done % cfg.train.val_interval == 0 or done == total
         if preemption_announced(w, config, done) and not validates:
-            report(w, preemption_metrics(config, done), None if w.rank else training_state(
-                model=model, optimizer=optimizer, scheduler=scheduler, scaler=w.scaler,
-                iteration=done, cfg=cfg, variant=config["variant_id"], metrics={},
-                resumes=resumes, **data_record(config)))
+            report(w, preemption_metrics(config, done), state_at(done, {}))
         if validates:
             metrics, confusions = validate(model, cfg, cfg.data.root, w.table.num_classes,
                                            w.table.names, w.device, w.rank, w.world)
@@ -414,10 +417,4 @@ def train_loop_per_worker(config: dict) -> None:
             if w.rank == 0 and config.get("run_id"):
                 tracking.log_metrics(config["tracking_uri"], config["run_id"],
                                      {k: v for k, v in metrics.items() if k != "iteration"}, done)
-            state = None
-            if w.rank == 0:
-                state = training_state(model=model, optimizer=optimizer, scheduler=scheduler,
-                                       scaler=w.scaler, iteration=done, cfg=cfg,
-                                       variant=config["variant_id"], metrics=metrics,
-                                       resumes=resumes, **data_record(config))
-            report(w, metrics, state, confusions)
+            report(w, metrics, state_at(done, metrics), confusions)
