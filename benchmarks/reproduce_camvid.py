@@ -113,11 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     """The ablation experiment: camvid sizes, or VSPW's; the seeds kept; the overrides."""
-    import yaml
+    from vspw_ray.config import apply_overrides, config_from_dict, load_config, to_dict
 
-    from vspw_ray.config import apply_overrides, config_from_dict
-
-    data = yaml.safe_load(EXPERIMENT.read_text())
+    data = to_dict(load_config(EXPERIMENT))  # every setting: the file states only what differs
     if args.sizes == "vspw":
         data = vspw_sizes(data)
     storage = args.storage.rstrip("/")
@@ -197,9 +195,9 @@ def _link_video(src: Path, view: Path, video: str, frames: int | None) -> None:
 def vspw_sizes(data: dict) -> dict:
     """The same rows at the seed's sizes: vspw_seed.yaml's sections (Swin-L, schedule, SWA, TTA,
     GPUs), crops 480 / 640, OHEM's 200k, MaskFormer at paper scale, val only."""
-    import yaml
+    from vspw_ray.config import load_config, to_dict
 
-    seed = yaml.safe_load((ROOT / "experiments" / "vspw_seed.yaml").read_text())
+    seed = to_dict(load_config(ROOT / "experiments" / "vspw_seed.yaml"))
     out = {**seed, "name": "vspw_ablations", "variants": []}
     out["loss"] = {**seed["loss"], "ohem": {**seed["loss"]["ohem"], "enabled": False}}
     out["pipeline"] = {**seed["pipeline"], "splits": ["val"]}

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,30 +8,70 @@ import yaml
 from vspw_ray.config import (
     ConfigError,
     ExperimentConfig,
+    config_diff,
     config_from_dict,
     dump_yaml,
     load_config,
+    load_yaml,
     parse_override,
     resolve_variant,
+    settings_id,
+    to_dict,
     variant_id,
 )
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+RECORDED = Path(__file__).resolve().parent / "data" / "experiments_recorded.json"
 
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_experiment_loads_and_round_trips(path):
+def test_every_experiment_loads_round_trips_and_states_only_what_differs(path):
     cfg = load_config(path)
     again = config_from_dict(yaml.safe_load(dump_yaml(cfg)))
     assert again == cfg
-    # complete: the file names every key of every section, nested ones included (no hidden defaults)
-    assert _keys(yaml.safe_load(dump_yaml(cfg))) == _keys(yaml.safe_load(path.read_text()))
+    # the file writes exactly the settings that differ from the dataclass defaults: none restated
+    written = _fields(load_yaml(path.read_text()), cfg)
+    differ = _fields(to_dict(cfg), cfg, ExperimentConfig(name=cfg.name))
+    assert written - {"name", "variants"} == differ - {"name", "variants"}
 
 
-def _keys(node, prefix=""):
-    if not isinstance(node, dict) or prefix.startswith(("tune.space.", "variants")):
-        return {prefix}
-    return {k for key, value in node.items() for k in _keys(value, f"{prefix}{key}.")}
+def _fields(node, obj, default=None, prefix=""):
+    """Dotted config fields (down to dataclass fields; dict- and list-valued fields whole) that
+    ``node`` writes, or with ``default`` that ``node`` writes with a value other than it."""
+    out = set()
+    for key, value in node.items():
+        sub, base = getattr(obj, key), getattr(default, key, None)
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            out |= _fields(value, sub, base, f"{prefix}{key}.")
+        elif default is None or to_dict(sub) != to_dict(base):
+            out.add(prefix + key)
+    return out
+
+
+def test_experiment_files_resolve_to_the_settings_and_ids_recorded_before_they_were_cut(
+        tmp_path, monkeypatch):
+    # tests/data/experiments_recorded.json: each file's complete config and its variants'
+    # settings ids, recorded from the complete files before they were cut to what differs from
+    # the defaults; a changed default or id rule shows here before stored results are orphaned
+    monkeypatch.chdir(tmp_path)  # relative class priors read as absent, as when recorded
+    recorded = json.loads(RECORDED.read_text())
+    files = sorted(EXPERIMENTS.glob("*.yaml"))
+    assert [f.name for f in files] == sorted(recorded)
+    for path in files:
+        cfg = load_config(path)
+        want = recorded[path.name]
+        changed = config_diff(config_from_dict(want["config"]), cfg)
+        assert not changed, f"{path.name}: {changed}"
+        ids = {str(v): settings_id(resolve_variant(cfg, v))
+               for v in [spec.name for spec in cfg.variants] or [None]}
+        assert ids == want["settings_ids"], path.name
+
+
+def test_experiment_files_are_short():
+    lines = {p.name: len(p.read_text().splitlines()) for p in EXPERIMENTS.glob("*.yaml")}
+    assert lines["quickstart.yaml"] <= 60
+    swin = {n: k for n, k in lines.items() if n.startswith("swin_l_") and "search" not in n}
+    assert len(swin) == 5 and max(swin.values()) <= 40, swin
 
 
 def test_overrides_are_parsed_as_yaml_and_applied():

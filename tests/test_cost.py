@@ -3,6 +3,8 @@ summed over a parent's children, in a real SQLite MLflow store."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from vspw_ray.config import TrainConfig
@@ -68,3 +70,32 @@ def test_measured_cost_counts_a_failed_body_and_the_parent_sums_its_children(run
     assert sums["cost/train/wall_s"] == pytest.approx(3600.0)
     assert "cost/wall_s" not in sums  # stages overlap: wall adds up per stage only
     assert run_cost(uri, parent) == pytest.approx(sums)
+
+
+def test_system_metrics_are_logged_per_node_while_a_block_runs_and_once_as_it_ends(runs):
+    """MLflow's monitor (tracking.system_metrics): samples while the block runs under the node's
+    name, a last one as it ends (a block shorter than the interval still has figures), and a
+    second block on the same run continues the steps instead of overwriting them."""
+    import mlflow
+
+    from vspw_ray import tracking
+
+    uri, _, child = runs
+    rid = child("train")
+    client = mlflow.tracking.MlflowClient(uri)
+    key = "system/node-a/cpu_utilization_percentage"
+    deadline = time.time() + 120
+    with tracking.system_metrics(uri, rid, "node-a", interval_s=0.05):
+        while key not in client.get_run(rid).data.metrics:  # a sample while it runs
+            assert time.time() < deadline, "no system metrics logged while the block ran"
+            time.sleep(0.05)
+    first = len(client.get_metric_history(rid, key))
+    assert first >= 2  # the samples while it ran, and the last one as it ended
+    with tracking.system_metrics(uri, rid, "node-a", interval_s=3600):  # ends before a sample
+        pass
+    history = client.get_metric_history(rid, key)
+    assert [m.step for m in history] == list(range(first + 1))  # continued: one more step
+    assert all(0.0 <= m.value <= 100.0 for m in history)
+    metrics = client.get_run(rid).data.metrics
+    assert metrics["system/node-a/system_memory_usage_megabytes"] > 0
+    assert not [k for k in metrics if k.startswith("system/") and "/node-a/" not in k]

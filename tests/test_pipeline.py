@@ -89,8 +89,9 @@ def test_a_variant_override_reruns_only_that_variant(tmp_path, synth_root):
     layout = RunLayout(str(tmp_path / "runs"))
     cfg = _load(QUICKSTART, tmp_path, synth_root)
     _complete(cfg, layout)
-    text = QUICKSTART.read_text().replace("    data.crop_size: [64, 64]\n",
-                                          "    data.crop_size: [64, 96]\n")
+    text = QUICKSTART.read_text().replace("overrides: {data.crop_size: [64, 64]}",
+                                          "overrides: {data.crop_size: [64, 96]}")
+    assert text != QUICKSTART.read_text()
     path = tmp_path / "quickstart.yaml"
     path.write_text(text)
     plan = build_plan(_load(path, tmp_path, synth_root), layout)
@@ -270,19 +271,18 @@ def test_seed_recipe_plan_has_22_variants_in_stage_order(tmp_path, synth_copy):
 
 def _tiny_experiment(tmp_path: Path, *, variants: str, splits: str, swa: str) -> Path:
     """The quickstart cut down to seconds: few iterations, one TTA scale, a coarse grid."""
-    import re
+    import yaml
 
-    text = QUICKSTART.read_text()
-    text = re.sub(r"\ntrain:\n  iters: \d+", "\ntrain:\n  iters: 8", text)
-    text = re.sub(r"\n  val_interval: \d+", "\n  val_interval: 8", text)
-    text = re.sub(r"\n  warmup_iters: \d+", "\n  warmup_iters: 1", text)
-    text = re.sub(r"\n  log_interval: \d+", "\n  log_interval: 4", text)
-    text = re.sub(r"\n  loader_workers: \d+", "\n  loader_workers: 0", text)
-    text = re.sub(r"\nswa: \{extra_iters: \d+, every: \d+,", f"\nswa: {{{swa},", text)
-    text = re.sub(r"\ninfer:\n  scales: \[[^\]]*\]", "\ninfer:\n  scales: [1.0]", text)
-    text = text.replace("  method: tune ", "  method: grid ").replace("  grid_step: 0.1", "  grid_step: 0.5")
-    text = re.sub(r"\n  splits: \[[^\]]*\]", f"\n  splits: {splits}", text)
-    text = text[:text.index("variants:\n")] + variants
+    from vspw_ray.config import apply_overrides, load_yaml
+
+    sets = {"train.iters": 8, "train.val_interval": 8, "train.warmup_iters": 1,
+            "train.log_interval": 4, "data.loader_workers": 0, "infer.scales": [1.0],
+            "ensemble.method": "grid", "ensemble.grid_step": 0.5,
+            "pipeline.splits": load_yaml(splits),
+            **{f"swa.{k}": v for k, v in load_yaml("{" + swa + "}").items()}}
+    data = apply_overrides(load_yaml(QUICKSTART.read_text()), sets)
+    data["variants"] = load_yaml(variants)["variants"]
+    text = yaml.safe_dump(data, sort_keys=False)
     path = tmp_path / "tiny_pipeline.yaml"
     path.write_text(text)
     return path

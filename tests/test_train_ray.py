@@ -103,12 +103,16 @@ def _final_weights(storage):
     return read_state(max(listed)[1])
 
 
-def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_local, synth_root, tmp_path):
+def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_local, synth_root,
+                                                                          tmp_path, monkeypatch):
     import mlflow
+    import ray
 
     from vspw_ray.data.fingerprint import data_fingerprint
 
-    cfg = load_config(EXPERIMENT, _overrides(synth_root, tmp_path / "runs", iters=16, workers=2))
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # the driver passes it on
+    cfg = load_config(EXPERIMENT, [*_overrides(synth_root, tmp_path / "runs", iters=16, workers=2),
+                                   "tracking.system_metrics=true"])
     out = train_variant(cfg, "crop64")
     assert out.metrics["iteration"] == 16
     assert out.metrics["ddp/weight_spread"] == 0.0  # both workers hold identical weights
@@ -123,6 +127,15 @@ def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_
     assert [m.step for m in client.get_metric_history(out.run_id, "val_B/miou")] == [4, 8, 12, 16]
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert {"config.yaml", "per_class_iou_val_A.png", "checkpoints.txt"} <= artifacts
+    # system metrics: the driver's, and the one node's from one of its two workers
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    node = f"node-{ray.get_runtime_context().get_node_id()[:8]}"
+    assert {"system/cpu_utilization_percentage",
+            f"system/{node}/cpu_utilization_percentage"} <= system
+    assert {k.split("/")[1] for k in system if k.count("/") == 2} == {node}
+    steps = [m.step for m in client.get_metric_history(out.run_id,
+                                                        f"system/{node}/cpu_utilization_percentage")]
+    assert len(set(steps)) == len(steps) > 0  # one monitor on the node, not one per worker
     best = load_training_state(Path(out.best_checkpoint) / CHECKPOINT_FILE)
     assert best["variant_id"] == out.variant_id
 

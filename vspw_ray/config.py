@@ -452,6 +452,9 @@ class EnsembleConfig:
 class TrackingConfig:
     uri: str | None = None  # None: sqlite:///<storage.path>/mlflow.db
     experiment: str | None = None  # None: the experiment's name
+    # MLflow's system metrics on every stage's run (CPU, memory, disk, network, GPU where
+    # nvidia-ml-py finds one): the driver's as system/*, each training node's as system/node-*/*
+    system_metrics: bool = False
 
     def __post_init__(self) -> None:
         if self.uri is not None:

@@ -324,6 +324,6 @@ def open_stage(cfg: ExperimentConfig, stage: str, tags: Mapping[str, str], *,
         tags[tracking.PARENT_TAG] = parent
     with tracking.open_run(uri, experiment, layout.storage, run_id=run_id, run_name=run_name,
                            tags=tags,
-                           params=tracking.flatten(to_dict(cfg)) if params is None else params
-                           ) as rid:
+                           params=tracking.flatten(to_dict(cfg)) if params is None else params,
+                           system=cfg.tracking.system_metrics) as rid:
         yield Stage(cfg, layout, address, uri, experiment, rid)

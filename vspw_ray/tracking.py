@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -13,10 +14,13 @@ from typing import Any
 from vspw_ray.storage import is_uri
 
 __all__ = ["resolve_tracking_uri", "flatten", "open_run", "log_metrics", "log_new_params",
-           "log_artifact",
-           "find_run", "finish_run", "PARENT_TAG"]
+           "log_artifact", "find_run", "finish_run", "system_metrics", "system_metrics_interval",
+           "PARENT_TAG"]
 
+log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"  # shows a run as the child of another in the MLflow UI
+SAMPLING_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"  # MLflow's own setting, in seconds
+SAMPLING_S = 10.0  # MLflow's default
 
 
 def resolve_tracking_uri(uri: str | None, storage_path: str) -> str:
@@ -74,8 +78,10 @@ def find_run(uri: str, experiment: str, tags: Mapping[str, str], *,
 @contextlib.contextmanager
 def open_run(uri: str, experiment: str, storage_path: str, *, run_id: str | None = None,
              run_name: str | None = None, tags: Mapping[str, str] | None = None,
-             params: Mapping[str, str] | None = None, end_status: str = "FINISHED"):
-    """Start (or resume, with ``run_id``) an MLflow run; yields its id."""
+             params: Mapping[str, str] | None = None, end_status: str = "FINISHED",
+             system: bool = False):
+    """Start (or resume, with ``run_id``) an MLflow run; yields its id. With ``system`` this
+    process's node's system metrics are logged to it while it is open (:func:`system_metrics`)."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -91,12 +97,44 @@ def open_run(uri: str, experiment: str, storage_path: str, *, run_id: str | None
             items = list(params.items())
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i : i + 100]))
-        yield run.info.run_id
+        with system_metrics(uri, run.info.run_id) if system else contextlib.nullcontext():
+            yield run.info.run_id
     except BaseException:
         mlflow.end_run("KILLED")
         raise
     else:
         mlflow.end_run(end_status)
+
+
+def system_metrics_interval() -> float:
+    """Seconds between system-metric samples: MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+    as this process sees it (the driver passes it on to Ray's workers), else MLflow's 10."""
+    return float(os.environ.get(SAMPLING_ENV) or SAMPLING_S)
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, node_id: str | None = None,
+                   interval_s: float | None = None):
+    """MLflow's system metrics of this machine (CPU, memory, disk, network; NVIDIA GPUs where
+    ``nvidia-ml-py`` is installed) logged to ``run_id`` while the block runs: ``system/<name>``,
+    or ``system/<node_id>/<name>`` from the nodes of a multi-node run. One sample every
+    ``interval_s`` (:func:`system_metrics_interval`) and a last one as the block ends, so a run
+    shorter than the interval has its figures too."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s or system_metrics_interval(),
+                                   resume_logging=True, node_id=node_id, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001 -- as MLflow's monitor: metrics never fail a run
+            log.warning("the last system-metrics sample of run %s was not logged: %s", run_id, err)
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from vspw_ray import tracking
 from vspw_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -117,14 +119,17 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from vspw_ray.train.ray_train import fault_setting, train_loop_per_worker
+    from vspw_ray.train.ray_train import fault_setting, node_metrics, train_loop_per_worker
 
+    loop = train_fn or train_loop_per_worker
+    if cfg.tracking.system_metrics and run_id:
+        loop = functools.partial(node_metrics, loop, tracking.system_metrics_interval())
     keep = ray.train.CheckpointConfig(num_to_keep=2)
     if best_by:
         keep = ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=best_by,
                                           checkpoint_score_order="max")
     return TorchTrainer(
-        train_fn or train_loop_per_worker,
+        loop,
         train_loop_config={"experiment": to_dict(cfg), "variant_id": vid, "tracking_uri": uri,
                            "run_id": run_id, "torch_threads": torch_threads,
                            "data_fingerprint": variant_fingerprint(cfg),

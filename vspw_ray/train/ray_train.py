@@ -40,7 +40,7 @@ from vspw_ray.data.datasets import EvalDataset, IterationSampler, TrainDataset, 
 from vspw_ray.metrics import VideoConsistency, summarize
 from vspw_ray.progress import format_duration
 
-__all__ = ["train_loop_per_worker", "validate", "training_state", "save_training_state",
+__all__ = ["train_loop_per_worker", "node_metrics", "validate", "training_state", "save_training_state",
            "write_checkpoint", "load_training_state", "setup_worker", "train_batches", "report",
            "remove_unregistered_checkpoints", "CHECKPOINT_FILE", "METRICS_FILE"]
 
@@ -358,6 +358,22 @@ def report(w: Worker, metrics: dict, state: dict | None,
     if w.fault_after is not None and w.checkpoints == w.fault_after:
         raise InjectedFault(f"{FAULT_ENV}={w.fault_after}: a fault injected after checkpoint "
                             f"{w.checkpoints}")
+
+
+def node_metrics(loop, interval_s: float, config: dict) -> None:
+    """``loop(config)`` with this node's system metrics logged to the run as
+    ``system/node-<Ray node id>/<name>`` (``tracking.system_metrics``): by the worker of local
+    rank 0, one per node."""
+    import ray
+    import ray.train
+
+    from vspw_ray import tracking
+
+    if ray.train.get_context().get_local_rank() != 0:
+        return loop(config)
+    node = f"node-{ray.get_runtime_context().get_node_id()[:8]}"
+    with tracking.system_metrics(config["tracking_uri"], config["run_id"], node, interval_s):
+        return loop(config)
 
 
 def train_loop_per_worker(config: dict) -> None:
