@@ -186,7 +186,8 @@ def train_part(part: str, args: argparse.Namespace) -> None:
     import torch
 
     from vspw_ray.models import build_model
-    from vspw_ray.train.loop import autocast_context, forward_loss
+    from vspw_ray.precision import autocast_context
+    from vspw_ray.train.loop import forward_loss
 
     family, mode = part.split("_")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -74,7 +74,7 @@ def tta_part(part: str, args: argparse.Namespace) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from vspw_ray.models import build_model
-    from vspw_ray.train.loop import autocast_context
+    from vspw_ray.precision import autocast_context
 
     family, path = part.split("_", 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

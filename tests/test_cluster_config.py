@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from vspw_ray.config import load_config
-from vspw_ray.train.resources import worker_request
+from vspw_ray.resources import worker_request
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"

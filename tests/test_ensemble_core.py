@@ -548,12 +548,12 @@ def test_shard_videos_covers_every_video_once():
 
 
 def test_one_pass_decodes_each_member_once_per_frame(member_store, synth_root, monkeypatch):
-    import vspw_ray.scores.encoding as encoding
+    from vspw_ray.ensemble import grid
     from vspw_ray.ensemble.grid import group_frames
 
     calls = []
-    real = encoding.decode
-    monkeypatch.setattr(encoding, "decode",
+    real = grid.decode
+    monkeypatch.setattr(grid, "decode",  # the name the one pass decodes with
                         lambda scores, *a, **k: calls.append(1) or real(scores, *a, **k))
     videos = read_split(synth_root, "val")
     frames = list(group_frames(member_store, "val", str(synth_root), videos, GROUPS))

@@ -36,8 +36,8 @@ from vspw_ray.models.maskformer import (
     semantic_targets,
     sigmoid_focal_loss,
 )
+from vspw_ray.precision import autocast_context
 from vspw_ray.train.loop import (
-    autocast_context,
     build_optimizer,
     build_scheduler,
     forward_loss,

@@ -257,7 +257,7 @@ def test_impossible_request_fails_fast_naming_the_resource(ray_local, synth_root
 
 
 def test_cluster_yaml_node_types_make_a_request_feasible(ray_local, tmp_path):
-    from vspw_ray.train.resources import check_feasible
+    from vspw_ray.resources import check_feasible
 
     cfg = load_config(EXPERIMENT, ["train.use_gpu=true"])
     with pytest.raises(ValueError, match="GPU"):
@@ -266,7 +266,7 @@ def test_cluster_yaml_node_types_make_a_request_feasible(ray_local, tmp_path):
 
 
 def test_waiting_for_busy_resources_times_out_with_the_setting(ray_local, capsys):
-    from vspw_ray.train.resources import wait_for_resources
+    from vspw_ray.resources import wait_for_resources
 
     cfg = load_config(EXPERIMENT, ["train.num_workers=8", "train.batch_size=8",
                                    "train.resource_wait_s=1.5"])

@@ -16,7 +16,7 @@ import pytest
 from tests.test_train_ray import EXPERIMENT, FAST_POLL_ENV, _overrides
 from vspw_ray.config import ConfigError, config_from_dict, load_config, to_dict
 from vspw_ray.metrics import VAL_A_MIOU, VAL_B_MIOU, fold_metric
-from vspw_ray.tune.report import TrialRow, selection_optimism
+from vspw_ray.selection import TrialRow, selection_optimism
 from vspw_ray.tune.space import sample, validate_space
 
 SPACE = {
@@ -151,11 +151,16 @@ def _shared_mock_filesystem(monkeypatch):
     object store that the test can read back)."""
     import pyarrow.fs
 
+    import vspw_ray.tune.report  # noqa: F401 - imported before patching its name too
     from vspw_ray import storage
 
     mock, real = pyarrow.fs._MockFileSystem(), storage.filesystem
-    monkeypatch.setattr(storage, "filesystem", lambda path: (mock, path.split("://", 1)[1])
-                        if path.startswith("mock://") else real(path))
+
+    def fake(path):
+        return (mock, path.split("://", 1)[1]) if path.startswith("mock://") else real(path)
+    for module in list(sys.modules.values()):  # every module that imported the name
+        if module.__name__.startswith("vspw_ray") and getattr(module, "filesystem", None) is real:
+            monkeypatch.setattr(module, "filesystem", fake)
     return mock
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from vspw_ray.storage import filesystem, is_uri
+from vspw_ray.storage import filesystem, is_uri, read_json
 
 __all__ = ["CHECKPOINT_FILE", "METRICS_FILE", "COMPLETE_FILE", "summary", "write_checkpoint",
            "is_complete", "read_state", "read_summary", "list_checkpoints", "best_checkpoint",
@@ -109,15 +109,6 @@ def write_checkpoint(directory: str, state: dict,
     return checkpoint_file(str(directory))
 
 
-def _read_json(fs, path: str):
-    """The parsed JSON file at ``path`` in ``fs``, or None when it is missing or unreadable."""
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-
-
 def _sha256(fs, path: str) -> str:
     digest = hashlib.sha256()
     with fs.open_input_stream(path) as f:
@@ -131,7 +122,7 @@ def _incomplete_reason(fs, folder: str, verify: bool = False) -> str | None:
     completion record is there and every file it names matches it."""
     import pyarrow.fs
 
-    record = _read_json(fs, f"{folder}/{COMPLETE_FILE}")
+    record = read_json(fs, f"{folder}/{COMPLETE_FILE}")
     files = record.get("files") if isinstance(record, dict) else None
     if (not isinstance(files, dict) or {CHECKPOINT_FILE, METRICS_FILE} - files.keys()
             or not all(isinstance(f, dict) for f in files.values())):
@@ -208,7 +199,7 @@ def read_summary(checkpoint: str) -> dict:
         return summary(read_state(file))
     fs, inner = filesystem(folder)
     _require_complete(fs, inner, folder)
-    found = _read_json(fs, f"{inner}/{METRICS_FILE}")
+    found = read_json(fs, f"{inner}/{METRICS_FILE}")
     if not isinstance(found, dict):
         raise ValueError(f"{folder}/{METRICS_FILE} is not a checkpoint summary; the folder was "
                          f"not written by vspw_ray.checkpoints.write_checkpoint")
@@ -264,7 +255,7 @@ def list_checkpoints(run_dir: str) -> list[tuple[str, dict]]:
     found = []
     for info in _checkpoint_folders(fs, inner):
         if _incomplete_reason(fs, info.path) is None:
-            found_summary = _read_json(fs, f"{info.path}/{METRICS_FILE}")
+            found_summary = read_json(fs, f"{info.path}/{METRICS_FILE}")
             if isinstance(found_summary, dict):
                 found.append((_shown(run_dir, info), found_summary))
     return found

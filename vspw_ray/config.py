@@ -553,19 +553,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None:
-            _check(type(None) in args, key, "must not be null")
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[-1] if len(errors) == 1 else f"config key '{key}': "
-                          f"{value!r} matches none of {[_type_name(a) for a in args]}")
+        return _convert_union(value, args, key)
     if origin is Literal:
         _check(value in args, key, f"must be one of {list(args)}, got {value!r}")
         return value
@@ -573,26 +561,54 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, Mapping), key, f"must be a mapping of {tp.__name__} fields")
         return _build(tp, value, key)
     if origin is tuple:
-        if args == (int, int) and isinstance(value, int) and not isinstance(value, bool):
-            return (value, value)  # a size (h, w) given as one int: a square
-        _check(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
-        if args and args[-1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if args:
-            _check(len(value) == len(args), key, f"must have {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        return tuple(value)
+        return _convert_tuple(value, args, key)
     if origin in (dict, Mapping):
-        _check(isinstance(value, Mapping), key, f"must be a mapping, got {value!r}")
-        ktp, vtp = args if args else (str, Any)
-        out = {}
-        for k, v in value.items():
-            _check(isinstance(k, str), key, f"keys must be strings, got {k!r}")
-            if dataclasses.is_dataclass(vtp):
-                _check(isinstance(v, Mapping), f"{key}.{k}", "must be a mapping")
-                v = {**v, "key": k} if "key" in {f.name for f in dataclasses.fields(vtp)} else v
-            out[k] = _convert(v, vtp, f"{key}.{k}")
-        return out
+        return _convert_mapping(value, args, key)
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_union(value: Any, args: tuple, key: str) -> Any:
+    if value is None:
+        _check(type(None) in args, key, "must not be null")
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ConfigError as err:
+            errors.append(str(err))
+    raise ConfigError(errors[-1] if len(errors) == 1 else f"config key '{key}': "
+                      f"{value!r} matches none of {[_type_name(a) for a in args]}")
+
+
+def _convert_tuple(value: Any, args: tuple, key: str) -> tuple:
+    if args == (int, int) and isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)  # a size (h, w) given as one int: a square
+    _check(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
+    if args and args[-1] is Ellipsis:
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if args:
+        _check(len(value) == len(args), key, f"must have {len(args)} values, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    return tuple(value)
+
+
+def _convert_mapping(value: Any, args: tuple, key: str) -> dict:
+    _check(isinstance(value, Mapping), key, f"must be a mapping, got {value!r}")
+    _, vtp = args if args else (str, Any)
+    out = {}
+    for k, v in value.items():
+        _check(isinstance(k, str), key, f"keys must be strings, got {k!r}")
+        if dataclasses.is_dataclass(vtp):
+            _check(isinstance(v, Mapping), f"{key}.{k}", "must be a mapping")
+            v = {**v, "key": k} if "key" in {f.name for f in dataclasses.fields(vtp)} else v
+        out[k] = _convert(v, vtp, f"{key}.{k}")
+    return out
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
         return value

@@ -22,8 +22,11 @@ from vspw_ray.data.layout import (
     read_raw_mask,
     read_split,
 )
+from vspw_ray.labels import class_labels
 from vspw_ray.metrics import ConfusionMatrix, VideoConsistency, summarize
 from vspw_ray.parallel import map_videos
+from vspw_ray.scores.encoding import decode
+from vspw_ray.scores.store import ScoreStore
 
 __all__ = ["evaluate_predictions", "evaluate_store", "evaluate_store_folds", "video_confusions", "format_report",
            "read_prediction", "write_report"]
@@ -50,9 +53,6 @@ def read_prediction(path: Path, video: str, frame: str, shape: tuple[int, int]) 
 
 def _store_predictions(frames: list[Frame], store: str, vid: str, split: str):
     """Argmax at full size of a member's stored scores, frame by frame."""
-    from vspw_ray.labels import class_labels
-    from vspw_ray.scores.encoding import decode
-    from vspw_ray.scores.store import ScoreStore
 
     scores = ScoreStore(store)
     enc, num_classes = scores.encoding(vid), scores.manifest(vid)["num_classes"]
@@ -151,7 +151,6 @@ def evaluate_store_folds(store: str | Path, variant: str, root: str | Path, spli
                          processes: int | None = None, progress=None) -> dict:
     """:func:`evaluate_store` for several folds (``None``: the whole split) at once, reading
     and decoding every frame's scores once: ``{fold: report}``."""
-    from vspw_ray.scores.store import ScoreStore
 
     root = Path(root)
     table = load_class_table(root)

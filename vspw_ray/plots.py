@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["per_class_iou_chart", "lr_schedule_chart"]
+__all__ = ["pyplot", "per_class_iou_chart", "lr_schedule_chart"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files, no display), imported when first needed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +20,7 @@ def _pyplot():
 
 def per_class_iou_chart(ious: Mapping[str, float], path: str | Path, title: str = "") -> Path:
     """Horizontal bars of per-class IoU, worst first."""
-    plt = _pyplot()
+    plt = pyplot()
     items = sorted(ious.items(), key=lambda kv: kv[1])
     fig, ax = plt.subplots(figsize=(7, max(3.0, 0.22 * len(items) + 1)))
     ax.barh([k for k, _ in items], [100 * v for _, v in items], color="tab:blue")
@@ -36,7 +37,7 @@ def per_class_iou_chart(ious: Mapping[str, float], path: str | Path, title: str 
 def lr_schedule_chart(lrs: Sequence[float], path: str | Path, *, snapshots: Sequence[int] = (),
                       title: str = "") -> Path:
     """Learning rate per iteration (log scale), snapshot iterations marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.plot(range(1, len(lrs) + 1), lrs, color="tab:blue", lw=1.2)
     for it in snapshots:

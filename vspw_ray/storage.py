@@ -8,13 +8,15 @@ refused up front, naming the setting to change.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from vspw_ray.config import ConfigError, ExperimentConfig
 
-__all__ = ["is_uri", "resolve_storage", "filesystem", "write_atomic", "check_cluster_settings",
-           "SHARED_MOUNT_ENV", "TMP_PREFIX"]
+__all__ = ["is_uri", "resolve_storage", "filesystem", "write_atomic", "read_json",
+           "check_cluster_settings", "SHARED_MOUNT_ENV", "TMP_PREFIX"]
 
 SHARED_MOUNT_ENV = "VSPW_RAY_SHARED_MOUNT"  # comma-separated mount points known to be shared
 
@@ -45,6 +47,17 @@ def write_atomic(fs, path: str, data: bytes) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
+
+
+def read_json(fs, path: str) -> Any:
+    """The JSON file at ``path`` inside the pyarrow filesystem ``fs``; None when there is none
+    or it cannot be parsed (a file cut off while written is not there yet: its writer, or a
+    re-run, writes it whole)."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_storage(path: str) -> str:

@@ -89,6 +89,37 @@ def _zipf_weights(classes: int) -> np.ndarray:
     return w / w.sum()
 
 
+def _draw_objects(rng, classes: int, weights, h: int, w: int) -> list[dict]:
+    """1-4 moving, growing things (a tenth of them void), each an ellipse or a box."""
+    objects = []
+    for _ in range(int(rng.integers(1, 5))):
+        cls = 0 if rng.random() < 0.1 else int(rng.choice(classes, p=weights)) + 1
+        objects.append({
+            "cls": cls,
+            "shape": "ellipse" if rng.random() < 0.5 else "box",
+            "center": rng.uniform([0.15 * h, 0.15 * w], [0.85 * h, 0.85 * w]),
+            "velocity": rng.uniform(-0.03, 0.03, size=2) * np.array([h, w]),
+            "radius": rng.uniform(0.08, 0.22, size=2) * np.array([h, w]),
+            "growth": rng.uniform(0.98, 1.03),
+        })
+    return objects
+
+
+def _paint_object(image, obj: dict, t: int, looks, xx, yy, rng):
+    """Paint ``obj`` at frame ``t`` into ``image``; its ``(inside, border)`` pixel masks."""
+    cy, cx = obj["center"] + obj["velocity"] * t
+    ry, rx = obj["radius"] * obj["growth"] ** t
+    dy, dx = (yy - cy) / ry, (xx - cx) / rx
+    if obj["shape"] == "ellipse":
+        r = np.sqrt(dy**2 + dx**2)
+    else:
+        r = np.maximum(np.abs(dy), np.abs(dx))
+    inside, border = r <= 1.0, (r > 1.0) & (r <= 1.0 + 2.0 / min(ry, rx))
+    tex = _texture(looks[obj["cls"]], xx - cx, yy - cy, rng)
+    image[inside] = looks[obj["cls"]]["color"] * (1 + 0.35 * tex[inside, None])
+    return inside, border
+
+
 def _render_video(spec: dict, index: int, name: str, out: str) -> int:
     spec = SynthSpec(**spec)
     out = Path(out)
@@ -102,17 +133,7 @@ def _render_video(spec: dict, index: int, name: str, out: str) -> int:
     top, bottom = rng.choice(spec.classes, size=2, replace=False, p=weights) + 1
     horizon, slope = rng.uniform(0.3, 0.6) * h, rng.uniform(-0.3, 0.3) * h / w
     pan = rng.uniform(-1.5, 1.5, size=2)
-    objects = []
-    for _ in range(int(rng.integers(1, 5))):
-        cls = 0 if rng.random() < 0.1 else int(rng.choice(spec.classes, p=weights)) + 1
-        objects.append({
-            "cls": cls,
-            "shape": "ellipse" if rng.random() < 0.5 else "box",
-            "center": rng.uniform([0.15 * h, 0.15 * w], [0.85 * h, 0.85 * w]),
-            "velocity": rng.uniform(-0.03, 0.03, size=2) * np.array([h, w]),
-            "radius": rng.uniform(0.08, 0.22, size=2) * np.array([h, w]),
-            "growth": rng.uniform(0.98, 1.03),
-        })
+    objects = _draw_objects(rng, spec.classes, weights, h, w)
     light = rng.uniform(0.7, 1.3)
 
     (out / "data" / name / "origin").mkdir(parents=True, exist_ok=True)
@@ -129,16 +150,7 @@ def _render_video(spec: dict, index: int, name: str, out: str) -> int:
             image[sel] = looks[cls]["color"] * (1 + 0.35 * tex[sel, None])
         void = np.zeros((h, w), bool)
         for obj in objects:
-            cy, cx = obj["center"] + obj["velocity"] * t
-            ry, rx = obj["radius"] * obj["growth"] ** t
-            dy, dx = (yy - cy) / ry, (xx - cx) / rx
-            if obj["shape"] == "ellipse":
-                r = np.sqrt(dy**2 + dx**2)
-            else:
-                r = np.maximum(np.abs(dy), np.abs(dx))
-            inside, border = r <= 1.0, (r > 1.0) & (r <= 1.0 + 2.0 / min(ry, rx))
-            tex = _texture(looks[obj["cls"]], xx - cx, yy - cy, rng)
-            image[inside] = looks[obj["cls"]]["color"] * (1 + 0.35 * tex[inside, None])
+            inside, border = _paint_object(image, obj, t, looks, xx, yy, rng)
             label[inside] = obj["cls"]
             void = (void & ~inside) | border
         label[void] = 255

@@ -8,23 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vspw_ray.ensemble.methods import Heat
+from vspw_ray.plots import pyplot
 
 __all__ = ["weights_heatmap", "class_change_chart", "candidates_chart"]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def weights_heatmap(heat: Heat, path: Path) -> Path:
     """Fold-A mIoU (%) over two free weights (a heatmap, chosen point marked) or one (a curve).
     With more than two free weights the others are held at their chosen values (in the title)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.8) if len(heat.names) == 2 else (6, 3.5))
     if len(heat.names) == 2:
         x, y = heat.axes
@@ -50,7 +42,7 @@ def class_change_chart(change: Mapping[str, Mapping[str, float | None]], path: P
                        title: str = "") -> Path:
     """Per-class IoU change (points) on folds A and B, sorted by fold B; ``change``:
     ``{"A": {class: delta}, "B": {...}}``, None where a class is not scored."""
-    plt = _pyplot()
+    plt = pyplot()
     classes = sorted(change["B"], key=lambda c: (change["B"][c] is None, change["B"][c] or 0.0))
     fig, ax = plt.subplots(figsize=(7, max(3.0, 0.25 * len(classes) + 1)))
     pos = range(len(classes))
@@ -71,7 +63,7 @@ def class_change_chart(change: Mapping[str, Mapping[str, float | None]], path: P
 def candidates_chart(report: Mapping, path: Path) -> Path:
     """Every candidate's exact mIoU (%) on each fit's selecting folds, one bar per fit; each
     fit's choice marked with a star."""
-    plt = _pyplot()
+    plt = pyplot()
     fits = list(report["fits"])
     cands = sorted(report["candidates"], key=lambda c: -max(c["miou"].values()))
     fig, ax = plt.subplots(figsize=(7, max(3.0, 0.3 * len(cands) * len(fits) ** 0.5 + 1)))

@@ -30,6 +30,9 @@ import torch
 
 from vspw_ray.data.layout import DataError, label_lut, list_frames, read_raw_mask, reduce_mask
 from vspw_ray.ensemble.fusion import fuse_into, fuse_points, group_means, group_order
+from vspw_ray.parallel import map_videos
+from vspw_ray.scores.encoding import decode
+from vspw_ray.scores.store import ScoreStore
 
 __all__ = ["grid_axis", "make_grid", "GridConfusions", "grid_confusions", "candidates",
            "gather_candidates", "point_labels", "group_frames", "argmax_rows", "EPS32",
@@ -256,7 +259,6 @@ class _Decoded(Mapping):
         self.encoded, self.num_classes, self.encodings = encoded, num_classes, encodings
 
     def __getitem__(self, member: str) -> torch.Tensor:
-        from vspw_ray.scores.encoding import decode
 
         return decode(self.encoded[member], self.num_classes, self.encodings[member])
 
@@ -277,7 +279,6 @@ def group_frames(store: str, split: str, root: str, videos: Sequence[str],
     """``(video, frame, group scores, raw mask)`` for every frame of ``videos``: each member's
     stored scores read and decoded once, at the frame's size; the group scores ``[C, H, W]``
     float32 in :func:`group_order`; the raw mask ``[H, W]`` as on disk."""
-    from vspw_ray.scores.store import ScoreStore
 
     order = group_order(groups, base_group or next(iter(groups)))
     members = list(dict.fromkeys(m for g in order for m in groups[g]))
@@ -324,7 +325,6 @@ class GridJob:
 
 def run_grid_job(job: GridJob) -> np.ndarray:
     """Confusion matrices ``[P, C, C]`` int64 of one shard's videos."""
-    from vspw_ray.scores.store import ScoreStore
 
     members = [m for ms in job.groups.values() for m in ms]
     acc = GridConfusions(job.points, _num_classes(ScoreStore(job.store), members))
@@ -360,7 +360,6 @@ def grid_search_store(store: str, groups: Mapping[str, Sequence[str]], split: st
     ``points`` columns are the weights of ``group_order(groups, base_group)[1:]``."""
     import os
 
-    from vspw_ray.parallel import map_videos
 
     if not videos:
         raise ValueError(f"no {split} videos to score")

@@ -31,7 +31,7 @@ from vspw_ray.ensemble.sample import (
     sample_store,
 )
 from vspw_ray.metrics import mean_iou
-from vspw_ray.tune.report import TrialRow, ranked
+from vspw_ray.selection import TrialRow, ranked
 
 __all__ = ["SearchSpace", "Selection", "Heat", "weight_axis", "fold_samples", "fit_samples",
            "sample_heat", "grid_method", "greedy_method", "check_search", "MAX_GRID_BYTES",

@@ -27,7 +27,7 @@ from vspw_ray.ensemble.members import Member
 from vspw_ray.ensemble.methods import Selection
 from vspw_ray.ensemble.outcome import VARIANTS, Outcome
 from vspw_ray.metrics import summarize
-from vspw_ray.tune.report import TrialRow, selection_optimism
+from vspw_ray.selection import TrialRow, selection_optimism
 
 __all__ = ["TRANSFER_NOTE", "FIGURES", "build_report", "format_report", "write_trials_csv",
            "report_metrics", "intervals", "dumps", "report_mode"]

@@ -29,10 +29,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vspw_ray.data import list_frames, read_raw_mask
+from vspw_ray.data.layout import DataError
 from vspw_ray.ensemble.fusion import LOG_FLOOR, fuse_arrays
-from vspw_ray.ensemble.grid import point_labels
+from vspw_ray.ensemble.grid import point_labels, shard_videos
 from vspw_ray.errors import StoreError
 from vspw_ray.labels import class_labels
+from vspw_ray.metrics import VideoConsistency, confusion
+from vspw_ray.scores.encoding import decode
+from vspw_ray.scores.store import ScoreStore
 
 __all__ = ["FusionPlan", "FrameFusion", "frame_labels", "video_scores", "RescoreJob",
            "run_rescore_job", "Rescored", "rescore", "VC_WINDOWS"]
@@ -149,7 +154,6 @@ class FrameFusion:
 
 
 def _decoded(order: Sequence[str], encoded: Mapping, encodings: Mapping, num_classes: int):
-    from vspw_ray.scores.encoding import decode
 
     for m in order:
         yield m, decode(encoded[m], num_classes, encodings[m])
@@ -226,10 +230,6 @@ def _agree(labels: Sequence[np.ndarray], valid: np.ndarray, counts: np.ndarray) 
 def run_rescore_job(job: RescoreJob) -> dict:
     """``{"videos": {(plan, video): (packed confusion, VC accumulators)}, "agreement": [M, M]
     counts of valid pixels where two members agree, "pixels": valid pixels}`` of one shard."""
-    from vspw_ray.data import list_frames, read_raw_mask
-    from vspw_ray.data.layout import DataError
-    from vspw_ray.metrics import VideoConsistency, confusion
-    from vspw_ray.scores.store import ScoreStore
 
     store = ScoreStore(job.store)
     encodings = {m: store.encoding(m) for m in job.order}
@@ -279,7 +279,6 @@ class Rescored:
 
     def fold(self, plan: str, videos: Sequence[str]):
         """``(confusion [C, C], VideoConsistency)`` of ``plan`` over ``videos``."""
-        from vspw_ray.metrics import VideoConsistency
 
         matrix = np.zeros((self.num_classes,) * 2, np.int64)
         vc = VideoConsistency(VC_WINDOWS)
@@ -296,7 +295,6 @@ def rescore(store: str, root: str, split: str, frames: Mapping[str, list[str]],
     one pass sharded into ``shards`` jobs run by ``map_fn(run_rescore_job, jobs)``; ``order``:
     every member, in the decode order. With ``agreement``, every member must be a plan of its
     own (a single), whose labels are compared pairwise."""
-    from vspw_ray.ensemble.grid import shard_videos
 
     plans = {n: FusionPlan(p.groups, p.weights, p.space, p.num_classes, p.inner, tuple(order),
                            p.names) for n, p in plans.items()}

@@ -28,9 +28,47 @@ from pathlib import Path
 from typing import Any
 
 from vspw_ray.config import ExperimentConfig
-from vspw_ray.ensemble.members import EnsembleError, Member
-from vspw_ray.ensemble.methods import Selection
-from vspw_ray.ensemble.submit import Submission
+from vspw_ray.cost import Held, log_cost
+from vspw_ray.data import load_class_table, split_folds
+from vspw_ray.ensemble.candidates import all_candidates, fits_for
+from vspw_ray.ensemble.charts import candidates_chart, class_change_chart, weights_heatmap
+from vspw_ray.ensemble.grouping import format_groups, resolve_groups
+from vspw_ray.ensemble.members import (
+    EnsembleError,
+    Member,
+    check_data,
+    check_leakage,
+    check_members,
+    check_scored,
+    check_split,
+    ensemble_id,
+    load_members,
+)
+from vspw_ray.ensemble.methods import (
+    SearchSpace,
+    Selection,
+    check_search,
+    greedy_method,
+    grid_method,
+)
+from vspw_ray.ensemble.outcome import decide
+from vspw_ray.ensemble.raymap import parallelism, ray_map
+from vspw_ray.ensemble.report import (
+    build_report,
+    dumps,
+    format_report,
+    report_metrics,
+    report_mode,
+    write_trials_csv,
+)
+from vspw_ray.ensemble.rescore import FusionPlan, rescore
+from vspw_ray.ensemble.submit import Submission, write_submission
+from vspw_ray.ensemble.tracked import log_ensemble
+from vspw_ray.ensemble.tune_search import TuneSetup, optuna_url, tune_method
+from vspw_ray.layout import member_for_split, split_fingerprint
+from vspw_ray.runtime import connect_ray, open_stage, resolve_address
+from vspw_ray.scores.store import ScoreStore
+from vspw_ray.storage import check_cluster_settings, filesystem, read_json, write_atomic
 
 __all__ = ["EnsembleResult", "run_ensemble"]
 
@@ -77,7 +115,6 @@ class _Context:
 
 
 def _folds(cfg: ExperimentConfig, videos: list[str]) -> dict[str, list[str]]:
-    from vspw_ray.data import split_folds
 
     a, b = split_folds(videos, cfg.data.fold_seed)
     if not a or not b:
@@ -89,20 +126,6 @@ def _folds(cfg: ExperimentConfig, videos: list[str]) -> dict[str, list[str]]:
 def _prepare(loaded: ExperimentConfig, stage) -> _Context:
     """Every check that needs no Ray: members, class table, fold seed, videos, masks,
     leakage, groups; and the ensemble id."""
-    from vspw_ray.data import load_class_table
-    from vspw_ray.ensemble.grouping import format_groups, resolve_groups
-    from vspw_ray.ensemble.members import (
-        check_data,
-        check_leakage,
-        check_members,
-        check_scored,
-        check_split,
-        ensemble_id,
-        load_members,
-    )
-    from vspw_ray.ensemble.methods import check_search
-    from vspw_ray.ensemble.tune_search import optuna_url
-    from vspw_ray.scores.store import ScoreStore
 
     cfg, e = stage.cfg, stage.cfg.ensemble
     members = load_members(loaded, stage.layout)
@@ -129,8 +152,6 @@ def _prepare(loaded: ExperimentConfig, stage) -> _Context:
 
 
 def _space(ctx: _Context, shards: int):
-    from vspw_ray.ensemble.candidates import fits_for
-    from vspw_ray.ensemble.methods import SearchSpace
 
     e = ctx.cfg.ensemble
     return SearchSpace(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split, ctx.folds,
@@ -140,15 +161,12 @@ def _space(ctx: _Context, shards: int):
 
 def _select(ctx: _Context, shards: int) -> dict[str, Selection]:
     """Run the configured method over the Ray cluster: one selection per fit."""
-    from vspw_ray.ensemble.methods import greedy_method, grid_method
-    from vspw_ray.ensemble.raymap import ray_map
 
     e, space = ctx.cfg.ensemble, _space(ctx, shards)
     if e.method == "grid":
         return grid_method(space, ray_map)
     if e.method == "greedy":
         return greedy_method(space, ray_map)
-    from vspw_ray.ensemble.tune_search import TuneSetup, tune_method
 
     _remove(f"{ctx.folder}/tune")  # a Tune experiment left by a search that did not finish
     setup = TuneSetup(ctx.optuna_url, ctx.eid, ctx.folder, "tune",
@@ -162,7 +180,6 @@ def _select(ctx: _Context, shards: int) -> dict[str, Selection]:
 def _remove(path: str) -> None:
     import pyarrow.fs
 
-    from vspw_ray.storage import filesystem
 
     fs, inner = filesystem(path)
     if fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory:
@@ -171,7 +188,6 @@ def _remove(path: str) -> None:
 
 def _plan(ctx: _Context, groups: dict[str, list[str]], weights: dict[str, float],
           inner: dict[str, float] | None = None, order: list[str] | None = None):
-    from vspw_ray.ensemble.rescore import FusionPlan
 
     return FusionPlan(groups, tuple(float(weights[g]) for g in list(groups)[1:]),
                       ctx.cfg.ensemble.space, ctx.num_classes, dict(inner or {}),
@@ -180,7 +196,6 @@ def _plan(ctx: _Context, groups: dict[str, list[str]], weights: dict[str, float]
 
 
 def _candidates(ctx: _Context, selections: dict[str, Selection]) -> list:
-    from vspw_ray.ensemble.candidates import all_candidates
 
     return all_candidates([c for s in selections.values() for c in s.top],
                           [m.key for m in ctx.members], {m.key: m.name for m in ctx.members})
@@ -189,14 +204,6 @@ def _candidates(ctx: _Context, selections: dict[str, Selection]) -> list:
 def _search(ctx: _Context) -> tuple[dict, str, dict[str, Selection]]:
     """Propose fusions per fit, rescore every candidate on all of val, choose, write the
     report; returns ``(report, text, selections)``."""
-    from vspw_ray.data import load_class_table
-    from vspw_ray.ensemble.candidates import fits_for
-    from vspw_ray.ensemble.grouping import format_groups
-    from vspw_ray.ensemble.outcome import decide
-    from vspw_ray.ensemble.raymap import parallelism, ray_map
-    from vspw_ray.ensemble.report import build_report, format_report
-    from vspw_ray.ensemble.rescore import rescore
-    from vspw_ray.runtime import connect_ray
 
     e = ctx.cfg.ensemble
     connect_ray(ctx.stage.address)
@@ -232,10 +239,6 @@ def _write_outputs(folder: str, report: dict, text: str, selections: dict[str, S
     (ensemble, single, mean, applied), for intervals over videos."""
     import numpy as np
 
-    from vspw_ray.ensemble.charts import candidates_chart, class_change_chart, weights_heatmap
-    from vspw_ray.ensemble.files import write_atomic
-    from vspw_ray.ensemble.report import dumps, write_trials_csv
-    from vspw_ray.storage import filesystem
 
     fs, root = filesystem(folder)
     heat = next((s.heat for s in (selections.get("all"), selections.get("A")) if s and s.heat),
@@ -258,8 +261,6 @@ def _write_outputs(folder: str, report: dict, text: str, selections: dict[str, S
 
 def _cached(ctx: _Context) -> tuple[dict, str] | None:
     """The report of an earlier run of the same ensemble, with its text, or None."""
-    from vspw_ray.ensemble.files import read_json
-    from vspw_ray.storage import filesystem
 
     fs, root = filesystem(ctx.folder)
     report = read_json(fs, f"{root}/report.json")
@@ -277,7 +278,6 @@ def _rekeyed(ctx: _Context, report: dict, split: str) -> tuple[_Context, dict, s
     (a member key covers one split's data), and that split's data fingerprint."""
     from dataclasses import replace
 
-    from vspw_ray.layout import member_for_split, split_fingerprint
 
     data = split_fingerprint(ctx.cfg.data.root, split)
     if split == ctx.cfg.data.val_split:  # the members' keys are val's already
@@ -293,12 +293,6 @@ def _rekeyed(ctx: _Context, report: dict, split: str) -> tuple[_Context, dict, s
 def _apply(ctx: _Context, report: dict, split: str) -> Submission:
     """Fuse every grouped member's scores of ``split`` with the applied fusion (chosen on all of
     val under crossfit, on fold A under holdout), unchanged."""
-    from vspw_ray.ensemble.members import check_split
-    from vspw_ray.ensemble.raymap import parallelism, ray_map
-    from vspw_ray.ensemble.report import report_mode
-    from vspw_ray.ensemble.submit import write_submission
-    from vspw_ray.runtime import connect_ray
-    from vspw_ray.scores.store import ScoreStore
 
     ctx, report, data = _rekeyed(ctx, report, split)
     groups, weights, inner = report["groups"], report["weights"], report.get("inner") or {}
@@ -338,9 +332,6 @@ def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: st
     Raises:
         UserError: bad input (members, groups, splits, scores, settings), named with its fix.
     """
-    from vspw_ray.ensemble.report import report_metrics
-    from vspw_ray.runtime import open_stage, resolve_address
-    from vspw_ray.storage import check_cluster_settings
 
     check_cluster_settings(cfg, resolve_address(address), track=track)
     start = time.perf_counter()
@@ -359,12 +350,9 @@ def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: st
         print(f"submission ({apply}): {submission.zip} ({state})", flush=True)
     run_id = None
     if track and stage.tracking_uri:
-        from vspw_ray.ensemble.tracked import log_ensemble
 
         run_id = log_ensemble(stage, ctx.eid, ctx.members, report, selections, submission)
         if cached is None or (submission is not None and submission.written):
-            from vspw_ray.cost import Held, log_cost
-            from vspw_ray.ensemble.raymap import parallelism
 
             # the search's and the submission's tasks, spread over this many CPUs
             log_cost(stage.tracking_uri, run_id, Held(parallelism(stage.address)),

@@ -20,9 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vspw_ray.ensemble.files import TMP_PREFIX, read_json, write_atomic
 from vspw_ray.ensemble.rescore import FusionPlan, frame_labels, video_scores
-from vspw_ray.storage import filesystem
+from vspw_ray.storage import TMP_PREFIX, filesystem, read_json, write_atomic
 
 __all__ = ["Submission", "SubmitJob", "run_submit_job", "write_submission"]
 

@@ -9,9 +9,14 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from vspw_ray import tracking
+from vspw_ray.config import to_dict, variant_fingerprint
 from vspw_ray.ensemble.members import Member
 from vspw_ray.ensemble.methods import Selection
+from vspw_ray.ensemble.report import report_metrics
 from vspw_ray.ensemble.submit import Submission
+from vspw_ray.runtime import open_stage
+from vspw_ray.storage import filesystem
 
 __all__ = ["REPORT_FILES", "log_ensemble"]
 
@@ -23,7 +28,6 @@ def _fetch(folder: str, names: tuple[str, ...], local: Path) -> list[Path]:
     """Copy the named files that exist in ``folder`` (storage) into ``local``."""
     import pyarrow.fs
 
-    from vspw_ray.storage import filesystem
 
     fs, root = filesystem(folder)
     out = []
@@ -41,7 +45,6 @@ def _child_runs(uri: str, experiment: str, storage: str, parent: str, eid: str,
     active run is per thread, and the parent's is open)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from vspw_ray import tracking
 
     def log_all() -> None:
         for fit, sel in selections.items():
@@ -63,7 +66,6 @@ def _child_runs(uri: str, experiment: str, storage: str, parent: str, eid: str,
 
 
 def _log_submission(uri: str, rid: str, submission: Submission | None) -> None:
-    from vspw_ray import tracking
 
     if submission is None:
         return
@@ -89,10 +91,6 @@ def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
     Returns:
         The run's id.
     """
-    from vspw_ray import tracking
-    from vspw_ray.config import to_dict, variant_fingerprint
-    from vspw_ray.ensemble.report import report_metrics
-    from vspw_ray.runtime import open_stage
 
     uri, experiment, folder = stage.tracking_uri, stage.experiment, stage.layout.ensemble(eid)
     tags = {"ensemble_id": eid}

@@ -22,7 +22,7 @@ from vspw_ray.config import ConfigError, ExperimentConfig
 from vspw_ray.ensemble.candidates import Candidate
 from vspw_ray.ensemble.methods import SearchSpace, Selection, fit_samples, fold_samples, sample_heat
 from vspw_ray.ensemble.sample import Hull, PixelSample, hull_miou, normalise_inner, sample_miou
-from vspw_ray.tune.report import TrialRow, ranked
+from vspw_ray.selection import TrialRow, ranked
 
 __all__ = ["TuneSetup", "WeightSpace", "weight_space", "optuna_url", "score_trial", "run_tuner",
            "tune_method", "METRIC"]

@@ -22,11 +22,25 @@ from typing import Any
 
 import numpy as np
 
-from vspw_ray.config import ExperimentConfig, config_from_dict, to_dict
+from vspw_ray import tracking
+from vspw_ray.checkpoints import checkpoint_file, read_state, read_summary
+from vspw_ray.config import (
+    ExperimentConfig,
+    InferConfig,
+    config_from_dict,
+    resolve_variant,
+    to_dict,
+    variant_fingerprint,
+)
 from vspw_ray.cost import Held, measured_cost
-from vspw_ray.data.layout import DataError, Frame
+from vspw_ray.data import load_class_table, read_split, split_frames
+from vspw_ray.data.layout import DataError, Frame, read_image
+from vspw_ray.evaluate import evaluate_store_folds
+from vspw_ray.infer.tta import tta_frames
 from vspw_ray.labels import class_labels
 from vspw_ray.layout import infer_hash, member_key, split_fingerprint
+from vspw_ray.models import build_model
+from vspw_ray.precision import autocast_context
 from vspw_ray.runtime import open_stage
 from vspw_ray.scores.encoding import ScoreEncoding, encode
 from vspw_ray.scores.store import (
@@ -50,8 +64,6 @@ def load_inference_model(checkpoint: str, num_classes: int, device: str = "cpu")
     mode; returns ``(model, checkpoint config)``."""
     import torch
 
-    from vspw_ray.checkpoints import read_state
-    from vspw_ray.models import build_model
 
     state = read_state(checkpoint)
     if "config" not in state or "model" not in state:
@@ -73,7 +85,6 @@ def load_inference_model(checkpoint: str, num_classes: int, device: str = "cpu")
 
 def decode_frames(batch: dict[str, np.ndarray], *, on_bad_frame: str) -> dict[str, np.ndarray]:
     """Ray Data CPU task: JPEG -> raw RGB bytes (plain binary column, no tensor extension)."""
-    from vspw_ray.data.layout import read_image
 
     images, heights, widths, errors = [], [], [], []
     for video, name, path in zip(batch["video"], batch["frame"], batch["image_path"]):
@@ -103,8 +114,6 @@ class TTAPredictor:
                  torch_threads: int = 1):
         import torch
 
-        from vspw_ray.config import InferConfig
-        from vspw_ray.train.loop import autocast_context
 
         torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,7 +127,6 @@ class TTAPredictor:
         import torch
         from PIL import Image
 
-        from vspw_ray.infer.tta import tta_frames
 
         n = len(batch["error"])
         pngs, classes, codes = [b""] * n, [b""] * n, [b""] * n
@@ -222,7 +230,6 @@ def _member(stage, checkpoint: str | None, resolved: ExperimentConfig | None, sp
             store: str | None, predictions: str | None) -> _Member:
     """The checkpoint to infer (``checkpoint``, else the model checkpoint of the ``resolved``
     variant in the run layout) and its member key and output locations."""
-    from vspw_ray.checkpoints import checkpoint_file, read_summary
 
     if checkpoint is None:
         checkpoint = stage.layout.model_checkpoint(resolved)
@@ -242,7 +249,6 @@ def _member(stage, checkpoint: str | None, resolved: ExperimentConfig | None, sp
 def _transfer(cfg: ExperimentConfig, trained: str | None) -> str:
     """Whether weights that learnt from data ``trained`` (a variant fingerprint) learnt from
     this dataset's training and val splits."""
-    from vspw_ray.config import variant_fingerprint
 
     if not trained:
         return "unknown"
@@ -263,8 +269,6 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
     under that key are skipped. Metrics from the stored scores when the split has masks.
     ``label`` names the run in MLflow (``<label>/infer-<split>``; default the variant's name,
     or the experiment's)."""
-    from vspw_ray.config import resolve_variant
-    from vspw_ray.data import load_class_table, read_split, split_frames
 
     # the variant as the user wrote it: its id is computed before paths are made absolute, as
     # train does
@@ -452,7 +456,6 @@ def _log_run(stage, rate: _Throughput, store_bytes: int, frames: int, split: str
              metrics: dict | None) -> None:
     """Throughput, store size and the metrics from the stored scores, in the stage's run (one
     per member and split, resumed when re-run)."""
-    from vspw_ray import tracking
 
     numbers = {"frames": rate.written, "frames_per_s": rate.fps, "store_bytes": store_bytes,
                "store_bytes_per_frame": store_bytes / max(1, frames)}
@@ -469,7 +472,6 @@ def _has_masks(frames: list[Frame]) -> bool:
 
 
 def _store_metrics(scores, key: str, root: str, split: str, fold_seed: int) -> dict[str, Any]:
-    from vspw_ray.evaluate import evaluate_store_folds
 
     out = {}
     for fold, report in evaluate_store_folds(scores.uri, key, root, split,

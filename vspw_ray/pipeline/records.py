@@ -11,7 +11,7 @@ import socket
 import time
 
 from vspw_ray.layout import RunLayout
-from vspw_ray.storage import filesystem, write_atomic
+from vspw_ray.storage import filesystem, read_json, write_atomic
 
 __all__ = ["read_record", "write_record", "write_marker", "clear_marker", "read_marker",
            "HEARTBEAT_S", "LIVE_S"]
@@ -43,11 +43,8 @@ def clear_marker(layout: RunLayout, pipeline: str, step: str) -> None:
 def read_marker(layout: RunLayout, pipeline: str, step: str) -> dict | None:
     """The running marker of ``step`` (``live`` added: refreshed within ``LIVE_S``, and on
     this host by a process that still exists)."""
-    fs, path = filesystem(_marker(layout, pipeline, step))
-    try:
-        with fs.open_input_stream(path) as f:
-            marker = json.loads(f.read())
-    except (OSError, ValueError):
+    marker = read_json(*filesystem(_marker(layout, pipeline, step)))
+    if marker is None:
         return None
     live = time.time() - float(marker.get("heartbeat", 0)) < LIVE_S
     if live and marker.get("host") == socket.gethostname():
@@ -67,12 +64,7 @@ def _exists(pid: int) -> bool:
 
 def read_record(layout: RunLayout, pipeline: str, step: str) -> dict | None:
     """The record of ``step`` (``stage:item``), or None when the step has not completed."""
-    fs, path = filesystem(layout.pipeline_record(pipeline, step))
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):  # absent, or cut off while written: not complete
-        return None
+    return read_json(*filesystem(layout.pipeline_record(pipeline, step)))  # cut off: not complete
 
 
 def write_record(layout: RunLayout, pipeline: str, step: str, key: str,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vspw_ray import tracking
+from vspw_ray.checkpoints import checkpoint_file, read_summary
 from vspw_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -22,8 +23,10 @@ from vspw_ray.data import load_class_table, split_frames
 from vspw_ray.data.stats import load_prior
 from vspw_ray.layout import RunLayout, bind_teacher
 from vspw_ray.metrics import VAL_A_MIOU
+from vspw_ray.plots import per_class_iou_chart
+from vspw_ray.resources import check_feasible, wait_for_resources
 from vspw_ray.runtime import open_stage
-from vspw_ray.train.resources import check_feasible, wait_for_resources
+from vspw_ray.train.ray_train import fault_setting, node_metrics, train_loop_per_worker
 
 __all__ = ["TrainResult", "train_variant", "build_trainer", "check_inputs", "data_tags"]
 
@@ -59,7 +62,6 @@ def data_tags(cfg: ExperimentConfig) -> dict[str, str]:
     and, when it starts from other weights (``train --from``, ``model.init_checkpoint``),
     ``init_data_fingerprint`` and ``transfer`` (``same data`` or ``other data``: fine-tuning or
     transfer, allowed and recorded; ``unknown`` for weights that record no fingerprint)."""
-    from vspw_ray.checkpoints import checkpoint_file, read_summary
 
     fingerprint = variant_fingerprint(cfg)
     tags = {"data_fingerprint": fingerprint}
@@ -119,7 +121,6 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from vspw_ray.train.ray_train import fault_setting, node_metrics, train_loop_per_worker
 
     loop = train_fn or train_loop_per_worker
     if cfg.tracking.system_metrics and run_id:
@@ -188,8 +189,6 @@ def _log_summary(uri: str, run_id: str, cfg: ExperimentConfig, out: TrainResult,
     """Artifacts: the resolved YAML, the per-class IoU chart and the checkpoint locations."""
     import tempfile
 
-    from vspw_ray import tracking
-    from vspw_ray.plots import per_class_iou_chart
 
     with tempfile.TemporaryDirectory() as d:
         cfg_path = Path(d) / "config.yaml"

@@ -25,8 +25,6 @@ __all__ = [
     "build_optimizer",
     "lr_factor",
     "build_scheduler",
-    "autocast_context",
-    "compile_enabled",
     "forward_loss",
     "train_steps",
     "evaluate_model",
@@ -71,23 +69,6 @@ def lr_factor(it: int, cfg: TrainConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
-
-
-def autocast_context(device: torch.device, amp: str):
-    """bf16 where the GPU supports it, fp16 otherwise (with a GradScaler), fp32 on CPU."""
-    if device.type != "cuda" or amp == "fp32":
-        return contextlib.nullcontext(), None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-
-
-def compile_enabled(setting: str, device: torch.device) -> bool:
-    """``train.compile``: ``auto`` compiles on CUDA only (on a CPU the compile of even the tiny
-    model takes minutes and the step gains little), ``on`` and ``off`` say it."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"train.compile must be auto, on or off, got {setting!r}")
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vspw_ray import tracking
 from vspw_ray.checkpoints import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -37,8 +38,19 @@ from vspw_ray.checkpoints import (
 from vspw_ray.config import ExperimentConfig, config_from_dict, to_dict
 from vspw_ray.data import fold_videos, load_class_table, read_split, split_frames
 from vspw_ray.data.datasets import EvalDataset, IterationSampler, TrainDataset, sample_seed
+from vspw_ray.data.stats import load_prior
 from vspw_ray.metrics import VideoConsistency, summarize
+from vspw_ray.models import build_model
+from vspw_ray.models.distill import load_model_weights
+from vspw_ray.precision import autocast_context, compile_enabled
 from vspw_ray.progress import format_duration
+from vspw_ray.train.loop import (
+    build_optimizer,
+    build_scheduler,
+    evaluate_model,
+    forward_loss,
+    train_steps,
+)
 
 __all__ = ["train_loop_per_worker", "node_metrics", "validate", "training_state", "save_training_state",
            "write_checkpoint", "load_training_state", "setup_worker", "train_batches", "report",
@@ -121,7 +133,6 @@ def validate(model, cfg: ExperimentConfig, root: str, num_classes: int, class_na
     """Official metrics on folds A and B of the val split, and each val video's confusion
     matrix (saved beside the checkpoint for bootstrap intervals over videos); each worker
     scores a share of the videos, and the matrices and VC windows are gathered across workers."""
-    from vspw_ray.train.loop import autocast_context, evaluate_model
 
     videos = read_split(root, cfg.data.val_split)
     autocast, _ = autocast_context(device, cfg.train.amp)
@@ -223,10 +234,6 @@ def setup_worker(config: dict) -> Worker:
     import ray.train.torch
 
     quiet_report_dumps()
-    from vspw_ray.data.stats import load_prior
-    from vspw_ray.models import build_model
-    from vspw_ray.models.distill import load_model_weights
-    from vspw_ray.train.loop import autocast_context, compile_enabled, forward_loss
 
     cfg = config_from_dict(config["experiment"])
     ctx = ray.train.get_context()
@@ -289,7 +296,6 @@ class ProgressLog:
         self.count, self.images, self.window_start = 0, 0, time.perf_counter()
 
     def step(self, done: int, terms: dict[str, float], lr: float) -> None:
-        from vspw_ray import tracking
 
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
@@ -367,7 +373,6 @@ def node_metrics(loop, interval_s: float, config: dict) -> None:
     import ray
     import ray.train
 
-    from vspw_ray import tracking
 
     if ray.train.get_context().get_local_rank() != 0:
         return loop(config)
@@ -381,8 +386,6 @@ def train_loop_per_worker(config: dict) -> None:
     ``tracking_uri``, ``run_id`` (MLflow run rank 0 logs to)."""
     import ray.train
 
-    from vspw_ray import tracking
-    from vspw_ray.train.loop import build_optimizer, build_scheduler, train_steps
 
     started = time.perf_counter()
     checkpoint = ray.train.get_checkpoint()

@@ -26,16 +26,41 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from vspw_ray import tracking
 from vspw_ray.checkpoints import checkpoint_file, list_checkpoints, read_state, read_summary
-from vspw_ray.config import ConfigError, ExperimentConfig, SwaConfig
+from vspw_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    SwaConfig,
+    dump_yaml,
+    resolve_variant,
+    variant_id,
+)
 from vspw_ray.cost import measured_cost, train_held
 from vspw_ray.data.datasets import sample_seed
-from vspw_ray.layout import swa_variant_id
+from vspw_ray.layout import RunLayout, bind_teacher, swa_variant_id
 from vspw_ray.metrics import VAL_A_MIOU, VAL_B_MIOU
+from vspw_ray.plots import lr_schedule_chart
+from vspw_ray.resources import check_feasible, wait_for_resources
 from vspw_ray.runtime import open_stage
-from vspw_ray.storage import is_uri
+from vspw_ray.storage import is_uri, resolve_storage
 from vspw_ray.train.driver import build_trainer, fit
-from vspw_ray.train.resources import check_feasible, wait_for_resources
+from vspw_ray.train.loop import build_optimizer, train_steps
+from vspw_ray.train.ray_train import (
+    CHECKPOINT_FILE,
+    ProgressLog,
+    data_record,
+    load_training_state,
+    preemption_announced,
+    preemption_metrics,
+    report,
+    setup_worker,
+    step_seed,
+    train_batches,
+    training_state,
+    unwrap,
+    validate,
+)
 
 __all__ = ["cyclic_lr", "swa_scheduler", "swa_steps", "recompute_bn", "has_batchnorm",
            "swa_loop_per_worker", "swa_variant_id", "SwaResult", "swa_variant", "COMPARED"]
@@ -71,7 +96,6 @@ def swa_steps(model: nn.Module, average: AveragedModel, optimizer, scheduler, ba
     """SWA iterations ``start..swa.extra_iters``: one optimisation step each, a snapshot folded
     into ``average`` at the end of every cycle. ``before_step(i)`` seeds the step;
     ``on_step(done, loss_terms, lr)`` and ``on_snapshot(done)`` report."""
-    from vspw_ray.train.loop import train_steps
 
     for i in range(start, swa.extra_iters):
         if before_step:
@@ -140,7 +164,6 @@ class _SwaRun:
     base_metrics: dict
 
     def validate(self, model: nn.Module) -> tuple[dict, Any]:
-        from vspw_ray.train.ray_train import validate
 
         w = self.w
         return validate(model, w.cfg, w.cfg.data.root, w.table.num_classes, w.table.names,
@@ -149,7 +172,6 @@ class _SwaRun:
     def state(self, done: int, **extra) -> dict | None:
         """Rank 0's resumable state at SWA iteration ``done``: the model, optimizer and
         schedule, and the running average with its count."""
-        from vspw_ray.train.ray_train import data_record, training_state
 
         w, config = self.w, self.config
         if w.rank != 0:
@@ -167,7 +189,6 @@ class _SwaRun:
 
 def _resume(w, config: dict, optimizer, state: dict) -> _SwaRun:
     """The run as a registered SWA checkpoint left it."""
-    from vspw_ray.train.ray_train import unwrap
 
     swa = w.cfg.swa
     unwrap(w.model).load_state_dict(state["model"])
@@ -188,7 +209,6 @@ def _resume(w, config: dict, optimizer, state: dict) -> _SwaRun:
 def _start(w, config: dict, optimizer) -> _SwaRun:
     """A new run from the base checkpoint: its weights, its Adam moments at SWA's learning
     rate, and its validated metrics (measured here when the checkpoint has none)."""
-    from vspw_ray.train.ray_train import unwrap
 
     net = unwrap(w.model)
     base = read_state(config["base_checkpoint"])
@@ -211,8 +231,6 @@ def _start_or_resume(w, config: dict) -> _SwaRun | None:
     None when the latest checkpoint is the finished average."""
     import ray.train
 
-    from vspw_ray.train.loop import build_optimizer
-    from vspw_ray.train.ray_train import CHECKPOINT_FILE, load_training_state, unwrap
 
     optimizer = build_optimizer(unwrap(w.model), replace(w.cfg.train, lr=w.cfg.swa.lr_max))
     checkpoint = ray.train.get_checkpoint()
@@ -228,14 +246,6 @@ def _start_or_resume(w, config: dict) -> _SwaRun | None:
 def _swa_phase(run: _SwaRun) -> None:
     """The SWA iterations, a snapshot averaged in (and a checkpoint reported) every
     ``swa.every``."""
-    from vspw_ray.train.ray_train import (
-        ProgressLog,
-        preemption_announced,
-        preemption_metrics,
-        report,
-        step_seed,
-        train_batches,
-    )
 
     w, config, swa = run.w, run.config, run.w.cfg.swa
     base_iter, total = int(config["base_iteration"]), swa.extra_iters
@@ -267,7 +277,6 @@ def _swa_phase(run: _SwaRun) -> None:
 def _refresh_bn(run: _SwaRun) -> None:
     """BatchNorm statistics of the average, recomputed on ``swa.bn_batches`` training batches
     (and averaged over workers); models without BatchNorm skip it."""
-    from vspw_ray.train.ray_train import train_batches
 
     w, swa = run.w, run.w.cfg.swa
     if not (has_batchnorm(run.average.module) and swa.bn_batches):
@@ -283,7 +292,6 @@ def _refresh_bn(run: _SwaRun) -> None:
 def _finalise(run: _SwaRun, snapshot_metrics: dict) -> None:
     """Validate the average and report it, side by side with the base checkpoint and the
     last snapshot, as the run's last checkpoint (``kind: swa_average``, not resumable)."""
-    from vspw_ray.train.ray_train import report
 
     total = run.w.cfg.swa.extra_iters
     swa_metrics, confusions = run.validate(run.average.module)
@@ -305,7 +313,6 @@ def swa_loop_per_worker(config: dict) -> None:
     """Ray Train worker. ``config``: as for training plus ``base_checkpoint``,
     ``base_iteration`` and ``parent_variant_id``. Start (or resume), the SWA iterations, the
     BatchNorm refresh of the average, and the average validated and reported."""
-    from vspw_ray.train.ray_train import setup_worker
 
     w = setup_worker({**config, "skip_init_checkpoint": True})
     run = _start_or_resume(w, config)
@@ -336,9 +343,6 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                 label: str | None = None) -> SwaResult:
     """Run (or resume, or find finished) the SWA job of one variant (``label``: its name in
     MLflow, as :func:`~vspw_ray.train.driver.train_variant`'s)."""
-    from vspw_ray.config import resolve_variant, variant_id
-    from vspw_ray.layout import RunLayout, bind_teacher
-    from vspw_ray.storage import resolve_storage
 
     resolved = bind_teacher(cfg, resolve_variant(cfg, variant))
     parent = variant_id(resolved)
@@ -395,7 +399,6 @@ def _log_run(stage, out: SwaResult) -> None:
     """The side-by-side metrics and the artifacts of a finished SWA job."""
     import tempfile
 
-    from vspw_ray import tracking
 
     compared = {k: v for k, v in out.metrics.items()
                 if k.split("/", 1)[0] in COMPARED and isinstance(v, float)}
@@ -430,8 +433,6 @@ def format_comparison(metrics: dict) -> str:
 
 
 def _write_artifacts(folder: Path, cfg: ExperimentConfig, out: SwaResult) -> None:
-    from vspw_ray.config import dump_yaml
-    from vspw_ray.plots import lr_schedule_chart
 
     (folder / "config.yaml").write_text(dump_yaml(cfg))
     swa = cfg.swa

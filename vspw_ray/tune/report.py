@@ -8,86 +8,27 @@ import csv
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vspw_ray.config import ExperimentConfig
+from vspw_ray import tracking
+from vspw_ray.config import ExperimentConfig, config_from_dict, dump_yaml, to_dict, variant_id
+from vspw_ray.cost import log_cost, resources_held, sum_child_costs, train_held
 from vspw_ray.metrics import VAL_A_MIOU
-from vspw_ray.tune.space import lookup
+from vspw_ray.selection import TrialRow, ranked, selection_optimism
+from vspw_ray.storage import filesystem
+from vspw_ray.tune.space import lookup, trial_config
 from vspw_ray.tune.sweep import TIME_ATTR, SearchResult, Sweep, fold_b_metric
 
 __all__ = ["TrialRow", "ranked", "selection_optimism", "format_trials", "finish_sweep",
            "metric_value"]
-
-CAVEAT = ("Folds A and B are two halves of val (split by video): the best trial was chosen on A, "
-          "so its lead on B shows how much of that lead was selection luck within val. It "
-          "cannot detect a shift between val and test.")
-
-
-@dataclass(frozen=True)
-class TrialRow:
-    number: int  # Optuna trial number
-    tune_trial_id: str | None
-    state: str  # complete | pruned | error
-    params: dict[str, Any]
-    iteration: int | None
-    val_a: float | None  # tune.metric (measured on fold A of val)
-    val_b: float | None  # its fold B counterpart
-    optuna_state: str
-    variant_id: str | None = None
-    run_id: str | None = None
-    extra: dict = field(default_factory=dict)
-
 
 def metric_value(metrics: Mapping[str, Any] | None, key: str) -> Any:
     """A reported metric by its slash name, whether Tune kept it flat or nested it."""
     if not metrics:
         return None
     return metrics[key] if key in metrics else lookup(metrics, key, sep="/", default=None)
-
-
-def ranked(rows: Sequence[TrialRow], mode: str = "max", fold: str = "A") -> list[TrialRow]:
-    """The complete trials with a score on ``fold``, best first."""
-    key = "val_a" if fold == "A" else "val_b"
-    sign = 1.0 if mode == "max" else -1.0
-    done = [r for r in rows if r.state == "complete" and getattr(r, key) is not None]
-    return sorted(done, key=lambda r: -sign * getattr(r, key))
-
-
-def selection_optimism(rows: Sequence[TrialRow], mode: str = "max") -> dict[str, Any]:
-    """The best-on-A trial's lead over the runner-up on fold A against the same lead on fold B.
-
-    ``holds``: the lead stays positive on B; ``shrinks``: it keeps less than half of its size.
-    ``excess_gap``: the best trial's A-B gap minus the mean A-B gap of all complete trials (the
-    part of its A score that looks like luck, after the folds' own difference).
-    """
-    from scipy.stats import spearmanr
-
-    done = [r for r in ranked(rows, mode) if r.val_b is not None]
-    out: dict[str, Any] = {"complete": len(done), "caveat": CAVEAT}
-    if len(done) < 2:
-        out["verdict"] = "needs at least two complete trials"
-        return out
-    sign = 1.0 if mode == "max" else -1.0
-    best, runner = done[0], done[1]
-    lead_a = sign * (best.val_a - runner.val_a)
-    lead_b = sign * (best.val_b - runner.val_b)
-    gaps = [r.val_a - r.val_b for r in done]
-    out.update(
-        best=best.number, runner_up=runner.number, lead_a=lead_a, lead_b=lead_b,
-        best_rank_on_b=1 + sum(sign * r.val_b > sign * best.val_b for r in done),
-        excess_gap=(best.val_a - best.val_b) - sum(gaps) / len(gaps),
-        spearman_a_b=float(spearmanr([r.val_a for r in done], [r.val_b for r in done])[0])
-        if len(done) > 2 else None,
-    )
-    if lead_b <= 0:
-        out["verdict"] = "does not hold: the runner-up is as good or better on fold B"
-    elif lead_b < 0.5 * lead_a:
-        out["verdict"] = "shrinks: fold B keeps less than half of the lead"
-    else:
-        out["verdict"] = "holds"
-    return out
 
 
 def _pct(v: float | None) -> str:
@@ -155,8 +96,6 @@ def _plots(study, folder: Path) -> list[Path]:
 
 def _rows(cfg: ExperimentConfig, grid, study) -> list[TrialRow]:
     """One row per Tune trial that reported, joined with its Optuna trial by number."""
-    from vspw_ray.config import variant_id
-    from vspw_ray.tune.space import trial_config
 
     metric, other = cfg.tune.metric, fold_b_metric(cfg.tune.metric)
     ot = {t.number: t for t in study.trials}
@@ -205,8 +144,6 @@ def _finish_child_runs(cfg: ExperimentConfig, rows: Sequence[TrialRow],
     """Set each trial's MLflow run to its outcome (FINISHED, KILLED when pruned, FAILED), log
     its cost (Tune's ``time_total_s`` of the trial x its workers and driver) and add its run
     id to the row."""
-    from vspw_ray import tracking
-    from vspw_ray.cost import log_cost, resources_held, train_held
 
     if not sweep.parent_run_id:
         return list(rows)
@@ -230,8 +167,6 @@ def _write_best(cfg: ExperimentConfig, rows: Sequence[TrialRow], folder: Path,
                 dest: str) -> dict[str, Path]:
     """The best ``tune.top_k`` trials as complete experiment YAMLs with the full-length
     schedule, written into ``folder``; keyed by where they go under ``dest``."""
-    from vspw_ray.config import config_from_dict, dump_yaml, to_dict
-    from vspw_ray.tune.space import trial_config
 
     metric, other = cfg.tune.metric, fold_b_metric(cfg.tune.metric)
     folder.mkdir(parents=True, exist_ok=True)
@@ -265,7 +200,6 @@ def _write_csv(rows: Sequence[TrialRow], path: Path, metric: str) -> None:
 
 def _upload(files: Mapping[str, Path]) -> None:
     """Copy local files to their places in storage (a folder or an ``s3://``/``gs://`` URI)."""
-    from vspw_ray.storage import filesystem
 
     for target, local in files.items():
         fs, inner = filesystem(target)
@@ -308,7 +242,6 @@ def _log_to_parent(cfg: ExperimentConfig, sweep: Sweep, rows: Sequence[TrialRow]
                    optimism: Mapping[str, Any], report: Sequence[Path],
                    best: Sequence[Path]) -> None:
     """The report files, the best configurations and the sweep's numbers on its MLflow run."""
-    from vspw_ray import tracking
 
     uri, rid = sweep.tracking_uri, sweep.parent_run_id
     for f in report:
@@ -327,6 +260,5 @@ def _log_to_parent(cfg: ExperimentConfig, sweep: Sweep, rows: Sequence[TrialRow]
                    trials_pruned=sum(r.state == "pruned" for r in rows),
                    trials_error=sum(r.state == "error" for r in rows))
     tracking.log_metrics(uri, rid, numbers, 0)
-    from vspw_ray.cost import sum_child_costs
 
     sum_child_costs(uri, rid)  # the trials' resources, summed on the sweep's run

@@ -37,7 +37,16 @@ from vspw_ray.config import (
     weight_settings,
 )
 from vspw_ray.layout import RunLayout
-from vspw_ray.runtime import quiet_ray_libraries, tune_result_loggers
+from vspw_ray.resources import check_feasible
+from vspw_ray.runtime import (
+    open_stage,
+    prepare_config,
+    quiet_ray_libraries,
+    resolve_address,
+    tune_result_loggers,
+)
+from vspw_ray.storage import filesystem, is_uri
+from vspw_ray.tune.report import finish_sweep
 from vspw_ray.tune.space import (
     has_compound_choices,
     optuna_choice,
@@ -175,7 +184,6 @@ def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[in
 
 def _check_optuna_storage(cfg: ExperimentConfig, storage: str, address: str | None) -> None:
     """Refuse, before anything starts, a default SQLite study where it cannot work."""
-    from vspw_ray.storage import is_uri
 
     if cfg.tune.storage:
         return
@@ -191,7 +199,6 @@ def _check_optuna_storage(cfg: ExperimentConfig, storage: str, address: str | No
 
 def _optuna_url(cfg: ExperimentConfig, layout: RunLayout) -> str:
     """``tune.storage``, else a SQLite file in the layout's tune folder (local storage)."""
-    from vspw_ray.storage import filesystem
 
     if cfg.tune.storage:
         return cfg.tune.storage
@@ -250,9 +257,6 @@ def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool
     """
     import ray
 
-    from vspw_ray.runtime import open_stage, prepare_config, resolve_address
-    from vspw_ray.train.resources import check_feasible
-    from vspw_ray.tune.report import finish_sweep
 
     if cfg.variants:
         cfg = config_from_dict({**to_dict(cfg), "variants": []})  # the search replaces them

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from vspw_ray.config import config_from_dict, to_dict
+from vspw_ray import tracking
+from vspw_ray.checkpoints import list_checkpoints
+from vspw_ray.config import config_from_dict, to_dict, variant_id
+from vspw_ray.runtime import open_stage
+from vspw_ray.train.driver import build_trainer
 from vspw_ray.tune.space import trial_config
 from vspw_ray.tune.sweep import TIME_ATTR, Sweep
 
@@ -24,10 +28,6 @@ def run_trial(config: dict, *, base: dict, sweep: Sweep) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vspw_ray import tracking
-    from vspw_ray.config import variant_id
-    from vspw_ray.runtime import open_stage
-    from vspw_ray.train.driver import build_trainer
 
     cfg = config_from_dict(base)
     number = int(config["optuna_trial"])
@@ -88,7 +88,6 @@ def finished_result(trial, metric: str, run_dir: str, sweep_id: str,
     """
     import optuna
 
-    from vspw_ray.checkpoints import list_checkpoints
 
     steps = trial.intermediate_values
     if trial.state == optuna.trial.TrialState.FAIL or (not steps and trial.value is None):
