@@ -50,10 +50,12 @@ def _fields(node, obj, default=None, prefix=""):
 
 def test_experiment_files_resolve_to_the_settings_and_ids_recorded_before_they_were_cut(
         tmp_path, monkeypatch):
-    # tests/data/experiments_recorded.json: each file's complete config and its variants'
-    # settings ids, recorded from the complete files before they were cut to what differs from
-    # the defaults; a changed default or id rule shows here before stored results are orphaned
+    # tests/data/experiments_recorded.json: each file's complete config, its variants' settings
+    # ids (recorded from the complete files before they were cut to what differs from the
+    # defaults) and every id derived from them; a changed default or id rule shows here before
+    # stored results are orphaned
     monkeypatch.chdir(tmp_path)  # relative class priors read as absent, as when recorded
+    recorder = _recorder()
     recorded = json.loads(RECORDED.read_text())
     files = sorted(EXPERIMENTS.glob("*.yaml"))
     assert [f.name for f in files] == sorted(recorded)
@@ -65,6 +67,19 @@ def test_experiment_files_resolve_to_the_settings_and_ids_recorded_before_they_w
         ids = {str(v): settings_id(resolve_variant(cfg, v))
                for v in [spec.name for spec in cfg.variants] or [None]}
         assert ids == want["settings_ids"], path.name
+        # every id derived from it (variant, SWA, member, sweep, ensemble, pipeline keys), under
+        # the same fixed data fingerprints as when recorded
+        assert recorder.experiment_ids(path) == want["ids"], path.name
+
+
+def _recorder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("record_experiments",
+                                                  RECORDED.parent / "record_experiments.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_experiment_files_are_short():

@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from vspw_ray.config import (
@@ -34,16 +34,15 @@ from vspw_ray.errors import UserError
 from vspw_ray.layout import RunLayout
 from vspw_ray.storage import check_cluster_settings, is_uri, resolve_storage
 
-__all__ = ["Stage", "open_stage", "connect_ray", "resolve_address", "prepare_config",
-           "git_commit", "note_id_scheme", "ID_SCHEME_FILE", "DASHBOARD_ENV", "PARENT_RUN_ENV",
-           "LOCAL", "RayConnectionError"]
+__all__ = ["Prepared", "Stage", "prepare_stage", "stage_run", "open_stage", "connect_ray",
+           "resolve_address", "prepare_config", "git_commit", "note_id_scheme", "ID_SCHEME_FILE",
+           "DASHBOARD_ENV", "LOCAL", "RayConnectionError"]
 
 log = logging.getLogger("vspw_ray")
 
 LOCAL = "local"  # Ray's own name for "start a new local instance"
 DASHBOARD_ENV = "VSPW_RAY_DASHBOARD"  # "0": start a local instance without the dashboard
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # Ray's State API / job client address override
-PARENT_RUN_ENV = "VSPW_RAY_PARENT_RUN"  # an MLflow run id: stages open their runs as its children
 
 
 class RayConnectionError(UserError):
@@ -262,19 +261,26 @@ def git_commit() -> str:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """What an opened stage works with."""
+class Prepared:
+    """A stage's settings made concrete, before any Ray or MLflow: what :func:`prepare_stage`
+    returns."""
 
     cfg: ExperimentConfig  # checked, paths absolute
     layout: RunLayout  # where every output lives
     address: str | None  # the cluster, or None for the local instance
-    tracking_uri: str | None  # None with --no-track
+    tracking_uri: str | None  # None: nothing is tracked
     experiment: str  # the MLflow experiment
-    run_id: str | None  # the stage's MLflow run (None with --no-track)
 
     @property
     def storage(self) -> str:
         return self.layout.storage
+
+
+@dataclass(frozen=True)
+class Stage(Prepared):
+    """An opened stage: its prepared settings and its MLflow run."""
+
+    run_id: str | None = None  # the stage's MLflow run (None with --no-track)
 
 
 def _tracking_uri(cfg: ExperimentConfig, storage: str, track: bool) -> str | None:
@@ -285,45 +291,68 @@ def _tracking_uri(cfg: ExperimentConfig, storage: str, track: bool) -> str | Non
     return tracking.resolve_tracking_uri(cfg.tracking.uri, storage)
 
 
+def prepare_stage(cfg: ExperimentConfig, *, address: str | None = None, track: bool = True,
+                  trainable: bool = True, experiment: str | None = None) -> Prepared:
+    """The pure part of opening a stage (no Ray, no MLflow): the address resolved, cluster
+    settings checked, paths made absolute (``trainable``: the training rules checked too),
+    storage resolved and marked with the id scheme, the tracking URI and experiment named."""
+    address = resolve_address(address)
+    check_cluster_settings(cfg, address, track=track)
+    cfg = prepare_config(cfg, trainable=trainable)
+    layout = RunLayout(resolve_storage(cfg.storage.path))
+    note_id_scheme(layout)
+    return Prepared(cfg, layout, address, _tracking_uri(cfg, layout.storage, track),
+                    experiment or cfg.tracking.experiment or cfg.name)
+
+
+@contextlib.contextmanager
+def stage_run(prep: Prepared, stage: str, tags: Mapping[str, str], *, track: bool = True,
+              connect: bool = True, run_name: str | None = None,
+              extra_tags: Mapping[str, str] | None = None,
+              params: Mapping[str, str] | None = None,
+              parent: str | None = None) -> Iterator[Stage]:
+    """Ray connected (``connect``) and the stage's MLflow run open; yields a :class:`Stage`.
+
+    ``tags`` identify the run (``stage`` is added): an unfinished run with the same tags is
+    resumed, else a new one is opened (named ``run_name``, with ``extra_tags`` and ``params``,
+    default the resolved config; a child of the run ``parent`` when given) and ended FINISHED,
+    or KILLED on an error. With ``track=False`` no run is opened and ``run_id`` is None."""
+    from vspw_ray import tracking
+
+    cfg, uri, experiment = prep.cfg, prep.tracking_uri, prep.experiment
+    key = {**tags, "stage": stage}
+    track = track and uri is not None
+    with ThreadPoolExecutor(1) as pool:  # a new SQLite store makes its tables while Ray starts
+        pending = pool.submit(tracking.find_run, uri, experiment, key) if track else None
+        if connect:
+            connect_ray(prep.address)
+        run_id = pending.result() if pending else None
+    opened = {f.name: getattr(prep, f.name) for f in fields(Prepared)}
+    if not track:
+        yield Stage(**opened, run_id=None)
+        return
+    tags = {**key, "data_fingerprint": variant_fingerprint(cfg), **(extra_tags or {}),
+            "git_commit": git_commit()}
+    if parent:  # the stage's run is a child of this one (the pipeline's)
+        tags[tracking.PARENT_TAG] = parent
+    with tracking.open_run(uri, experiment, prep.storage, run_id=run_id, run_name=run_name,
+                           tags=tags,
+                           params=tracking.flatten(to_dict(cfg)) if params is None else params,
+                           system=cfg.tracking.system_metrics) as rid:
+        yield Stage(**opened, run_id=rid)
+
+
 @contextlib.contextmanager
 def open_stage(cfg: ExperimentConfig, stage: str, tags: Mapping[str, str], *,
                address: str | None = None, track: bool = True, connect: bool = True,
                trainable: bool = True, run_name: str | None = None,
                extra_tags: Mapping[str, str] | None = None,
                params: Mapping[str, str] | None = None,
-               experiment: str | None = None) -> Iterator[Stage]:
-    """The common opening of every stage; yields a :class:`Stage`.
-
-    ``tags`` identify the stage's MLflow run (``stage`` is added): an unfinished run with the
-    same tags is resumed, else a new one is opened (named ``run_name``, with ``extra_tags``
-    and ``params``, default the resolved config) and ended FINISHED, or KILLED on an error.
-    ``connect=False`` opens without Ray (a stage with nothing left to do). With
-    ``track=False`` no run is opened and ``run_id`` is None."""
-    from vspw_ray import tracking
-
-    address = resolve_address(address)
-    check_cluster_settings(cfg, address, track=track)
-    cfg = prepare_config(cfg, trainable=trainable)
-    layout = RunLayout(resolve_storage(cfg.storage.path))
-    note_id_scheme(layout)
-    uri = _tracking_uri(cfg, layout.storage, track)
-    experiment = experiment or cfg.tracking.experiment or cfg.name
-    key = {**tags, "stage": stage}
-    with ThreadPoolExecutor(1) as pool:  # a new SQLite store makes its tables while Ray starts
-        pending = pool.submit(tracking.find_run, uri, experiment, key) if track else None
-        if connect:
-            connect_ray(address)
-        run_id = pending.result() if pending else None
-    if not track:
-        yield Stage(cfg, layout, address, uri, experiment, None)
-        return
-    parent = os.environ.get(PARENT_RUN_ENV) if stage != "pipeline" else None
-    tags = {**key, "data_fingerprint": variant_fingerprint(cfg), **(extra_tags or {}),
-            "git_commit": git_commit()}
-    if parent:  # inside a pipeline: the stage's run is a child of the pipeline's
-        tags[tracking.PARENT_TAG] = parent
-    with tracking.open_run(uri, experiment, layout.storage, run_id=run_id, run_name=run_name,
-                           tags=tags,
-                           params=tracking.flatten(to_dict(cfg)) if params is None else params,
-                           system=cfg.tracking.system_metrics) as rid:
-        yield Stage(cfg, layout, address, uri, experiment, rid)
+               experiment: str | None = None, parent: str | None = None) -> Iterator[Stage]:
+    """:func:`prepare_stage` then :func:`stage_run`: the common opening of a stage that
+    needs nothing between the two."""
+    prep = prepare_stage(cfg, address=address, track=track, trainable=trainable,
+                         experiment=experiment)
+    with stage_run(prep, stage, tags, track=track, connect=connect, run_name=run_name,
+                   extra_tags=extra_tags, params=params, parent=parent) as opened:
+        yield opened

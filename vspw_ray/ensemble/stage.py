@@ -66,9 +66,9 @@ from vspw_ray.ensemble.submit import Submission, write_submission
 from vspw_ray.ensemble.tracked import log_ensemble
 from vspw_ray.ensemble.tune_search import TuneSetup, optuna_url, tune_method
 from vspw_ray.layout import member_for_split, split_fingerprint
-from vspw_ray.runtime import connect_ray, open_stage, resolve_address
+from vspw_ray.runtime import connect_ray, prepare_stage
 from vspw_ray.scores.store import ScoreStore
-from vspw_ray.storage import check_cluster_settings, filesystem, read_json, write_atomic
+from vspw_ray.storage import filesystem, read_json, write_atomic
 
 __all__ = ["EnsembleResult", "run_ensemble"]
 
@@ -324,20 +324,19 @@ def _apply(ctx: _Context, report: dict, split: str) -> Submission:
 
 
 def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: str | None = None,
-                 track: bool = True) -> EnsembleResult:
+                 track: bool = True, parent_run: str | None = None) -> EnsembleResult:
     """Choose (or reuse) the ensemble's fusion on ``data.val_split`` (``ensemble.selection``:
     cross-fitted or held out), report it, and with ``apply`` (a split name: ``test``; ``val``
-    works too) write the submission of that split.
+    works too) write the submission of that split. Its MLflow run is a child of
+    ``parent_run`` when given (the pipeline's).
 
     Raises:
         UserError: bad input (members, groups, splits, scores, settings), named with its fix.
     """
 
-    check_cluster_settings(cfg, resolve_address(address), track=track)
     start = time.perf_counter()
-    with open_stage(cfg, "ensemble", {}, address=address, track=False, connect=False,
-                    trainable=False) as stage:
-        ctx = _prepare(cfg, stage)
+    stage = prepare_stage(cfg, address=address, track=track, trainable=False)
+    ctx = _prepare(cfg, stage)
     cached = _cached(ctx)
     if cached is None:
         report, text, selections = _search(ctx)
@@ -351,7 +350,8 @@ def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: st
     run_id = None
     if track and stage.tracking_uri:
 
-        run_id = log_ensemble(stage, ctx.eid, ctx.members, report, selections, submission)
+        run_id = log_ensemble(stage, ctx.eid, ctx.members, report, selections, submission,
+                              parent=parent_run)
         if cached is None or (submission is not None and submission.written):
 
             # the search's and the submission's tasks, spread over this many CPUs

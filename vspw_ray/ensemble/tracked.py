@@ -15,7 +15,7 @@ from vspw_ray.ensemble.members import Member
 from vspw_ray.ensemble.methods import Selection
 from vspw_ray.ensemble.report import report_metrics
 from vspw_ray.ensemble.submit import Submission
-from vspw_ray.runtime import open_stage
+from vspw_ray.runtime import stage_run
 from vspw_ray.storage import filesystem
 
 __all__ = ["REPORT_FILES", "log_ensemble"]
@@ -78,15 +78,17 @@ def _log_submission(uri: str, rid: str, submission: Submission | None) -> None:
 
 
 def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
-                 selections: dict[str, Selection] | None, submission: Submission | None) -> str:
+                 selections: dict[str, Selection] | None, submission: Submission | None, *,
+                 parent: str | None = None) -> str:
     """The ensemble's MLflow run: params (config, members, groups, weights, method), the fold
     figures, the report's files, the Tune trials as child runs and the submission's manifest.
     A re-run that reused the weights only adds its submission to the run that chose them.
 
     Args:
-        stage: the stage's (untracked) :class:`vspw_ray.runtime.Stage`: config, layout,
+        stage: the stage's :class:`vspw_ray.runtime.Prepared` settings: config, layout,
             tracking URI and experiment.
         selections: the searches of this run, by fit; None when an earlier run chose.
+        parent: the MLflow run the ensemble's run is a child of (the pipeline's).
 
     Returns:
         The run's id.
@@ -104,9 +106,8 @@ def log_ensemble(stage, eid: str, members: Sequence[Member], report: dict,
               "selection_mode": report.get("selection_mode", "holdout"),
               "chosen": (report.get("chosen") or {}).get("name", ""),
               "members": json.dumps([m.key for m in members])[:6000]}
-    with open_stage(stage.cfg, "ensemble", tags, address=stage.address, track=True,
-                    connect=False, trainable=False, run_name=f"ensemble/{report['method']}",
-                    params=params) as opened:
+    with stage_run(stage, "ensemble", tags, connect=False, run_name=f"ensemble/{report['method']}",
+                   params=params, parent=parent) as opened:
         rid = opened.run_id
         tracking.log_metrics(uri, rid, report_metrics(report), 0)
         with tempfile.TemporaryDirectory() as d:

@@ -41,7 +41,7 @@ from vspw_ray.labels import class_labels
 from vspw_ray.layout import infer_hash, member_key, split_fingerprint
 from vspw_ray.models import build_model
 from vspw_ray.precision import autocast_context
-from vspw_ray.runtime import open_stage
+from vspw_ray.runtime import Prepared, prepare_stage, stage_run
 from vspw_ray.scores.encoding import ScoreEncoding, encode
 from vspw_ray.scores.store import (
     ENCODING_DOC,
@@ -226,7 +226,7 @@ class _Member:
                 "transfer": self.transfer}
 
 
-def _member(stage, checkpoint: str | None, resolved: ExperimentConfig | None, split: str,
+def _member(stage: Prepared, checkpoint: str | None, resolved: ExperimentConfig | None, split: str,
             store: str | None, predictions: str | None) -> _Member:
     """The checkpoint to infer (``checkpoint``, else the model checkpoint of the ``resolved``
     variant in the run layout) and its member key and output locations."""
@@ -262,22 +262,22 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
                   variant: str | None = None, store: str | None = None,
                   predictions: str | None = None, address: str | None = None,
                   track: bool = True, torch_threads: int = 1, progress=None,
-                  label: str | None = None) -> InferResult:
+                  label: str | None = None, parent_run: str | None = None) -> InferResult:
     """Infer ``checkpoint`` (default: the model checkpoint of ``variant`` in the run layout:
     its SWA average, else its best training checkpoint) over ``split`` into the score store and
     prediction PNGs, keyed by the checkpoint and the ``infer`` settings; videos already stored
     under that key are skipped. Metrics from the stored scores when the split has masks.
     ``label`` names the run in MLflow (``<label>/infer-<split>``; default the variant's name,
-    or the experiment's)."""
+    or the experiment's); ``parent_run`` the MLflow run its run is a child of (the pipeline's).
+    """
 
     # the variant as the user wrote it: its id is computed before paths are made absolute, as
     # train does
     resolved = None if checkpoint else resolve_variant(cfg, variant)
-    with open_stage(resolved or config_from_dict({**to_dict(cfg), "variants": []}), "infer",
-                    {"split": split}, address=address, track=False, connect=False,
-                    trainable=False) as stage:
-        member = _member(stage, checkpoint, resolved, split, store, predictions)
-    cfg = stage.cfg
+    prep = prepare_stage(resolved or config_from_dict({**to_dict(cfg), "variants": []}),
+                         address=address, track=track, trainable=False)
+    member = _member(prep, checkpoint, resolved, split, store, predictions)
+    cfg = prep.cfg
     table = load_class_table(cfg.data.root)
     videos = read_split(cfg.data.root, split)
     frames = split_frames(cfg.data.root, split)
@@ -288,10 +288,9 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
     manifest, skipped, todo = _plan(cfg, member, scores, table, split, videos, by_video)
     tags = {"variant_id": member.header["variant_id"], "member_key": member.key, "split": split}
     label = label or variant or cfg.name
-    with open_stage(cfg, "infer", tags, address=address, track=track, connect=bool(todo),
-                    trainable=False, run_name=f"{label}/infer-{split}",
-                    params=_run_params(cfg, member),
-                    extra_tags={**member.data_tags, "variant": label}) as stage:
+    with stage_run(prep, "infer", tags, track=track, connect=bool(todo),
+                   run_name=f"{label}/infer-{split}", params=_run_params(cfg, member),
+                   extra_tags={**member.data_tags, "variant": label}, parent=parent_run) as stage:
         rate, start = _Throughput(), time.perf_counter()
         if todo:
             batches, held = _pipeline(cfg, [f for v in todo for f in by_video[v]],

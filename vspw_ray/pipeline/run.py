@@ -3,8 +3,8 @@ inference on val and test -> ensemble -> submission, each step skipped when its 
 record holds the same key. Steps call the stages' own functions (each resumable by itself), so
 a pipeline killed anywhere and re-run continues where it stopped.
 
-MLflow: one parent run per pipeline invocation; every stage's run is its child (the parent's
-id travels in ``VSPW_RAY_PARENT_RUN``, which :func:`vspw_ray.runtime.open_stage` reads), and
+MLflow: one parent run per pipeline invocation; every stage's run is its child (each stage's
+function is given its id, ``parent_run``, by :attr:`vspw_ray.pipeline.steps.Context.where`), and
 every member run carries the same final keys (``final/val_A/miou``, ..., params ``family``,
 ``crop``, ``ohem``, ``tau``, ``distill``, ``swa``, ``tta``) for ``mlflow.search_runs``.
 """
@@ -12,7 +12,6 @@ every member run carries the same final keys (``final/val_A/miou``, ..., params 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from vspw_ray.layout import RunLayout
 from vspw_ray.pipeline.keys import data_key
 from vspw_ray.pipeline.plan import Step, Variant, build_plan, format_plan, variants_of
 from vspw_ray.pipeline.steps import StageFailed
-from vspw_ray.runtime import PARENT_RUN_ENV, open_stage
+from vspw_ray.runtime import open_stage
 from vspw_ray.storage import check_cluster_settings, resolve_storage
 
 __all__ = ["PipelineResult", "StageFailed", "run_pipeline", "plan_pipeline", "format_summary"]
@@ -70,23 +69,10 @@ def run_pipeline(cfg: ExperimentConfig, *, address: str | None = None, track: bo
     key = {"pipeline": cfg.name, "pipeline_data": data_key(cfg)}
     with open_stage(cfg, "pipeline", key, address=address, track=track,
                     trainable=False, run_name=f"{cfg.name}/pipeline") as stage:
-        result.run_id = stage.run_id
-        previous = os.environ.get(PARENT_RUN_ENV)
-        if stage.run_id:
-            os.environ[PARENT_RUN_ENV] = stage.run_id
-        try:
-            _execute(cfg, stage, result, torch_threads)
-        finally:
-            _restore_env(previous)
+        result.run_id = stage.run_id  # every step's run is its child
+        _execute(cfg, stage, result, torch_threads)
         _report(cfg, stage, result)
     return result
-
-
-def _restore_env(previous: str | None) -> None:
-    if previous is None:
-        os.environ.pop(PARENT_RUN_ENV, None)
-    else:
-        os.environ[PARENT_RUN_ENV] = previous
 
 
 def _execute(cfg: ExperimentConfig, stage, result: PipelineResult, threads: int) -> None:

@@ -50,6 +50,13 @@ class Context:
     def track(self) -> bool:
         return self.stage.run_id is not None
 
+    @property
+    def where(self) -> dict[str, Any]:
+        """Where every stage of the pipeline runs and is tracked: its cluster, and its MLflow
+        run as the child of the pipeline's (none when the pipeline is not tracked)."""
+        return {"address": self.stage.address, "track": self.track,
+                "parent_run": self.stage.run_id}
+
     def run(self, step: Step, fn: Callable[[Context, Step], dict | None]) -> Any:
         """Run ``fn`` for ``step`` unless it is done (then its record's outputs stand in);
         record it when it finishes; a failure names the stage, the item and the command that
@@ -154,8 +161,7 @@ def data_step(ctx: Context, step: Step) -> dict:
 def search_step(ctx: Context, step: Step) -> dict:
     from vspw_ray.tune.search import run_search
 
-    out = run_search(ctx.cfg, address=ctx.stage.address, track=ctx.track,
-                     torch_threads=ctx.threads)
+    out = run_search(ctx.cfg, **ctx.where, torch_threads=ctx.threads)
     return {"best_configs": list(out.best_configs), "sweep_id": out.sweep_id,
             "_value": best_variants(ctx.cfg, out.best_configs)}
 
@@ -207,8 +213,7 @@ def variant_chain(ctx: Context, v: Variant, by_id: dict[str, Step],
 def _train(ctx: Context, v: Variant) -> dict:
     from vspw_ray.train.driver import train_variant
 
-    out = train_variant(v.cfg, None, address=ctx.stage.address, track=ctx.track,
-                        torch_threads=ctx.threads, label=v.name)
+    out = train_variant(v.cfg, None, **ctx.where, torch_threads=ctx.threads, label=v.name)
     finals = _finals(out.metrics)
     _mark(ctx, out.run_id, finals, v, swa=False)
     return {"variant_id": out.variant_id, "checkpoint": out.best_checkpoint,
@@ -219,8 +224,7 @@ def _swa(ctx: Context, v: Variant) -> dict:
     from vspw_ray.train.swa import swa_variant
 
     out = swa_variant(v.cfg, None, from_checkpoint=ctx.outputs(f"train:{v.name}").get(
-        "checkpoint"), address=ctx.stage.address, track=ctx.track, torch_threads=ctx.threads,
-        label=v.name)
+        "checkpoint"), **ctx.where, torch_threads=ctx.threads, label=v.name)
     finals = _finals({k.removeprefix("swa/"): m for k, m in out.metrics.items()
                       if k.startswith("swa/")})
     _mark(ctx, out.run_id, finals, v, swa=True)
@@ -232,8 +236,8 @@ def _infer(ctx: Context, v: Variant, split: str) -> dict:
     from vspw_ray.infer.job import run_inference
 
     model = ctx.outputs(f"swa:{v.name}") or ctx.outputs(f"train:{v.name}")
-    out = run_inference(v.cfg, model.get("checkpoint"), split, address=ctx.stage.address,
-                        track=ctx.track, torch_threads=ctx.threads, label=v.name)
+    out = run_inference(v.cfg, model.get("checkpoint"), split, **ctx.where,
+                        torch_threads=ctx.threads, label=v.name)
     # the common final/val_{A,B}/... keys name folds of the val split: a test split's own
     # figures stay under the stage's "<split>/..." keys, never relabelled as val
     finals = _finals(out.metrics or {}) if split == v.cfg.data.val_split else {}
@@ -249,7 +253,7 @@ def ensemble_step(ctx: Context, step: Step, variants: list[Variant]) -> dict:
 
     cfg = _with_variants(ctx.cfg, variants)
     apply = cfg.data.test_split if cfg.data.test_split in ctx.cfg.pipeline.splits else None
-    out = run_ensemble(cfg, apply=apply, address=ctx.stage.address, track=ctx.track)
+    out = run_ensemble(cfg, apply=apply, **ctx.where)
     return {"ensemble_id": out.ensemble_id, "method": out.method, "weights": out.weights,
             "submission": out.submission.folder if out.submission else None,
             "zip": out.submission.zip if out.submission else None, "run_id": out.run_id,

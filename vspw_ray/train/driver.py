@@ -75,10 +75,12 @@ def data_tags(cfg: ExperimentConfig) -> dict[str, str]:
 
 def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                   address: str | None = None, track: bool = True,
-                  torch_threads: int = 1, label: str | None = None) -> TrainResult:
+                  torch_threads: int = 1, label: str | None = None,
+                  parent_run: str | None = None) -> TrainResult:
     """Train one variant of ``cfg`` to ``train.iters`` (resuming when its run exists).
     ``label`` names it in MLflow (run ``<label>/train``, tag ``variant``; default the variant's
-    name, or the experiment's for the base); its id stays the ``variant_id`` tag."""
+    name, or the experiment's for the base); its id stays the ``variant_id`` tag.
+    ``parent_run``: the MLflow run its run is a child of (the pipeline's)."""
     resolved = bind_teacher(cfg, resolve_variant(cfg, variant))
     check_inputs(resolved)
     data = data_tags(resolved)
@@ -90,8 +92,8 @@ def train_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     label = label or variant or cfg.name
     tags = {"family": resolved.model.family, "variant": label, "seed": str(resolved.seed), **data}
     with open_stage(resolved, "train", {"variant_id": vid}, address=address, track=track,
-                    run_name=f"{label}/train", extra_tags=tags, experiment=cfg.tracking.experiment or cfg.name
-                    ) as stage:
+                    run_name=f"{label}/train", extra_tags=tags, parent=parent_run,
+                    experiment=cfg.tracking.experiment or cfg.name) as stage:
         check_feasible(stage.cfg)
         wait_for_resources(stage.cfg)
         trainer = build_trainer(stage.cfg, vid, stage.tracking_uri, stage.run_id, torch_threads,

@@ -340,9 +340,10 @@ class SwaResult:
 def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
                 from_checkpoint: str | None = None, address: str | None = None,
                 track: bool = True, torch_threads: int = 1,
-                label: str | None = None) -> SwaResult:
+                label: str | None = None, parent_run: str | None = None) -> SwaResult:
     """Run (or resume, or find finished) the SWA job of one variant (``label``: its name in
-    MLflow, as :func:`~vspw_ray.train.driver.train_variant`'s)."""
+    MLflow, ``parent_run``: the run its run is a child of, as
+    :func:`~vspw_ray.train.driver.train_variant`'s)."""
 
     resolved = bind_teacher(cfg, resolve_variant(cfg, variant))
     parent = variant_id(resolved)
@@ -367,7 +368,7 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     finished = _finished_average(layout.swa_run(vid))
     with open_stage(resolved, "swa", {"variant_id": vid}, address=address, track=track,
                     connect=finished is None, run_name=f"{tags['variant']}/swa", extra_tags=tags,
-                    experiment=cfg.tracking.experiment or cfg.name) as stage:
+                    parent=parent_run, experiment=cfg.tracking.experiment or cfg.name) as stage:
         if finished is not None:  # made before: nothing to run
             return SwaResult(vid, parent, base_file, finished[0], finished[1], stage.run_id)
         check_feasible(stage.cfg)

@@ -248,8 +248,9 @@ def enqueue_points(cfg: ExperimentConfig, params: list[SearchParam]) -> list[dic
 
 
 def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool = True,
-               torch_threads: int = 1) -> SearchResult:
-    """Run (or resume) the sweep of ``cfg.tune`` and write its report and best configs.
+               torch_threads: int = 1, parent_run: str | None = None) -> SearchResult:
+    """Run (or resume) the sweep of ``cfg.tune`` and write its report and best configs; its
+    MLflow run is a child of ``parent_run`` when given (the pipeline's), its trials its own.
 
     Raises:
         SweepInterrupted: Ctrl-C (SIGINT) stopped the sweep before every trial finished; its
@@ -266,7 +267,7 @@ def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool
     sid = sweep_id(prepare_config(cfg))
     try:
         with open_stage(cfg, "tune", {"sweep_id": sid}, address=address, track=track,
-                        run_name=f"{cfg.name}/tune") as stage:
+                        run_name=f"{cfg.name}/tune", parent=parent_run) as stage:
             check_feasible(stage.cfg)
             sweep = Sweep(id=sid, storage=stage.storage,
                           optuna_url=_optuna_url(stage.cfg, stage.layout),
