@@ -145,7 +145,7 @@ def write_member(store, root, key: str, k: int, manifest: dict, splits=("val",),
 
 def manifest(key: str, vid: str, family: str, root, *, metrics=None, **changes) -> dict:
     from vspw_ray.data import load_class_table
-    from vspw_ray.layout import split_fingerprint
+    from vspw_ray.data.fingerprint import split_fingerprint
 
     table = load_class_table(root)
     out = {"key": key, "variant_id": vid, "checkpoint": f"/ckpt/{vid}", "family": family,
@@ -176,7 +176,9 @@ def storage(tmp_path_factory, synth_root) -> Path:
     """Runs with a training checkpoint per variant and the designed scores in the store, plus
     broken members (named by store key) for the error tests."""
     from vspw_ray.checkpoints import write_checkpoint
-    from vspw_ray.layout import RunLayout, member_key, split_fingerprint
+    from vspw_ray.data.fingerprint import split_fingerprint
+    from vspw_ray.ids import member_key
+    from vspw_ray.layout import RunLayout
     from vspw_ray.scores import ScoreStore
 
     runs = tmp_path_factory.mktemp("ensemble") / "runs"
@@ -556,9 +558,10 @@ def test_the_submission_reads_each_members_scores_of_the_applied_split(synth_roo
     """A member key covers one split's data: applying the fusion chosen on val to test moves
     every key of the report (groups, inner shares, decode order) to the same checkpoint's test
     member; val keeps its keys."""
+    from vspw_ray.data.fingerprint import split_fingerprint
     from vspw_ray.ensemble.members import Member
     from vspw_ray.ensemble.stage import _Context, _rekeyed
-    from vspw_ray.layout import member_key, split_fingerprint
+    from vspw_ray.ids import member_key
 
     cfg = load_config(EXPERIMENT, [f"data.root={synth_root}"])
     val, test = (split_fingerprint(str(synth_root), s) for s in ("val", "test"))

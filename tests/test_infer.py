@@ -252,8 +252,8 @@ def _replaced_val_video_is_a_new_member(store: ScoreStore, old, cfg, ckpt: Path)
     records a transfer (``infer --checkpoint`` of weights from other data)."""
     import shutil
 
+    from vspw_ray.data.fingerprint import split_fingerprint
     from vspw_ray.infer.job import run_inference
-    from vspw_ray.layout import split_fingerprint
 
     root = Path(cfg.data.root)
     files = {p: p.stat().st_mtime_ns for p in Path(old.store, old.key).rglob("*")}

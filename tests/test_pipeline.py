@@ -170,7 +170,7 @@ def test_a_student_chain_trains_from_its_teachers_swa_average_once_it_is_made(tm
     import vspw_ray.train.swa as swa
     from vspw_ray.checkpoints import write_checkpoint
     from vspw_ray.config import to_dict, variant_id
-    from vspw_ray.layout import swa_variant_id
+    from vspw_ray.ids import swa_variant_id
     from vspw_ray.pipeline import steps
     from vspw_ray.pipeline.run import PipelineResult, _execute
 
@@ -400,9 +400,9 @@ def test_other_data_reruns_every_step_under_new_ids_then_nothing_to_do(tmp_path,
     import vspw_ray.train.driver as driver
     import vspw_ray.train.swa as swa
     from vspw_ray.config import variant_id
-    from vspw_ray.data.fingerprint import data_fingerprint
+    from vspw_ray.data.fingerprint import data_fingerprint, split_fingerprint
     from vspw_ray.data.synth import SynthSpec, synthesize
-    from vspw_ray.layout import member_key, split_fingerprint, swa_variant_id
+    from vspw_ray.ids import member_key, swa_variant_id
     from vspw_ray.pipeline import steps
     from vspw_ray.pipeline.run import PipelineResult, _execute, run_pipeline
     from vspw_ray.pipeline.steps import members_rows

@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import free_port
 from vspw_ray.config import ConfigError, load_config
-from vspw_ray.layout import RunLayout, member_for_split, member_key
+from vspw_ray.ids import member_for_split, member_key
+from vspw_ray.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "tiny_synth.yaml"

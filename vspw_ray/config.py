@@ -13,7 +13,6 @@ base config with its own overrides and seed, and has a stable :func:`variant_id`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import types
@@ -25,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from vspw_ray import ids
 from vspw_ray.data.fingerprint import data_fingerprint
 from vspw_ray.errors import ConfigError, DataError
 
@@ -901,8 +901,7 @@ def _pin_teacher(cfg: ExperimentConfig, student: ExperimentConfig, name: str,
                           f"{diff} differ); self-distillation needs the same model section")
     ref = f"{TEACHER_PREFIX}{teacher}@{settings_id(model)}"
     if cfg.pipeline.swa:
-        swa = hashlib.sha256(json.dumps(to_dict(model.swa), sort_keys=True).encode())
-        ref += f"+swa-{swa.hexdigest()[:8]}"
+        ref += ids.swa_pin(to_dict(model.swa))
     return dataclasses.replace(student, loss=dataclasses.replace(
         student.loss, distill=dataclasses.replace(d, teacher=ref)))
 
@@ -964,16 +963,14 @@ def prior_digest(path: str | None) -> str | None:
     if not isinstance(data, dict):
         raise ConfigError(f"config key 'loss.logit_adjust.prior': {path} is not a class prior "
                           f"written by `vspw-ray data stats`")
-    content = {"names": data.get("names"), "prior": data.get("prior")}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+    return ids.prior_id({"names": data.get("names"), "prior": data.get("prior")})
 
 
 def settings_id(cfg: ExperimentConfig) -> str:
-    """A short stable hash of the settings that determine the trained weights, without the
+    """A short stable id of the settings that determine the trained weights, without the
     data (:func:`variant_id` adds the data's fingerprint). A ``variant:NAME`` teacher is pinned
     by it, so that a config resolves without the data present."""
-    blob = json.dumps(weight_settings(cfg), sort_keys=True, separators=(",", ":"))
-    return f"{cfg.model.family[:2]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    return ids.settings_id(cfg.model.family, weight_settings(cfg))
 
 
 def variant_fingerprint(cfg: ExperimentConfig) -> str:
@@ -991,6 +988,5 @@ def variant_id(cfg: ExperimentConfig, *, fingerprint: str | None = None) -> str:
     (:func:`settings_id`: data, model, loss and train sections, runtime keys left out, the
     seed) and the fingerprint of the data read (:func:`variant_fingerprint`, computed when not
     given). ``data.root`` stays out: a moved or copied dataset keeps its ids."""
-    identity = {**weight_settings(cfg), "data_fingerprint": fingerprint or variant_fingerprint(cfg)}
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
-    return f"{cfg.model.family[:2]}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    return ids.variant_id(cfg.model.family, weight_settings(cfg),
+                          fingerprint or variant_fingerprint(cfg))

@@ -22,65 +22,12 @@ around a URI.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from typing import Any
 
-from vspw_ray.config import ExperimentConfig, InferConfig, SwaConfig, to_dict, variant_id
+from vspw_ray.config import ExperimentConfig, variant_id
+from vspw_ray.ids import swa_variant_id
 
-__all__ = ["RunLayout", "bind_teacher", "swa_variant_id", "infer_hash", "member_key",
-           "member_for_split", "split_fingerprint", "SCORE_AFFECTING_INFER_KEYS"]
-
-# the infer keys that change the stored scores; actors, batch size and the bad-frame policy
-# change how the job runs, not what it writes
-SCORE_AFFECTING_INFER_KEYS = ("scales", "flip", "score_scale", "top_k", "score_step")
-
-
-def _digest(data: Any, n: int = 6) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
-def swa_variant_id(parent: str, swa: SwaConfig, base_iteration: int) -> str:
-    """The variant_id of the SWA average of ``parent``'s checkpoint at ``base_iteration``
-    (``parent``, a variant_id, covers the data: the SWA iterations read the same training
-    split)."""
-    return f"{parent}-swa-{_digest({'swa': to_dict(swa), 'from_iteration': base_iteration})}"
-
-
-def infer_hash(infer: InferConfig) -> str:
-    """A hash of the ``infer`` settings that change the stored scores."""
-    data = to_dict(infer)
-    return _digest({k: data[k] for k in SCORE_AFFECTING_INFER_KEYS})
-
-
-def member_key(checkpoint_variant_id: str, iteration: int, infer: InferConfig,
-               split_fingerprint: str) -> str:
-    """The score store's key of one checkpoint inferred with ``infer`` over one split whose
-    data has ``split_fingerprint`` (:func:`split_fingerprint`): another checkpoint of the same
-    variant, other TTA or encoding settings, or a split with other videos or frames never reuse
-    old scores. Each split of a checkpoint is its own member."""
-    return (f"{checkpoint_variant_id}-it{int(iteration)}-tta{infer_hash(infer)}"
-            f"-d{split_fingerprint[:8]}")
-
-
-def member_for_split(key: str, split_fingerprint: str) -> str:
-    """The key of the same checkpoint and TTA settings inferred over another split (a member
-    key's ``-d<fingerprint>`` replaced): the ensemble's val members' test scores."""
-    base, sep, _ = key.rpartition("-d")
-    if not sep:
-        raise ValueError(f"'{key}' is not a score-store member key (CHECKPOINT-itN-ttaH-dF); "
-                         f"members stored before data fingerprints must be inferred again")
-    return f"{base}-d{split_fingerprint[:8]}"
-
-
-def split_fingerprint(root: str, split: str) -> str:
-    """The fingerprint of one split's data (the class table and the split's videos, frames
-    and file sizes), as score-store members and submissions are keyed by it."""
-    from vspw_ray.data.fingerprint import data_fingerprint
-
-    return data_fingerprint(root, (split,))
-
+__all__ = ["RunLayout", "bind_teacher"]
 
 @dataclass(frozen=True)
 class RunLayout:

@@ -47,8 +47,9 @@ def fixed_fingerprints():
 def experiment_ids(path: Path) -> dict:
     """Each id the experiment at ``path`` gives, under :func:`fixed_fingerprints`."""
     from vspw_ray.config import config_from_dict, load_config, resolve_variant, to_dict, variant_id
+    from vspw_ray.data.fingerprint import split_fingerprint
     from vspw_ray.ensemble.members import ensemble_id
-    from vspw_ray.layout import member_key, split_fingerprint, swa_variant_id
+    from vspw_ray.ids import member_key, swa_variant_id
     from vspw_ray.pipeline.keys import data_key, ensemble_key, infer_key, swa_key, train_key
     from vspw_ray.tune.search import sweep_id
 

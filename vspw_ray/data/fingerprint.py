@@ -22,20 +22,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from vspw_ray import ids
 from vspw_ray.data.layout import CLASS_TABLE_FILE, IMAGE_EXTS, load_class_table, read_split
 from vspw_ray.errors import DataError
 
-__all__ = ["FINGERPRINT_LEN", "split_digest", "data_fingerprint", "check_root", "clear_cache",
-           "content_digest"]
+__all__ = ["FINGERPRINT_LEN", "split_digest", "data_fingerprint", "split_fingerprint",
+           "check_root", "clear_cache"]
 
 FINGERPRINT_LEN = 12  # hex digits: 48 bits, no collision among a project's datasets
 _CACHE: dict[tuple, str] = {}
-
-
-def content_digest(data, n: int = FINGERPRINT_LEN) -> str:
-    """A short sha256 of JSON-able ``data`` (keys sorted)."""
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
 def check_root(root: str | Path, key: str = "data.root") -> str:
@@ -101,10 +96,17 @@ def data_fingerprint(root: str | Path, splits: Sequence[str], *, cached: bool = 
     """
     path = check_root(root)
     table = load_class_table(path)
-    return content_digest({"classes": [list(table.names), table.ignored_name],
-                           "splits": [split_digest(path, s, cached=cached) for s in splits]})
+    return ids.digest({"classes": [list(table.names), table.ignored_name],
+                           "splits": [split_digest(path, s, cached=cached) for s in splits]},
+                      FINGERPRINT_LEN)
 
 
 def clear_cache() -> None:
     """Forget the digests of this process (they are computed again on the next call)."""
     _CACHE.clear()
+
+
+def split_fingerprint(root: str | Path, split: str) -> str:
+    """The fingerprint of one split's data (the class table and the split's videos, frames and
+    file sizes), as score-store members and submissions are keyed by it."""
+    return data_fingerprint(root, (split,))

@@ -9,11 +9,10 @@ checkpoint's header and the variant's ``infer`` settings.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vspw_ray import ids
 from vspw_ray.config import ConfigError, ExperimentConfig, to_dict
 from vspw_ray.errors import DataError, StoreError, UserError
 from vspw_ray.metrics import VAL_A_MIOU
@@ -60,7 +59,8 @@ def _variant_key(cfg: ExperimentConfig, name: str, layout, stored: set[str]) -> 
     variant_id is the one ``vspw-ray train`` computed."""
     from vspw_ray.checkpoints import checkpoint_file, read_summary
     from vspw_ray.config import resolve_variant, variant_id
-    from vspw_ray.layout import member_key, split_fingerprint
+    from vspw_ray.data.fingerprint import split_fingerprint
+    from vspw_ray.ids import member_key
 
     resolved = resolve_variant(cfg, name)
     vid = variant_id(resolved)
@@ -128,7 +128,7 @@ def load_members(cfg: ExperimentConfig, layout) -> list[Member]:
 def check_data(members: Sequence[Member], cfg: ExperimentConfig) -> None:
     """Every member's scores are of the val split's data as it is now (a store key named in
     ``ensemble.members`` may hold scores of other data, or of data before fingerprints)."""
-    from vspw_ray.layout import split_fingerprint
+    from vspw_ray.data.fingerprint import split_fingerprint
 
     now = split_fingerprint(cfg.data.root, cfg.data.val_split)
     for m in members:
@@ -263,10 +263,9 @@ def ensemble_id(cfg: ExperimentConfig, members: Sequence[Member]) -> str:
     """``<experiment>-ens-<hash>`` of the member keys, the ensemble settings
     (:func:`ensemble_settings`), the val split, its data's fingerprint and the fold seed:
     another member, setting, fold or val data gives another ensemble."""
-    from vspw_ray.layout import split_fingerprint
+    from vspw_ray.data.fingerprint import split_fingerprint
 
     identity = {"members": sorted(m.key for m in members), "ensemble": ensemble_settings(cfg),
                 "val_split": cfg.data.val_split, "fold_seed": cfg.data.fold_seed,
                 "val_data": split_fingerprint(cfg.data.root, cfg.data.val_split)}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    return f"{cfg.name}-ens-{digest.hexdigest()[:10]}"
+    return ids.ensemble_id(cfg.name, identity)

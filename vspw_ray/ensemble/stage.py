@@ -30,6 +30,7 @@ from typing import Any
 from vspw_ray.config import ExperimentConfig
 from vspw_ray.cost import Held, log_cost
 from vspw_ray.data import load_class_table, split_folds
+from vspw_ray.data.fingerprint import split_fingerprint
 from vspw_ray.ensemble.candidates import all_candidates, fits_for
 from vspw_ray.ensemble.charts import candidates_chart, class_change_chart, weights_heatmap
 from vspw_ray.ensemble.grouping import format_groups, resolve_groups
@@ -65,7 +66,7 @@ from vspw_ray.ensemble.rescore import FusionPlan, rescore
 from vspw_ray.ensemble.submit import Submission, write_submission
 from vspw_ray.ensemble.tracked import log_ensemble
 from vspw_ray.ensemble.tune_search import TuneSetup, optuna_url, tune_method
-from vspw_ray.layout import member_for_split, split_fingerprint
+from vspw_ray.ids import member_for_split
 from vspw_ray.runtime import connect_ray, prepare_stage
 from vspw_ray.scores.store import ScoreStore
 from vspw_ray.storage import filesystem, read_json, write_atomic

@@ -34,11 +34,12 @@ from vspw_ray.config import (
 )
 from vspw_ray.cost import Held, measured_cost
 from vspw_ray.data import load_class_table, read_split, split_frames
+from vspw_ray.data.fingerprint import split_fingerprint
 from vspw_ray.data.layout import DataError, Frame, read_image
 from vspw_ray.evaluate import evaluate_store_folds
+from vspw_ray.ids import member_key, tta_hash
 from vspw_ray.infer.tta import tta_frames
 from vspw_ray.labels import class_labels
-from vspw_ray.layout import infer_hash, member_key, split_fingerprint
 from vspw_ray.models import build_model
 from vspw_ray.precision import autocast_context
 from vspw_ray.runtime import Prepared, prepare_stage, stage_run
@@ -369,7 +370,7 @@ def _manifest(cfg: ExperimentConfig, member: _Member, table, previous: dict) -> 
         "data_root": cfg.data.root, "fold_seed": cfg.data.fold_seed,
         **member.data_tags,  # the split's data; the checkpoint's training data
         "class_names": table.names, "num_classes": table.num_classes,
-        "infer_hash": infer_hash(cfg.infer),
+        "infer_hash": tta_hash(cfg.infer),
         "tta": {"scales": list(cfg.infer.scales), "flip": cfg.infer.flip},
         "encoding": {"name": ENCODING_NAME, "params": ScoreEncoding.of(cfg.infer).to_dict(),
                      "doc": ENCODING_DOC},

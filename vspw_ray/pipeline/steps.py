@@ -13,8 +13,9 @@ from typing import Any
 
 from vspw_ray.config import ExperimentConfig, variant_fingerprint
 from vspw_ray.cost import run_cost
+from vspw_ray.data.fingerprint import split_fingerprint
 from vspw_ray.errors import UserError
-from vspw_ray.layout import bind_teacher, split_fingerprint
+from vspw_ray.layout import bind_teacher
 from vspw_ray.metrics import fold_metric
 from vspw_ray.pipeline.plan import Step, Variant, teacher_of
 from vspw_ray.pipeline.records import (

@@ -38,7 +38,8 @@ from vspw_ray.config import (
 )
 from vspw_ray.cost import measured_cost, train_held
 from vspw_ray.data.datasets import sample_seed
-from vspw_ray.layout import RunLayout, bind_teacher, swa_variant_id
+from vspw_ray.ids import swa_variant_id
+from vspw_ray.layout import RunLayout, bind_teacher
 from vspw_ray.metrics import VAL_A_MIOU, VAL_B_MIOU
 from vspw_ray.plots import lr_schedule_chart
 from vspw_ray.resources import check_feasible, wait_for_resources

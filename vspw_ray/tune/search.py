@@ -20,13 +20,12 @@ a Ray Train run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from vspw_ray import ids
 from vspw_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -157,8 +156,7 @@ def sweep_id(cfg: ExperimentConfig) -> str:
     the training and val data) -> the same sweep, which a re-run resumes."""
     identity = {"name": cfg.name, **weight_settings(cfg), "tune": to_dict(cfg.tune),
                 "data_fingerprint": variant_fingerprint(cfg)}
-    blob = json.dumps(identity, sort_keys=True, default=str)
-    return f"{cfg.name}-tune-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    return ids.sweep_id(cfg.name, identity)
 
 
 def _trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
