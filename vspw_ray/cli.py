@@ -282,7 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vspw-ray",
         description="Train, search, infer and ensemble video scene parsing models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_data_commands, _evaluate_command, _stage_commands, _pipeline_commands,
+                _config_commands):
+        add(sub)
+    return parser
 
+
+def _data_commands(sub) -> None:
     data = sub.add_parser("data", help="check, describe or synthesize VSPW-layout datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = dsub.add_parser("check", help="report every bad video, frame and mask")
@@ -306,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="Laplace smoothing in pixels")
     p.set_defaults(func=_cmd_data_stats)
 
+
+def _evaluate_command(sub) -> None:
     p = sub.add_parser("evaluate", help="official VSPW metrics of prediction PNGs or stored scores")
     p.add_argument("--pred", help="folder of <video>/<frame>.png reduced ids")
     p.add_argument("--store", help="a score store written by vspw-ray infer (with --variant)")
@@ -317,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON here")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _stage_commands(sub) -> None:
+    """train, swa, infer, tune: one stage each."""
     p = sub.add_parser("train", help="train one variant on Ray Train (resumes when re-run)")
     _experiment_args(p, variant=True)
     p.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
@@ -347,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.set_defaults(func=_cmd_tune)
 
+
+def _pipeline_commands(sub) -> None:
+    """pipeline, status, ensemble."""
     p = sub.add_parser("pipeline", help="every stage in order, each skipped when its output for "
                                         "the same settings exists (resumes when re-run)")
     _experiment_args(p)
@@ -373,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.set_defaults(func=_cmd_ensemble)
 
+
+def _config_commands(sub) -> None:
     cfg = sub.add_parser("config", help="show an experiment's resolved config")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     p = csub.add_parser("show", help="print the resolved YAML and variant ids")
@@ -384,7 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a")
     p.add_argument("b")
     p.set_defaults(func=_cmd_config_diff)
-    return parser
 
 
 def _stopped_exit(code: int) -> int:
