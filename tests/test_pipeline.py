@@ -352,7 +352,8 @@ def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path, s
     assert read_record(layout, cfg.name, step.id) is None  # a failed step is not recorded
     assert ctx.run(step, lambda c, s: {"checkpoint": "x", "final/val_A/miou": 0.5}) is None
     assert read_record(layout, cfg.name, step.id)["key"] == "k1"
-    assert ctx.result.ran == [step.id] and ctx.result.headline[step.id] == 0.5
+    assert ctx.result.ran == [step.id]
+    assert ctx.result.headline[step.id] == ("final/val_A/miou", 0.5)
 
 
 def test_only_the_val_split_fills_the_common_final_keys(tmp_path, synth_root, monkeypatch):

@@ -74,3 +74,32 @@ def test_each_state_comes_from_records_and_markers_alone(tmp_path, synth_root):
     assert loaded.strip() == "[]"
     assert [(r["step"], r["state"]) for r in json.loads(printed)] == [
         (s, again.state if s == infer.id else rows[s].state) for s in steps]
+
+
+def test_the_ensemble_is_known_by_its_honest_figure_never_by_its_selecting_fold():
+    """A model step by fold A (the fold that chose its checkpoint); the ensemble by its
+    out-of-fold mIoU over all of val (cross-fitted), else by fold B (hold-out): its fold-A
+    figure is the fold that chose it, in status and in the pipeline's summary alike."""
+    from vspw_ray.pipeline.plan import Step
+    from vspw_ray.pipeline.records import headline
+    from vspw_ray.pipeline.run import PipelineResult, format_summary
+    from vspw_ray.pipeline.status import StepStatus
+
+    crossfit = {"final/val_A/miou": 0.0292, "final/val_B/miou": 0.4133,
+                "oof/ensemble/miou": 0.2172}
+    assert headline("ensemble", crossfit) == ("oof/ensemble/miou", 0.2172)
+    holdout = {"final/val_A/miou": 0.45, "final/val_B/miou": 0.40}
+    assert headline("ensemble", holdout) == ("final/val_B/miou", 0.40)
+    assert headline("ensemble", {"final/val_A/miou": 0.45}) is None
+    assert headline("train", crossfit) == ("final/val_A/miou", 0.0292)
+    row = StepStatus("ensemble:all", "done", "", "oof/ensemble/miou", 0.2172, None, None, None)
+    assert "out-of-fold 21.72" in format_status([row])
+    steps = [Step("train", "a", "k1", (), True, ""), Step("train", "b", "k2", (), True, ""),
+             Step("ensemble", "all", "k3", (), True, "")]
+    result = PipelineResult(steps, ran=[s.id for s in steps], headline={
+        "train:a": headline("train", {"final/val_A/miou": 0.30}),
+        "train:b": headline("train", {"final/val_A/miou": 0.35}),
+        "ensemble:all": headline("ensemble", crossfit)})
+    summary = format_summary(result)
+    assert "best val_A mIoU 35.00" in summary and "out-of-fold mIoU 21.72" in summary
+    assert "2.92" not in summary

@@ -9,15 +9,32 @@ import json
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 from vspw_ray.layout import RunLayout
 from vspw_ray.storage import filesystem, read_json, write_atomic
 
 __all__ = ["read_record", "write_record", "write_marker", "clear_marker", "read_marker",
-           "HEARTBEAT_S", "LIVE_S"]
+           "headline", "HEADLINE_LABELS", "HEARTBEAT_S", "LIVE_S"]
 
 HEARTBEAT_S = 30.0
 LIVE_S = 4 * HEARTBEAT_S
+
+# the figure a step is known by, the first its record holds: a model's fold-A mIoU (the fold
+# that chose its checkpoint); the ensemble's honest one, out of fold over all of val
+# (cross-fitted selection) or on fold B (hold-out), never its selecting fold's
+_HEADLINES = {"ensemble": ("oof/ensemble/miou", "final/val_B/miou")}
+_MODEL_HEADLINES = ("final/val_A/miou", "final/val_B/miou")
+HEADLINE_LABELS = {"final/val_A/miou": "val_A", "final/val_B/miou": "val_B",
+                   "oof/ensemble/miou": "out-of-fold"}
+
+
+def headline(stage: str, outputs: Mapping) -> tuple[str, float] | None:
+    """``(name, value)`` of the figure a step of ``stage`` is known by, from its outputs."""
+    for key in _HEADLINES.get(stage, _MODEL_HEADLINES):
+        if isinstance(outputs.get(key), (int, float)):
+            return key, float(outputs[key])
+    return None
 
 
 def _marker(layout: RunLayout, pipeline: str, step: str) -> str:

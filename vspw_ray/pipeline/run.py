@@ -22,6 +22,7 @@ from vspw_ray.cost import Held, log_cost, sum_child_costs
 from vspw_ray.layout import RunLayout
 from vspw_ray.pipeline.keys import data_key
 from vspw_ray.pipeline.plan import Step, Variant, build_plan, format_plan, variants_of
+from vspw_ray.pipeline.records import HEADLINE_LABELS
 from vspw_ray.pipeline.steps import StageFailed
 from vspw_ray.runtime import open_stage
 from vspw_ray.storage import check_cluster_settings, resolve_storage
@@ -36,7 +37,8 @@ class PipelineResult:
     steps: list[Step]
     ran: list[str] = field(default_factory=list)  # step ids run by this invocation
     times: dict[str, float] = field(default_factory=dict)  # step id -> seconds
-    headline: dict[str, float | None] = field(default_factory=dict)  # step id -> its metric
+    headline: dict[str, tuple[str, float] | None] = field(default_factory=dict)  # step id ->
+    # the figure it is known by (pipeline.records.headline)
     outputs: dict[str, dict] = field(default_factory=dict)  # step id -> what it produced
     run_id: str | None = None
     nothing_to_do: bool = False
@@ -158,8 +160,12 @@ def format_summary(result: PipelineResult) -> str:
             continue
         ran = [s for s in steps if s.id in result.ran]
         seconds = sum(result.times.get(s.id, 0.0) for s in steps)
-        values = [result.headline[s.id] for s in steps if result.headline.get(s.id) is not None]
-        head = f"best val_A mIoU {100 * max(values):.2f}" if values else ""
+        found = [result.headline[s.id] for s in steps if result.headline.get(s.id)]
+        head = ""
+        if found:
+            name, value = max(found, key=lambda nv: nv[1])
+            best = "best " if len(found) > 1 else ""
+            head = f"{best}{HEADLINE_LABELS[name]} mIoU {100 * value:.2f}"
         lines.append(f"{name:<10} {len(steps):>5} {len(steps) - len(ran):>7} "
                      f"{seconds:>8.1f}s  {head}")
     return "\n".join(lines)

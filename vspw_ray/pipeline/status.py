@@ -10,13 +10,12 @@ from dataclasses import asdict, dataclass
 from vspw_ray.config import ExperimentConfig
 from vspw_ray.layout import RunLayout
 from vspw_ray.pipeline.plan import Step, build_plan
-from vspw_ray.pipeline.records import read_marker, read_record
+from vspw_ray.pipeline.records import HEADLINE_LABELS, headline, read_marker, read_record
 from vspw_ray.storage import resolve_storage
 
 __all__ = ["StepStatus", "experiment_status", "format_status", "STATES"]
 
 STATES = ("done", "running", "stale", "missing")
-HEADLINES = ("final/val_A/miou", "final/val_B/miou")  # the first a step's record holds
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ def _status(layout: RunLayout, pipeline: str, step: Step) -> StepStatus:
     record = read_record(layout, pipeline, step.id)
     marker = read_marker(layout, pipeline, step.id)
     outputs = (record or {}).get("outputs", {})
-    headline = next((k for k in HEADLINES if isinstance(outputs.get(k), (int, float))), None)
+    figure = headline(step.stage, outputs)
     if record is not None and record.get("key") == step.key:
         state = "done"
         detail = "finished " + time.strftime("%Y-%m-%d %H:%M", time.localtime(
@@ -51,8 +50,8 @@ def _status(layout: RunLayout, pipeline: str, step: Step) -> StepStatus:
         detail = "not run yet" if marker is None else (
             "its last run stopped " + time.strftime("%Y-%m-%d %H:%M", time.localtime(
                 float(marker.get("heartbeat", 0)))))
-    return StepStatus(step.id, state, detail, headline,
-                      outputs.get(headline) if headline else None,
+    return StepStatus(step.id, state, detail, figure[0] if figure else None,
+                      figure[1] if figure else None,
                       outputs.get("cost/gpu_hours"), outputs.get("cost/cpu_hours"),
                       outputs.get("cost/wall_s"))
 
@@ -75,14 +74,14 @@ def experiment_status(cfg: ExperimentConfig) -> list[StepStatus]:
 
 
 def format_status(rows: list[StepStatus]) -> str:
-    lines = [f"{'step':<34} {'state':<8} {'headline':>16} {'GPU-h':>7} {'CPU-h':>7} "
+    lines = [f"{'step':<34} {'state':<8} {'headline':>17} {'GPU-h':>7} {'CPU-h':>7} "
              f"{'wall':>8}  detail"]
     for r in rows:
-        figure = f"{r.headline.split('/')[1]} {100 * r.value:.2f}" if r.value is not None else "-"
+        figure = "-" if r.value is None else f"{HEADLINE_LABELS[r.headline]} {100 * r.value:.2f}"
         gpu = f"{r.gpu_hours:7.2f}" if r.gpu_hours is not None else f"{'-':>7}"
         cpu = f"{r.cpu_hours:7.3f}" if r.cpu_hours is not None else f"{'-':>7}"
         wall = f"{r.wall_s:7.0f}s" if r.wall_s is not None else f"{'-':>8}"
-        lines.append(f"{r.step:<34} {r.state:<8} {figure:>16} {gpu} {cpu} {wall}  {r.detail}")
+        lines.append(f"{r.step:<34} {r.state:<8} {figure:>17} {gpu} {cpu} {wall}  {r.detail}")
     counts = {s: sum(r.state == s for r in rows) for s in STATES}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(rows)} steps")
     return "\n".join(lines)

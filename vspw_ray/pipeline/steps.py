@@ -21,6 +21,7 @@ from vspw_ray.pipeline.plan import Step, Variant, teacher_of
 from vspw_ray.pipeline.records import (
     HEARTBEAT_S,
     clear_marker,
+    headline,
     read_record,
     write_marker,
     write_record,
@@ -87,7 +88,7 @@ class Context:
             self.result.ran.append(step.id)
             self.result.times[step.id] = time.perf_counter() - start
             self.result.outputs[step.id] = outputs
-            self.result.headline[step.id] = outputs.get("final/val_A/miou")
+            self.result.headline[step.id] = headline(step.stage, outputs)
         return outputs.get("_value")
 
     @contextlib.contextmanager
@@ -259,7 +260,8 @@ def ensemble_step(ctx: Context, step: Step, variants: list[Variant]) -> dict:
             "submission": out.submission.folder if out.submission else None,
             "zip": out.submission.zip if out.submission else None, "run_id": out.run_id,
             "data_fingerprint": split_fingerprint(cfg.data.root, cfg.data.val_split),
-            **{k: v for k, v in out.metrics.items() if k.startswith("final/")}}
+            **{k: v for k, v in out.metrics.items()
+               if k.startswith(("final/", "oof/ensemble/"))}}
 
 
 def _with_variants(cfg: ExperimentConfig, variants: list[Variant]) -> ExperimentConfig:
