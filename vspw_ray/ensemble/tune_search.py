@@ -11,6 +11,7 @@ ensemble; a search that did not finish is started over (its trials cost millisec
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -201,22 +202,32 @@ def _quiet_optuna():
         optuna.logging.set_verbosity(level)
 
 
+# Tune's public switches, read when a Tuner fits: Ctrl-C and SIGTERM stop the ensemble's search
+# outright (KeyboardInterrupt, the command's "stopped" path) instead of through Tune's graceful
+# stop, which returns the trials finished so far as if the search were complete (an unfinished
+# search is started over anyway: _fresh_study); and Tune's legacy output engine, in which
+# ``verbose=0`` is silent (the new engine prints its experiment table and paths at every level)
+_QUIET_TUNE_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+
+
 @contextlib.contextmanager
-def _stop_raises():
-    """Ctrl-C and SIGTERM stop the ensemble's search outright (KeyboardInterrupt, the command's
-    "stopped" path) instead of through Tune's graceful stop, which returns the trials finished
-    so far as if the search were complete; an unfinished search is started over anyway
-    (:func:`_fresh_study`). ``TUNE_DISABLE_SIGINT_HANDLER`` is Tune's public switch, read when
-    a Tuner fits."""
-    key, before = "TUNE_DISABLE_SIGINT_HANDLER", os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ[key] = "1"
+def _quiet_tune():
+    """The search's Tuner with :data:`_QUIET_TUNE_ENV` and Tune's end-of-run INFO line (where it
+    wrote its state) at WARNING: the search reports its own progress and results."""
+    before = {k: os.environ.get(k) for k in _QUIET_TUNE_ENV}
+    os.environ.update(_QUIET_TUNE_ENV)
+    tune_log = logging.getLogger("ray.tune.tune")
+    level = tune_log.level
+    tune_log.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+        tune_log.setLevel(level)
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _fresh_study(url: str, study: str) -> None:
@@ -259,7 +270,7 @@ def run_tuner(samples: dict[str, PixelSample], weights: WeightSpace, num_samples
                                             reuse_actors=True),
             run_config=ray.tune.RunConfig(name=setup.name, storage_path=setup.path,
                                           verbose=0, callbacks=tune_result_loggers()))
-        with _stop_raises():
+        with _quiet_tune():
             results = tuner.fit()
     failed = [r.error for r in results if r.error is not None]
     if failed:
