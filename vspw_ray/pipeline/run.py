@@ -163,9 +163,9 @@ def format_summary(result: PipelineResult) -> str:
         found = [result.headline[s.id] for s in steps if result.headline.get(s.id)]
         head = ""
         if found:
-            name, value = max(found, key=lambda nv: nv[1])
+            figure, value = max(found, key=lambda nv: nv[1])
             best = "best " if len(found) > 1 else ""
-            head = f"{best}{HEADLINE_LABELS[name]} mIoU {100 * value:.2f}"
+            head = f"{best}{HEADLINE_LABELS[figure]} mIoU {100 * value:.2f}"
         lines.append(f"{name:<10} {len(steps):>5} {len(steps) - len(ran):>7} "
                      f"{seconds:>8.1f}s  {head}")
     return "\n".join(lines)
