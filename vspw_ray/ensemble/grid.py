@@ -259,7 +259,6 @@ class _Decoded(Mapping):
         self.encoded, self.num_classes, self.encodings = encoded, num_classes, encodings
 
     def __getitem__(self, member: str) -> torch.Tensor:
-
         return decode(self.encoded[member], self.num_classes, self.encodings[member])
 
     def __contains__(self, member: object) -> bool:  # Mapping's default would decode

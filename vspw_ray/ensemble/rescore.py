@@ -154,7 +154,6 @@ class FrameFusion:
 
 
 def _decoded(order: Sequence[str], encoded: Mapping, encodings: Mapping, num_classes: int):
-
     for m in order:
         yield m, decode(encoded[m], num_classes, encodings[m])
 

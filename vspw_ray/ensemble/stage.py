@@ -354,7 +354,6 @@ def run_ensemble(cfg: ExperimentConfig, *, apply: str | None = None, address: st
         run_id = log_ensemble(stage, ctx.eid, ctx.members, report, selections, submission,
                               parent=parent_run)
         if cached is None or (submission is not None and submission.written):
-
             # the search's and the submission's tasks, spread over this many CPUs
             log_cost(stage.tracking_uri, run_id, Held(parallelism(stage.address)),
                      time.perf_counter() - start)

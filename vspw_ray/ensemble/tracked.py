@@ -66,7 +66,6 @@ def _child_runs(uri: str, experiment: str, storage: str, parent: str, eid: str,
 
 
 def _log_submission(uri: str, rid: str, submission: Submission | None) -> None:
-
     if submission is None:
         return
     with tempfile.TemporaryDirectory() as d:

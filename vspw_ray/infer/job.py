@@ -472,7 +472,6 @@ def _has_masks(frames: list[Frame]) -> bool:
 
 
 def _store_metrics(scores, key: str, root: str, split: str, fold_seed: int) -> dict[str, Any]:
-
     out = {}
     for fold, report in evaluate_store_folds(scores.uri, key, root, split,
                                              fold_seed=fold_seed).items():

@@ -296,7 +296,6 @@ class ProgressLog:
         self.count, self.images, self.window_start = 0, 0, time.perf_counter()
 
     def step(self, done: int, terms: dict[str, float], lr: float) -> None:
-
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1

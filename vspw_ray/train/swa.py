@@ -435,7 +435,6 @@ def format_comparison(metrics: dict) -> str:
 
 
 def _write_artifacts(folder: Path, cfg: ExperimentConfig, out: SwaResult) -> None:
-
     (folder / "config.yaml").write_text(dump_yaml(cfg))
     swa = cfg.swa
     lr_schedule_chart([cyclic_lr(i, swa) for i in range(swa.extra_iters)],

@@ -81,7 +81,6 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
     It relies on private names of Ray's ``OptunaSearch`` and of Optuna, checked by
     ``tests/test_optuna_internals.py`` against the versions pyproject pins (``ray<2.61``):
-
     * ``OptunaSearch._ot_trials`` (Tune trial id -> ``optuna.Trial``), ``._ot_study``
       (``optuna.Study``), ``._completed_trials`` (set of Tune trial ids), ``._space`` (the
       define-by-run callable); ``save``/``restore`` pickling ``__dict__`` (so ``_max_t``
