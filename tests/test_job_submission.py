@@ -515,7 +515,7 @@ def test_stopped_job_resumes_and_survives_losing_the_training_node(cluster, mlfl
     args = ["train", CI_JOB, "--variant", "upernet", f"data.root={ci_data}",
             "storage.path=$VSPW_STORAGE", f"tracking.uri={mlflow_server}",
             "tracking.experiment=ci_node_loss", f"train.iters={STOP_ITERS}",
-            "train.val_interval=5", "train.log_interval=5", "train.max_failures=3",
+            "train.val_interval=10", "train.log_interval=10", "train.max_failures=3",
             "train.resources_per_worker={CPU: 1, trainer: 1}"]
     # as the README's submission and deploy/rayjob.yaml; the Train controller polls its
     # workers faster, so it registers checkpoints sooner
