@@ -492,9 +492,9 @@ def _stopped(cluster: LocalCluster, job_id: str) -> float:
 
 
 # long enough that the training left after the first registered checkpoint outlasts `ray job
-# stop` (9 s measured on this machine while the job trained at 7 it/s: 40 iterations finished
-# first)
-STOP_ITERS = 100
+# stop` by a wide margin: the stop took 9-12 s on this machine, in which a job of 2-frame
+# batches trained 40, then 100 iterations (7-11 it/s) and finished before it landed
+STOP_ITERS = 200
 
 
 @pytest.mark.timeout(900)
@@ -515,7 +515,8 @@ def test_stopped_job_resumes_and_survives_losing_the_training_node(cluster, mlfl
     args = ["train", CI_JOB, "--variant", "upernet", f"data.root={ci_data}",
             "storage.path=$VSPW_STORAGE", f"tracking.uri={mlflow_server}",
             "tracking.experiment=ci_node_loss", f"train.iters={STOP_ITERS}",
-            "train.val_interval=10", "train.log_interval=10", "train.max_failures=3",
+            "train.val_interval=20", "train.log_interval=20", "train.batch_size=4",
+            "train.max_failures=3",
             "train.resources_per_worker={CPU: 1, trainer: 1}"]
     # as the README's submission and deploy/rayjob.yaml; the Train controller polls its
     # workers faster, so it registers checkpoints sooner
