@@ -491,12 +491,7 @@ def _stopped(cluster: LocalCluster, job_id: str) -> float:
     return time.monotonic() - start
 
 
-# long enough that the training left after the first registered checkpoint outlasts `ray job
-# stop` by a wide margin: the stop took 9-12 s on this machine, in which a job of 2-frame
-# batches trained 40, then 100 iterations (7-11 it/s) and finished before it landed
 STOP_ITERS = 200
-
-
 @pytest.mark.timeout(900)
 def test_stopped_job_resumes_and_survives_losing_the_training_node(cluster, mlflow_server,
                                                                      ci_data):
@@ -522,7 +517,9 @@ def test_stopped_job_resumes_and_survives_losing_the_training_node(cluster, mlfl
     # workers faster, so it registers checkpoints sooner
     env = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S),
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    first = submit(cluster, args, env)
+    # the first job waits after its first checkpoint until it is stopped (VSPW_RAY_PAUSE_AFTER):
+    # ray job stop took 3-18 s here, long enough for a fast machine to train to the end
+    first = submit(cluster, args, {**env, "VSPW_RAY_PAUSE_AFTER": "1"})
     wait_until(lambda: registered_checkpoints(storage), "a registered checkpoint of the job",
                JOB_TIMEOUT_S, job_finished(cluster, first), poll_s=0.1)
     took = _stopped(cluster, first)

@@ -26,7 +26,12 @@ from vspw_ray.metrics import VAL_A_MIOU
 from vspw_ray.plots import per_class_iou_chart
 from vspw_ray.resources import check_feasible, wait_for_resources
 from vspw_ray.runtime import open_stage
-from vspw_ray.train.ray_train import fault_setting, node_metrics, train_loop_per_worker
+from vspw_ray.train.ray_train import (
+    PAUSE_ENV,
+    fault_setting,
+    node_metrics,
+    train_loop_per_worker,
+)
 
 __all__ = ["TrainResult", "train_variant", "build_trainer", "check_inputs", "data_tags"]
 
@@ -136,7 +141,8 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
         train_loop_config={"experiment": to_dict(cfg), "variant_id": vid, "tracking_uri": uri,
                            "run_id": run_id, "torch_threads": torch_threads,
                            "data_fingerprint": variant_fingerprint(cfg),
-                           "fault_after": fault_setting(), "checkpoint_score": best_by,
+                           "fault_after": fault_setting(), "pause_after": fault_setting(PAUSE_ENV),
+                           "checkpoint_score": best_by,
                            "preemption_checkpoints": preemption_checkpoints,
                            **(extra_config or {})},
         scaling_config=ray.train.ScalingConfig(

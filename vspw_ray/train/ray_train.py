@@ -192,23 +192,28 @@ class Worker:
     fault_after: int | None = None  # raise InjectedFault after this many checkpoints (tests)
     checkpoints: int = 0  # checkpoints reported by this worker group
     preemption_saved: bool = False  # this worker group checkpointed for an announced drain
+    pause_after: int | None = None  # wait after this many checkpoints until stopped (tests)
 
 
 # A testing aid, as Ray's own RAY_testing_* settings: a run that has not resumed raises
 # InjectedFault on every worker after its N-th reported checkpoint, so the resume path (the same
 # code whether a process died or raised) is tested inside the process, without killing one.
 FAULT_ENV = "VSPW_RAY_FAULT_AFTER"
+# and one that waits there instead, until the run is stopped or its process killed: a stop
+# test then needs no race between the stop's arrival and the end of the training
+PAUSE_ENV = "VSPW_RAY_PAUSE_AFTER"
 
 
 class InjectedFault(RuntimeError):
     """Raised where ``VSPW_RAY_FAULT_AFTER`` asks for it."""
 
 
-def fault_setting() -> int | None:
-    """``VSPW_RAY_FAULT_AFTER`` of the driver's environment, for the workers' config."""
-    value = os.environ.get(FAULT_ENV, "").strip()
+def fault_setting(env: str = FAULT_ENV) -> int | None:
+    """``VSPW_RAY_FAULT_AFTER`` (or ``env``) of the driver's environment, for the workers'
+    config."""
+    value = os.environ.get(env, "").strip()
     if value and not value.isdigit():
-        raise ValueError(f"{FAULT_ENV} must be a checkpoint count, got '{value}'")
+        raise ValueError(f"{env} must be a checkpoint count, got '{value}'")
     return int(value) if value else None
 
 
@@ -257,8 +262,10 @@ def setup_worker(config: dict) -> Worker:
         for folder in remove_unregistered_checkpoints():
             log.info("[%s] removed half-written checkpoint %s", config["variant_id"], folder)
     forward = forward_loss(model, compile=compile_enabled(cfg.train.compile, device))
-    fault = config.get("fault_after") if ray.train.get_checkpoint() is None else None
-    return Worker(cfg, rank, world, device, table, model, autocast, scaler, forward, fault)
+    fresh = ray.train.get_checkpoint() is None  # a run that has not resumed
+    return Worker(cfg, rank, world, device, table, model, autocast, scaler, forward,
+                  config.get("fault_after") if fresh else None,
+                  pause_after=config.get("pause_after") if fresh else None)
 
 
 def train_batches(w: Worker, *, seed: int, start_iter: int, num_iters: int):
@@ -363,6 +370,8 @@ def report(w: Worker, metrics: dict, state: dict | None,
     if w.fault_after is not None and w.checkpoints == w.fault_after:
         raise InjectedFault(f"{FAULT_ENV}={w.fault_after}: a fault injected after checkpoint "
                             f"{w.checkpoints}")
+    while w.pause_after is not None and w.checkpoints == w.pause_after:
+        time.sleep(1.0)  # PAUSE_ENV: until the run is stopped
 
 
 def node_metrics(loop, interval_s: float, config: dict) -> None:
