@@ -247,8 +247,8 @@ def main(argv=None) -> None:
 def recorded_outputs(cfg, result) -> dict:
     """Every step's outputs: this run's, else its completion record's (a run that found
     "nothing to do" returns none of its own)."""
-    from vspw_ray.pipeline.records import read_record
     from vspw_ray.pipeline.run import plan_pipeline
+    from vspw_ray.stages.records import read_record
 
     layout, steps = plan_pipeline(cfg)
     return {s.id: result.outputs.get(s.id) or (read_record(layout, cfg.name, s.id) or {}).get(
@@ -261,7 +261,7 @@ class Context:
     def __init__(self, cfg, seeds: int, address: str | None, outputs: dict, samples: int,
                  smoke: bool = False):
         from vspw_ray.data import read_split, split_folds
-        from vspw_ray.pipeline.plan import variants_of
+        from vspw_ray.stages import variants_of
 
         self.cfg, self.seeds, self.address, self.smoke = cfg, seeds, address, smoke
         self.ensembles: dict[int, dict[str, dict]] = {}  # seed -> method -> report

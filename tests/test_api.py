@@ -23,7 +23,7 @@ def test_every_public_name_resolves_and_an_unknown_one_names_them():
     import vspw_ray.api as api
 
     for name in api.__all__:
-        assert callable(getattr(api, name)), name
+        assert name == "STAGES" or callable(getattr(api, name)), name
     stages = ["run_search", "train_variant", "swa_variant", "run_inference", "run_ensemble",
               "run_pipeline", "experiment_status"]
     for name in stages:  # every stage takes the experiment config first

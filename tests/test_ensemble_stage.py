@@ -535,7 +535,7 @@ def test_naming_every_member_is_the_default_ensemble_and_another_member_set_is_n
     """The ensemble's identity counts ``ensemble.members`` through the store keys it selects:
     naming all variants reuses the default ensemble's weights; dropping one gives another."""
     from vspw_ray.ensemble.members import Member, ensemble_id
-    from vspw_ray.pipeline.keys import ensemble_key
+    from vspw_ray.stages import ensemble as ensemble_stage
 
     def member(name):
         return Member(name, f"key-{name}", f"vid-{name}", None, "upernet", "train", 0, 0.5, C,
@@ -546,7 +546,7 @@ def test_naming_every_member_is_the_default_ensemble_and_another_member_set_is_n
         **to_dict(cfg.ensemble), "members": ["b", "a", "c"]}})
     everyone = [member(n) for n in "abc"]
     assert ensemble_id(named, everyone) == ensemble_id(cfg, everyone)
-    assert ensemble_key(named, [m.key for m in everyone]) == ensemble_key(
+    assert ensemble_stage.key(named, [m.key for m in everyone]) == ensemble_stage.key(
         cfg, [m.key for m in everyone])
     assert ensemble_id(named, everyone[:2]) != ensemble_id(cfg, everyone)
     moved = config_from_dict({**to_dict(cfg), "ensemble": {**to_dict(cfg.ensemble),

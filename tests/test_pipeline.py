@@ -16,7 +16,7 @@ import pytest
 from vspw_ray.config import load_config
 from vspw_ray.layout import RunLayout
 from vspw_ray.pipeline.plan import build_plan
-from vspw_ray.pipeline.records import write_record
+from vspw_ray.stages.records import write_record
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
@@ -168,10 +168,10 @@ def test_a_student_chain_trains_from_its_teachers_swa_average_once_it_is_made(tm
     import vspw_ray.infer.job as job
     import vspw_ray.train.driver as driver
     import vspw_ray.train.swa as swa
+    from vspw_ray import stages
     from vspw_ray.checkpoints import write_checkpoint
     from vspw_ray.config import to_dict, variant_id
     from vspw_ray.ids import swa_variant_id
-    from vspw_ray.pipeline import steps
     from vspw_ray.pipeline.run import PipelineResult, _execute
 
     cfg = _load(_with_variants(tmp_path, STUDENT_FIRST), tmp_path, synth_root,
@@ -192,27 +192,33 @@ def test_a_student_chain_trains_from_its_teachers_swa_average_once_it_is_made(tm
         record(("train", c.seed, c.loss.distill.teacher_checkpoint))
         folder = checkpoint(f"{layout.train_run(vid)}/checkpoint_000000", c, variant_id=vid,
                             iteration=8)
-        return SimpleNamespace(variant_id=vid, best_checkpoint=folder, run_id=None, metrics={})
+        return driver.TrainResult(vid, {}, folder, folder, None)
 
     def average(c, variant, *, from_checkpoint, **_):
         vid = swa_variant_id(variant_id(c), c.swa, 8)
         folder = checkpoint(f"{layout.swa_run(vid)}/checkpoint_000000", c, variant_id=vid,
                             iteration=8, kind="swa_average")
         record(("swa", c.seed, folder))
-        return SimpleNamespace(variant_id=vid, checkpoint=folder, run_id=None, metrics={})
+        return swa.SwaResult(vid, variant_id(c), folder, folder, {}, None)
 
     monkeypatch.setattr(driver, "train_variant", train)
     monkeypatch.setattr(swa, "swa_variant", average)
-    monkeypatch.setattr(job, "run_inference", lambda *a, **k: SimpleNamespace(
-        key="m", variant_id="v", run_id=None, predictions=None, metrics={}))
-    monkeypatch.setattr(steps, "data_step", lambda c, s: {})
-    monkeypatch.setattr(steps, "ensemble_step", lambda c, s, v: {})
+    monkeypatch.setattr(job, "run_inference", lambda c, ckpt, split, **k: _inferred(
+        job, "m", "v", split, {}))
+    monkeypatch.setattr(stages.data, "run", lambda ctx, item: stages.data.Record())
+    monkeypatch.setattr(stages.ensemble, "run", lambda ctx, item: stages.ensemble.Record())
     stage = SimpleNamespace(layout=layout, run_id=None, address=None)
     _execute(cfg, stage, PipelineResult(build_plan(cfg, layout)), 1)
     teacher_swa = next(i for i, e in enumerate(events) if e[:2] == ("swa", 0))
     student_train = next(i for i, e in enumerate(events) if e[:2] == ("train", 1))
     assert teacher_swa < student_train  # seed 0 is the teacher, seed 1 the student
     assert events[student_train][2] == f"{events[teacher_swa][2]}/checkpoint.pt"
+
+
+def _inferred(job, key: str, vid: str, split: str, metrics: dict):
+    """A stand-in inference's result: nothing written, ``metrics`` as measured."""
+    return job.InferResult(key, vid, split, "store", "predictions", 0, [], 0.0, 0.0, 0, metrics,
+                           None)
 
 
 @pytest.mark.parametrize("variants, message", [
@@ -334,24 +340,30 @@ def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path, s
     from types import SimpleNamespace
 
     from vspw_ray.pipeline.plan import Step
-    from vspw_ray.pipeline.records import read_record
     from vspw_ray.pipeline.run import PipelineResult
     from vspw_ray.pipeline.steps import Context, StageFailed
+    from vspw_ray.stages import swa
+    from vspw_ray.stages.records import read_record
 
     cfg = _load(QUICKSTART, tmp_path, synth_root)
     layout = RunLayout(str(tmp_path / "runs"))
     step = Step("swa", "upernet_crop64", "k1", ("train:upernet_crop64",), True, "not done yet")
-    ctx = Context(cfg, SimpleNamespace(layout=layout, run_id=None), 1, PipelineResult([step]))
+    ctx = Context(cfg, SimpleNamespace(layout=layout, run_id=None, address=None), 1,
+                  PipelineResult([step]))
 
-    def broken(c, s):
+    def broken(ctx, item):
         raise FileNotFoundError("no complete training checkpoint under .../train/up-1")
 
     with pytest.raises(StageFailed, match=r"swa:upernet_crop64 failed \(swa of upernet_crop64\)"
                                           r".*no complete training checkpoint.*re-run the same"):
         ctx.run(step, broken)
     assert read_record(layout, cfg.name, step.id) is None  # a failed step is not recorded
-    assert ctx.run(step, lambda c, s: {"checkpoint": "x", "final/val_A/miou": 0.5}) is None
-    assert read_record(layout, cfg.name, step.id)["key"] == "k1"
+    made = swa.Record(checkpoint="x", figures={"final/val_A/miou": 0.5})
+    assert ctx.run(step, lambda ctx, item: made) == made
+    stored = read_record(layout, cfg.name, step.id)
+    assert stored["key"] == "k1" and swa.Record.from_outputs(stored["outputs"]) == made
+    assert swa.done(layout, cfg.name, step.item, "k1") == made
+    assert swa.done(layout, cfg.name, step.item, "another key") is None
     assert ctx.result.ran == [step.id]
     assert ctx.result.headline[step.id] == ("final/val_A/miou", 0.5)
 
@@ -359,23 +371,20 @@ def test_a_failing_step_names_stage_variant_and_the_command_to_rerun(tmp_path, s
 def test_only_the_val_split_fills_the_common_final_keys(tmp_path, synth_root, monkeypatch):
     """A test split's inference figures are folds of *test*: they must not be recorded (or
     logged to MLflow) as final/val_A/... beside the val members."""
-    from types import SimpleNamespace
 
     import vspw_ray.infer.job as job
-    from vspw_ray.pipeline import steps
-    from vspw_ray.pipeline.plan import variants_of
-    from vspw_ray.pipeline.run import PipelineResult
+    from vspw_ray.stages import StageContext, infer, variants_of
 
     cfg = _load(QUICKSTART, tmp_path, synth_root)
     figures = {"val_A/miou": 0.3, "val_B/miou": 0.4}
-    monkeypatch.setattr(job, "run_inference", lambda *a, **k: SimpleNamespace(
-        key="m", variant_id="v", run_id=None, predictions="p", metrics=figures))
-    ctx = steps.Context(cfg, SimpleNamespace(layout=None, run_id=None, address=None), 1,
-                        PipelineResult([]))
+    monkeypatch.setattr(job, "run_inference", lambda c, ckpt, split, **k: _inferred(
+        job, "m", "v", split, figures))
     v = variants_of(cfg)[0]
-    val, test = (steps._infer(ctx, v, split) for split in ("val", "test"))
-    assert val["final/val_A/miou"] == 0.3 and val["final/val_B/miou"] == 0.4
-    assert not [k for k in test if k.startswith("final/")]
+    ctx = StageContext(cfg, variants=(v,))
+    val, test = (infer.run(ctx, infer.item_of(v.name, split)) for split in ("val", "test"))
+    assert val.figures == {"final/val_A/miou": 0.3, "final/val_B/miou": 0.4}
+    assert val.metrics == figures and test.metrics == figures  # under the split's own keys
+    assert test.figures == {}
 
 
 TWO_VARIANTS = """variants:
@@ -400,11 +409,11 @@ def test_other_data_reruns_every_step_under_new_ids_then_nothing_to_do(tmp_path,
     import vspw_ray.infer.job as job
     import vspw_ray.train.driver as driver
     import vspw_ray.train.swa as swa
+    from vspw_ray import stages
     from vspw_ray.config import variant_id
     from vspw_ray.data.fingerprint import data_fingerprint, split_fingerprint
     from vspw_ray.data.synth import SynthSpec, synthesize
     from vspw_ray.ids import member_key, swa_variant_id
-    from vspw_ray.pipeline import steps
     from vspw_ray.pipeline.run import PipelineResult, _execute, run_pipeline
     from vspw_ray.pipeline.steps import members_rows
 
@@ -413,16 +422,14 @@ def test_other_data_reruns_every_step_under_new_ids_then_nothing_to_do(tmp_path,
                processes=1)
     shutil.copytree(synth_root, moved)
     ids: list[str] = []
-    monkeypatch.setattr(driver, "train_variant", lambda c, v, **_: SimpleNamespace(
-        variant_id=ids.append(variant_id(c)) or ids[-1], best_checkpoint="b", run_id=None,
-        metrics={}))
-    monkeypatch.setattr(swa, "swa_variant", lambda c, v, **_: SimpleNamespace(
-        variant_id=swa_variant_id(variant_id(c), c.swa, 8), checkpoint="s", run_id=None,
-        metrics={}))
-    monkeypatch.setattr(job, "run_inference", lambda c, ckpt, split, **_: SimpleNamespace(
-        key=member_key(variant_id(c), 8, c.infer, split_fingerprint(c.data.root, split)),
-        variant_id=variant_id(c), run_id=None, predictions=None, metrics={}))
-    monkeypatch.setattr(steps, "ensemble_step", lambda c, s, v: {})
+    monkeypatch.setattr(driver, "train_variant", lambda c, v, **_: driver.TrainResult(
+        ids.append(variant_id(c)) or ids[-1], {}, "b", "b", None))
+    monkeypatch.setattr(swa, "swa_variant", lambda c, v, **_: swa.SwaResult(
+        swa_variant_id(variant_id(c), c.swa, 8), variant_id(c), "b", "s", {}, None))
+    monkeypatch.setattr(job, "run_inference", lambda c, ckpt, split, **_: _inferred(
+        job, member_key(variant_id(c), 8, c.infer, split_fingerprint(c.data.root, split)),
+        variant_id(c), split, {}))
+    monkeypatch.setattr(stages.ensemble, "run", lambda ctx, item: stages.ensemble.Record())
     exp = _with_variants(tmp_path, TWO_VARIANTS)
     layout = RunLayout(str(tmp_path / "runs"))
 

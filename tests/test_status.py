@@ -14,8 +14,8 @@ from tests.test_pipeline import ONE_VARIANT, _tiny_experiment
 from vspw_ray.config import load_config
 from vspw_ray.layout import RunLayout
 from vspw_ray.pipeline.plan import build_plan
-from vspw_ray.pipeline.records import read_marker, write_marker, write_record
 from vspw_ray.pipeline.status import experiment_status, format_status
+from vspw_ray.stages.records import read_marker, write_marker, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,9 +81,9 @@ def test_the_ensemble_is_known_by_its_honest_figure_never_by_its_selecting_fold(
     out-of-fold mIoU over all of val (cross-fitted), else by fold B (hold-out): its fold-A
     figure is the fold that chose it, in status and in the pipeline's summary alike."""
     from vspw_ray.pipeline.plan import Step
-    from vspw_ray.pipeline.records import headline
     from vspw_ray.pipeline.run import PipelineResult, format_summary
     from vspw_ray.pipeline.status import StepStatus
+    from vspw_ray.stages.records import headline
 
     crossfit = {"final/val_A/miou": 0.0292, "final/val_B/miou": 0.4133,
                 "oof/ensemble/miou": 0.2172}

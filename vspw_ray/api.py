@@ -17,6 +17,12 @@ calls. Each name loads its stage on first use, so importing this module stays li
 | evaluate | ``evaluate_predictions(pred_dir, root, split)``, ``evaluate_store(...)`` | figures |
 | ensemble | ``run_ensemble(cfg, apply=None)`` | ``EnsembleResult`` |
 | pipeline | ``run_pipeline(cfg)``, ``experiment_status(cfg)`` | ``PipelineResult``, status rows |
+
+Every stage also has the same small contract (``STAGES[name]``: ``key``, ``done``, ``run(ctx,
+item) -> Record``; see :mod:`vspw_ray.stages`), which the pipeline and the command line use:
+
+    from vspw_ray.api import STAGES, StageContext
+    record = STAGES["train"].run(StageContext(cfg), "upernet_crop64")
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ _WHERE = {
     "run_ensemble": "vspw_ray.ensemble.stage",
     "run_pipeline": "vspw_ray.pipeline.run",
     "experiment_status": "vspw_ray.pipeline.status",
+    "STAGES": "vspw_ray.stages",
+    "StageContext": "vspw_ray.stages",
+    "StageRecord": "vspw_ray.stages",
 }
 
 __all__ = sorted(_WHERE)

@@ -148,49 +148,57 @@ def _checkpoint_path(path: str) -> str:
     return str(Path(path) / CHECKPOINT_FILE) if Path(path).is_dir() else path
 
 
+def _context(args, cfg):
+    """The context a stage runs in from the command line: the experiment alone."""
+    from vspw_ray.stages import StageContext
+
+    return StageContext(cfg, address=args.address, track=not args.no_track,
+                        threads=getattr(args, "torch_threads", 1))
+
+
+def _tracked(record) -> None:
+    if record.run_id:
+        print(f"MLflow run: {record.run_id}")
+
+
 def _cmd_train(args) -> int:
     from vspw_ray.config import load_config
-    from vspw_ray.train.driver import train_variant
+    from vspw_ray.stages import train
 
     overrides = list(args.overrides)
     if args.from_checkpoint:
         overrides.append(f"model.init_checkpoint={_checkpoint_path(args.from_checkpoint)}")
     cfg = load_config(args.experiment, overrides)
-    out = train_variant(cfg, args.variant, address=args.address, track=not args.no_track,
-                        torch_threads=args.torch_threads)
+    out = train.run(_context(args, cfg), args.variant)
     shown = {k: round(v, 4) for k, v in out.metrics.items()
              if k.split("/")[-1] in ("miou", "fwiou", "vc8", "vc16") and isinstance(v, float)}
     print(f"variant {out.variant_id} done: {shown}")
-    print(f"best checkpoint: {out.best_checkpoint}\nlatest checkpoint: {out.latest_checkpoint}")
-    if out.run_id:
-        print(f"MLflow run: {out.run_id}")
+    print(f"best checkpoint: {out.checkpoint}\nlatest checkpoint: {out.latest_checkpoint}")
+    _tracked(out)
     return 0
 
 
 def _cmd_swa(args) -> int:
     from vspw_ray.config import load_config
-    from vspw_ray.train.swa import format_comparison, swa_variant
+    from vspw_ray.stages import swa
+    from vspw_ray.train.swa import format_comparison
 
     cfg = load_config(args.experiment, args.overrides)
-    out = swa_variant(cfg, args.variant, from_checkpoint=args.from_checkpoint,
-                      address=args.address, track=not args.no_track,
-                      torch_threads=args.torch_threads)
+    out = swa.run(_context(args, cfg), args.variant, from_checkpoint=args.from_checkpoint)
     print(f"SWA {out.variant_id} (from {out.parent_variant_id}, {out.base_checkpoint}); "
           f"val IoU in %:")
     print(format_comparison(out.metrics))
     print(f"averaged checkpoint: {out.checkpoint}")
-    if out.run_id:
-        print(f"MLflow run: {out.run_id}")
+    _tracked(out)
     return 0
 
 
 def _cmd_tune(args) -> int:
     from vspw_ray.config import load_config
-    from vspw_ray.tune.search import run_search
+    from vspw_ray.stages import search
 
     cfg = load_config(args.experiment, args.overrides)
-    out = run_search(cfg, address=args.address, track=not args.no_track,
-                     torch_threads=args.torch_threads)
+    out = search.run(_context(args, cfg))
     print(out.summary)
     print(f"Optuna study '{out.study_name}' in {out.optuna_storage} "
           f"(optuna-dashboard {out.optuna_storage})")
@@ -201,24 +209,19 @@ def _cmd_tune(args) -> int:
 
 def _cmd_infer(args) -> int:
     from vspw_ray.config import load_config
-    from vspw_ray.infer.job import run_inference
     from vspw_ray.progress import progress_printer
+    from vspw_ray.stages import infer
 
     cfg = load_config(args.experiment, args.overrides)
-    out = run_inference(cfg, args.checkpoint, args.split, variant=args.variant,
-                        store=args.store, predictions=args.out, address=args.address,
-                        track=not args.no_track,
-                        torch_threads=args.torch_threads,
-                        progress=progress_printer("inferring", "frames"))
-    print(f"{out.key} on {out.split}: {out.frames} frames written "
-          f"({out.frames_per_s:.2f} frames/s), {len(out.skipped)} skipped; store {out.store} "
-          f"({out.store_bytes / 2**20:.1f} MiB); predictions {out.predictions}")
-    for key in out.skipped:
-        print(f"  skipped {key}")
+    out = infer.run(_context(args, cfg), infer.item_of(args.variant, args.split),
+                    checkpoint=args.checkpoint, store=args.store, predictions=args.out,
+                    progress=progress_printer("inferring", "frames"))
+    print(f"{out.member_key} on {out.split}: {out.frames} frames written "
+          f"({out.frames_per_s:.2f} frames/s), {out.skipped} videos stored before; store "
+          f"{out.store} ({out.store_bytes / 2**20:.1f} MiB); predictions {out.predictions}")
     if out.metrics:
         print("  " + "  ".join(f"{k} {100 * v:.2f}" for k, v in out.metrics.items()))
-    if out.run_id:
-        print(f"MLflow run: {out.run_id}")
+    _tracked(out)
     return 0
 
 
@@ -247,15 +250,14 @@ def _cmd_status(args) -> int:
 
 def _cmd_ensemble(args) -> int:
     from vspw_ray.config import load_config
-    from vspw_ray.ensemble.stage import run_ensemble
+    from vspw_ray.stages import ensemble
 
     cfg = load_config(args.experiment, args.overrides)
-    out = run_ensemble(cfg, apply=args.apply, address=args.address, track=not args.no_track)
-    print(f"ensemble {out.ensemble_id}: report in {out.path}")
+    out = ensemble.run(_context(args, cfg), apply=args.apply)
+    print(f"ensemble {out.ensemble_id}: report in {out.report}")
     if out.submission:
-        print(f"submission: {out.submission.zip} (manifest {out.submission.folder}/manifest.json)")
-    if out.run_id:
-        print(f"MLflow run: {out.run_id}")
+        print(f"submission: {out.zip} (manifest {out.submission}/manifest.json)")
+    _tracked(out)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Every id in one place: the hashing rules and the form of each identity. What each id
 covers is chosen where its settings live (``config.weight_settings`` for a variant,
-``ensemble.members.ensemble_settings`` for an ensemble, the pipeline's keys in
-``pipeline.keys``); this module turns it into the id, by one of the two rules below.
+``ensemble.members.ensemble_settings`` for an ensemble, the pipeline's keys in each stage's
+``key`` in ``vspw_ray.stages``); this module turns it into the id, by one of the two rules
+below.
 
 ==========================  ======================================================  ==========
 id                          form                                                    rule

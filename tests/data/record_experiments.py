@@ -31,7 +31,7 @@ def fixed_fingerprints():
     import vspw_ray.data.fingerprint as fingerprint
     import vspw_ray.ensemble.members  # noqa: F401 - loaded before the names are replaced
     import vspw_ray.layout  # noqa: F401
-    import vspw_ray.pipeline.keys  # noqa: F401
+    import vspw_ray.stages  # noqa: F401
     import vspw_ray.tune.search  # noqa: F401
 
     real = fingerprint.data_fingerprint
@@ -46,11 +46,11 @@ def fixed_fingerprints():
 
 def experiment_ids(path: Path) -> dict:
     """Each id the experiment at ``path`` gives, under :func:`fixed_fingerprints`."""
+    from vspw_ray import stages
     from vspw_ray.config import config_from_dict, load_config, resolve_variant, to_dict, variant_id
     from vspw_ray.data.fingerprint import split_fingerprint
     from vspw_ray.ensemble.members import ensemble_id
     from vspw_ray.ids import member_key, swa_variant_id
-    from vspw_ray.pipeline.keys import data_key, ensemble_key, infer_key, swa_key, train_key
     from vspw_ray.tune.search import sweep_id
 
     cfg = load_config(path)
@@ -62,15 +62,16 @@ def experiment_ids(path: Path) -> dict:
             swa = swa_variant_id(vid, r.swa, r.train.iters)
             member = member_key(swa, r.train.iters, r.infer,
                                 split_fingerprint(r.data.root, r.data.val_split))
-            infer = infer_key(r, r.data.val_split, swa=r.pipeline.swa)
+            infer = stages.infer.key(r, r.data.val_split, swa_model=r.pipeline.swa)
             out[str(name)] = {"variant_id": vid, "swa_id": swa, "member_key": member,
-                              "train_key": train_key(r), "swa_key": swa_key(r),
+                              "train_key": stages.train.key(r), "swa_key": stages.swa.key(r),
                               "infer_key": infer}
             members.append(SimpleNamespace(key=member))
             infers.append(infer)
         base = config_from_dict({**to_dict(cfg), "variants": []})
         out["experiment"] = {"sweep_id": sweep_id(base), "ensemble_id": ensemble_id(cfg, members),
-                             "data_key": data_key(cfg), "ensemble_key": ensemble_key(cfg, infers)}
+                             "data_key": stages.data.key(cfg),
+                             "ensemble_key": stages.ensemble.key(cfg, infers)}
     return out
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vspw_ray.config import ExperimentConfig, resolve_variant, teacher_variant
+from vspw_ray.config import ExperimentConfig
 from vspw_ray.layout import RunLayout
-from vspw_ray.pipeline.keys import data_key, ensemble_key, infer_key, swa_key, train_key
-from vspw_ray.pipeline.records import read_record
+from vspw_ray.stages import Variant, data, ensemble, infer, search, swa, train
+from vspw_ray.stages.base import teacher_of, variants_of
+from vspw_ray.stages.records import read_record
 
-__all__ = ["Step", "Variant", "variants_of", "teacher_of", "build_plan", "format_plan",
-           "STAGES"]
-
-STAGES = ("data", "search", "train", "swa", "infer", "ensemble")
+__all__ = ["Step", "build_plan", "format_plan"]
 
 # images/s of one GPU training step and frames/s of 12-view TTA, measured on one H200 (issue 18
 # table: Swin-L, crop 640, bf16 eager); scaled by crop area and view count for the estimate
@@ -22,14 +20,8 @@ TTA_FRAMES_PER_S_12_VIEWS = {"upernet": 2.18, "maskformer": 1.90}
 
 
 @dataclass(frozen=True)
-class Variant:
-    name: str
-    cfg: ExperimentConfig  # resolved, paths as the user wrote them (ids are computed from these)
-
-
-@dataclass(frozen=True)
 class Step:
-    stage: str  # one of STAGES
+    stage: str  # a key of STAGES
     item: str  # a variant, "variant/split", or "all"
     key: str
     needs: tuple[str, ...]  # ids of the steps it waits for
@@ -41,27 +33,6 @@ class Step:
     @property
     def id(self) -> str:
         return f"{self.stage}:{self.item}"
-
-
-def variants_of(cfg: ExperimentConfig) -> list[Variant]:
-    """The experiment's variants, resolved (the base config when it lists none), each after
-    the variant it learns from (``loss.distill.teacher: variant:NAME``)."""
-    if not cfg.variants:
-        return [Variant("base", resolve_variant(cfg, None))]
-    pending = [Variant(v.name, resolve_variant(cfg, v.name)) for v in cfg.variants]
-    ordered: list[Variant] = []
-    while pending:  # resolve_variant refused circles, so every pass places one at least
-        placed = {v.name for v in ordered}
-        ready = [v for v in pending if teacher_of(v) in (None, *placed)]
-        ordered += ready
-        pending = [v for v in pending if v not in ready]
-    return ordered
-
-
-def teacher_of(v: Variant) -> str | None:
-    """The name of the variant ``v`` distils from, if it learns from one of the experiment's."""
-    d = v.cfg.loss.distill
-    return teacher_variant(d.teacher) if d.enabled else None
 
 
 def _decide(layout: RunLayout, pipeline: str, step_id: str, key: str,
@@ -106,23 +77,23 @@ def _infer_gpu_hours(v: ExperimentConfig, frames: int | None) -> float | None:
     return frames / (TTA_FRAMES_PER_S_12_VIEWS[v.model.family] * 12 / views) / 3600
 
 
-def _variant_steps(layout, cfg, v: Variant, data: Step, frames: dict,
+def _variant_steps(layout, cfg, v: Variant, checked: Step, frames: dict,
                    models: dict[str, Step]) -> list[Step]:
     """train -> SWA -> inference steps of ``v``; its training also waits for its teacher's
     model step (in ``models``, filled in here for later students)."""
     p, c = cfg.name, v.cfg
-    upstream = [data] + ([models[teacher_of(v)]] if teacher_of(v) else [])
-    train = _step(layout, p, "train", v.name, train_key(c), upstream, _resources(c),
+    upstream = [checked] + ([models[teacher_of(v)]] if teacher_of(v) else [])
+    train_step = _step(layout, p, train.NAME, v.name, train.key(c), upstream, _resources(c),
                   _train_gpu_hours(c, c.train.iters))
-    steps, model = [train], train
+    steps, model = [train_step], train_step
     if cfg.pipeline.swa:
-        model = _step(layout, p, "swa", v.name, swa_key(c), [train], _resources(c),
+        model = _step(layout, p, swa.NAME, v.name, swa.key(c), [train_step], _resources(c),
                       _train_gpu_hours(c, c.swa.extra_iters))
         steps.append(model)
     models[v.name] = model
     for split in cfg.pipeline.splits:
-        steps.append(_step(layout, p, "infer", f"{v.name}/{split}",
-                           infer_key(c, split, swa=cfg.pipeline.swa), [model],
+        steps.append(_step(layout, p, infer.NAME, infer.item_of(v.name, split),
+                           infer.key(c, split, swa_model=cfg.pipeline.swa), [model],
                            "1 GPU per model actor" if c.train.use_gpu else "CPU actors",
                            _infer_gpu_hours(c, frames.get(split))))
     return steps
@@ -146,23 +117,21 @@ def build_plan(cfg: ExperimentConfig, layout: RunLayout,
     """Every step of the pipeline in order. ``variants`` replaces the experiment's own (after
     a search: the sweep's best configurations)."""
     p = cfg.name
-    data = _step(layout, p, "data", "all", data_key(cfg), [])
-    steps = [data]
+    checked = _step(layout, p, data.NAME, "all", data.key(cfg), [])
+    steps = [checked]
     if cfg.pipeline.search and variants is None:
-        from vspw_ray.tune.search import sweep_id
-
-        search = _step(layout, p, "search", "all", sweep_id(cfg), [data],
-                       f"{cfg.tune.num_samples} trials")
-        return steps + [search]  # the variants are known once the sweep has run
+        sweep = _step(layout, p, search.NAME, "all", search.key(cfg), [checked],
+                      f"{cfg.tune.num_samples} trials")
+        return steps + [sweep]  # the variants are known once the sweep has run
     frames = _split_frames(cfg)
     variants = variants if variants is not None else variants_of(cfg)
     models: dict[str, Step] = {}
     for v in variants:
-        steps += _variant_steps(layout, cfg, v, data, frames, models)
-    infers = [s for s in steps if s.stage == "infer"]
+        steps += _variant_steps(layout, cfg, v, checked, frames, models)
+    infers = [s for s in steps if s.stage == infer.NAME]
     if len(variants) >= 2:
-        steps.append(_step(layout, p, "ensemble", "all",
-                           ensemble_key(cfg, [s.key for s in infers]), infers, "CPUs"))
+        steps.append(_step(layout, p, ensemble.NAME, "all",
+                           ensemble.key(cfg, [s.key for s in infers]), infers, "CPUs"))
     return steps
 
 

@@ -1,10 +1,11 @@
 """`vspw-ray pipeline`: data check and stats -> search (optional) -> train -> SWA -> TTA
 inference on val and test -> ensemble -> submission, each step skipped when its completion
-record holds the same key. Steps call the stages' own functions (each resumable by itself), so
-a pipeline killed anywhere and re-run continues where it stopped.
+record holds the same key. Each step is its stage's ``run`` (:mod:`vspw_ray.stages`; each
+resumable by itself), started once the steps it needs are done, so a pipeline killed anywhere
+and re-run continues where it stopped.
 
 MLflow: one parent run per pipeline invocation; every stage's run is its child (each stage's
-function is given its id, ``parent_run``, by :attr:`vspw_ray.pipeline.steps.Context.where`), and
+context carries its id, ``parent_run``: :meth:`vspw_ray.pipeline.steps.Context.stage_context`), and
 every member run carries the same final keys (``final/val_A/miou``, ..., params ``family``,
 ``crop``, ``ohem``, ``tau``, ``distill``, ``swa``, ``tta``) for ``mlflow.search_runs``.
 """
@@ -13,18 +14,18 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vspw_ray.config import ExperimentConfig
 from vspw_ray.cost import Held, log_cost, sum_child_costs
 from vspw_ray.layout import RunLayout
-from vspw_ray.pipeline.keys import data_key
-from vspw_ray.pipeline.plan import Step, Variant, build_plan, format_plan, variants_of
-from vspw_ray.pipeline.records import HEADLINE_LABELS
-from vspw_ray.pipeline.steps import StageFailed
+from vspw_ray.pipeline.plan import Step, build_plan, format_plan
+from vspw_ray.pipeline.steps import Context, StageFailed
 from vspw_ray.runtime import open_stage
+from vspw_ray.stages import StageRecord, Variant, data, search, variants_of
+from vspw_ray.stages.records import HEADLINE_LABELS
 from vspw_ray.storage import check_cluster_settings, resolve_storage
 
 __all__ = ["PipelineResult", "StageFailed", "run_pipeline", "plan_pipeline", "format_summary"]
@@ -38,8 +39,8 @@ class PipelineResult:
     ran: list[str] = field(default_factory=list)  # step ids run by this invocation
     times: dict[str, float] = field(default_factory=dict)  # step id -> seconds
     headline: dict[str, tuple[str, float] | None] = field(default_factory=dict)  # step id ->
-    # the figure it is known by (pipeline.records.headline)
-    outputs: dict[str, dict] = field(default_factory=dict)  # step id -> what it produced
+    # the figure it is known by (``StageRecord.headline``)
+    records: dict[str, StageRecord] = field(default_factory=dict)  # step id -> its record
     run_id: str | None = None
     nothing_to_do: bool = False
     started: float = field(default_factory=time.perf_counter)
@@ -68,7 +69,7 @@ def run_pipeline(cfg: ExperimentConfig, *, address: str | None = None, track: bo
         result.nothing_to_do = True
         return result
     # a killed pipeline's MLflow run is resumed only on the same data (every split it reads)
-    key = {"pipeline": cfg.name, "pipeline_data": data_key(cfg)}
+    key = {"pipeline": cfg.name, "pipeline_data": data.key(cfg)}
     with open_stage(cfg, "pipeline", key, address=address, track=track,
                     trainable=False, run_name=f"{cfg.name}/pipeline") as stage:
         result.run_id = stage.run_id  # every step's run is its child
@@ -78,36 +79,56 @@ def run_pipeline(cfg: ExperimentConfig, *, address: str | None = None, track: bo
 
 
 def _execute(cfg: ExperimentConfig, stage, result: PipelineResult, threads: int) -> None:
-    """The steps in order: data, search, the variants' chains (concurrently up to
-    ``pipeline.max_concurrent``), then the ensemble and submission."""
-    from vspw_ray.pipeline import steps as run_steps
-
-    ctx = run_steps.Context(cfg, stage, threads, result)
+    """The data step, the search, then every other step of the plan once the steps it needs
+    are done (up to ``pipeline.max_concurrent`` at a time)."""
+    ctx = Context(cfg, stage, threads, result)
     by_id = {s.id: s for s in result.steps}
     if by_id["data:all"].run:
-        ctx.run(by_id["data:all"], run_steps.data_step)
+        ctx.run(by_id["data:all"])
         # planned before the data step wrote the class priors, which count by their content
         result.steps = build_plan(cfg, stage.layout)
-        by_id = {s.id: s for s in result.steps}
     variants = variants_of(cfg)
     if cfg.pipeline.search:
-        variants = ctx.run(by_id["search:all"], run_steps.search_step) or \
-            run_steps.recorded_variants(ctx)
+        sweep = ctx.run({s.id: s for s in result.steps}["search:all"])
+        variants = search.chosen_variants(cfg, sweep)
         result.steps = build_plan(cfg, stage.layout, variants)
-        by_id = {s.id: s for s in result.steps}
-    models = {v.name: Future() for v in variants}  # teachers come first in ``variants``
-    pool, stopped = ThreadPoolExecutor(_concurrency(cfg, variants)), False
+    ctx.variants = tuple(variants)
+    _run_graph(ctx, [s for s in result.steps if s.stage not in (data.NAME, search.NAME)],
+               _concurrency(cfg, variants))
+
+
+def _run_graph(ctx: Context, steps: list[Step], workers: int) -> None:
+    """Each step once the steps it needs are done, ``workers`` at a time, the earliest in plan
+    order first (so a variant's chain goes on before the next variant starts). The first
+    failure stops new steps; those in flight finish (and are recorded) before it is raised. A
+    stop (Ctrl-C, SIGTERM) leaves at once."""
+    pending, done = list(steps), {s.id for s in ctx.result.steps} - {s.id for s in steps}
+    running: dict[Future, Step] = {}
+    failure: BaseException | None = None
+    pool, stopped = ThreadPoolExecutor(workers), False
     try:
-        chains = [pool.submit(run_steps.variant_chain, ctx, v, by_id, models) for v in variants]
-        for chain in chains:
-            chain.result()  # the first failure stops the pipeline, naming its step
-    except KeyboardInterrupt:  # a stop (Ctrl-C, SIGTERM): leave at once, queued chains dropped
+        while running or (pending and failure is None):
+            ready = [s for s in pending if set(s.needs) <= done] if failure is None else []
+            for step in ready[:workers - len(running)]:
+                running[pool.submit(ctx.run, step)] = step
+                pending.remove(step)
+            if not running:  # a plan's steps need only earlier steps: never reached
+                raise RuntimeError(f"pipeline steps wait for steps not in the plan: "
+                                   f"{[(s.id, s.needs) for s in pending]}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                step = running.pop(future)
+                if future.exception() is None:
+                    done.add(step.id)
+                elif failure is None:
+                    failure = future.exception()
+    except KeyboardInterrupt:
         stopped = True
         raise
     finally:
-        pool.shutdown(wait=not stopped, cancel_futures=stopped)
-    if "ensemble:all" in by_id:
-        ctx.run(by_id["ensemble:all"], lambda c, s: run_steps.ensemble_step(c, s, variants))
+        pool.shutdown(wait=not stopped, cancel_futures=True)
+    if failure is not None:
+        raise failure
 
 
 def _concurrency(cfg: ExperimentConfig, variants: list[Variant]) -> int:

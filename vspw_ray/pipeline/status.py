@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 from vspw_ray.config import ExperimentConfig
 from vspw_ray.layout import RunLayout
 from vspw_ray.pipeline.plan import Step, build_plan
-from vspw_ray.pipeline.records import HEADLINE_LABELS, headline, read_marker, read_record
+from vspw_ray.stages import search
+from vspw_ray.stages.records import HEADLINE_LABELS, headline, read_marker, read_record
 from vspw_ray.storage import resolve_storage
 
 __all__ = ["StepStatus", "experiment_status", "format_status", "STATES"]
@@ -59,16 +60,13 @@ def _status(layout: RunLayout, pipeline: str, step: Step) -> StepStatus:
 def experiment_status(cfg: ExperimentConfig) -> list[StepStatus]:
     """Every step of ``cfg``'s pipeline with its state (after a finished search: the steps of
     the configurations it chose)."""
-    from vspw_ray.pipeline.steps import best_variants
-
     layout = RunLayout(resolve_storage(cfg.storage.path))
     steps = build_plan(cfg, layout)
     rows = [_status(layout, cfg.name, s) for s in steps]
-    search = next((r for r in rows if r.step == "search:all"), None)
-    if search is not None and search.state == "done":
-        record = read_record(layout, cfg.name, "search:all") or {}
-        chosen = best_variants(cfg, record.get("outputs", {}).get("best_configs", []))
-        steps = build_plan(cfg, layout, chosen)
+    sweep = next((s for s in steps if s.stage == search.NAME), None)
+    record = search.done(layout, cfg.name, "all", sweep.key) if sweep else None
+    if record is not None:
+        steps = build_plan(cfg, layout, search.chosen_variants(cfg, record))
         rows += [_status(layout, cfg.name, s) for s in steps if s.stage not in ("data", "search")]
     return rows
 

@@ -1,7 +1,8 @@
-"""Completion records of pipeline steps: a small JSON file per step, written last (through
-pyarrow, local or remote), holding the step's key and what it produced. While a step runs, a
-marker beside it (``.running.json``) names the host and process and is refreshed every
-``HEARTBEAT_S``: a marker older than ``LIVE_S`` was left by a pipeline that stopped."""
+"""Completion records of pipeline steps: a small JSON file per step (its stage's ``Record``,
+flattened), written last through pyarrow (local or remote), holding the step's key and what it
+produced. While a step runs, a marker beside it (``.running.json``) names the host and process
+and is refreshed every ``HEARTBEAT_S``: a marker older than ``LIVE_S`` was left by a pipeline
+that stopped."""
 
 from __future__ import annotations
 
