@@ -156,8 +156,8 @@ def naive_point(store: str, root: Path, videos: list[str], weights) -> np.ndarra
     """One grid point the naive way: read, decode, group means, fuse (torch), argmax, score."""
     import torch
 
-    from vspw_ray.ensemble.fusion import fuse_arrays
-    from vspw_ray.ensemble.grid import group_frames
+    from vspw_ray.ensemble.core.fusion import fuse_arrays
+    from vspw_ray.ensemble.core.grid import group_frames
     from vspw_ray.metrics import confusion
 
     cm = np.zeros((CLASSES, CLASSES), np.int64)
@@ -170,7 +170,7 @@ def naive_point(store: str, root: Path, videos: list[str], weights) -> np.ndarra
 def contested_share(store: str, root: Path, videos: list[str], points) -> float:
     """Share of valid pixels whose label differs between grid points (per-point work)."""
     from vspw_ray.data import label_lut, reduce_mask
-    from vspw_ray.ensemble.grid import GridConfusions, group_frames
+    from vspw_ray.ensemble.core.grid import GridConfusions, group_frames
 
     acc, lut = GridConfusions(points, CLASSES), label_lut(CLASSES)
     for _, _, scores, raw in group_frames(store, "val", str(root), videos, GROUPS):
@@ -181,7 +181,7 @@ def contested_share(store: str, root: Path, videos: list[str], points) -> float:
 def memory_child(store: str, root: str) -> None:
     """Run in a fresh process: RSS after imports, then the peak over one grid run (MB)."""
     from vspw_ray.data import read_split
-    from vspw_ray.ensemble.grid import grid_axis, grid_search_store, make_grid
+    from vspw_ray.ensemble.core.grid import grid_axis, grid_search_store, make_grid
 
     def status(key: str) -> float:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
@@ -225,7 +225,7 @@ def fidelity(frames: int) -> dict:
     full resolution."""
     import torch
 
-    from vspw_ray.ensemble.fusion import fuse_arrays
+    from vspw_ray.ensemble.core.fusion import fuse_arrays
     from vspw_ray.metrics import ConfusionMatrix, mean_iou
     from vspw_ray.scores import ScoreEncoding, ScoreStore, decode, encode
     from vspw_ray.scores.encoding import scaled_size
@@ -268,7 +268,7 @@ def fidelity(frames: int) -> dict:
 
 def time_grid(store: str, root: Path, naive_points: int) -> dict:
     from vspw_ray.data import read_split
-    from vspw_ray.ensemble.grid import grid_axis, grid_search_store, make_grid
+    from vspw_ray.ensemble.core.grid import grid_axis, grid_search_store, make_grid
     from vspw_ray.metrics import mean_iou
 
     videos = read_split(root, "val")
@@ -306,10 +306,10 @@ def time_crossfit(store: str, root: Path, videos: list[str], t_plain: float) -> 
     plain mean rescored on every pixel in one more pass, and each fit's exact choice."""
     from vspw_ray.config import EnsembleConfig
     from vspw_ray.data import list_frames, split_folds
-    from vspw_ray.ensemble.candidates import all_candidates, fits_for
+    from vspw_ray.ensemble.core.candidates import all_candidates, fits_for
+    from vspw_ray.ensemble.core.outcome import decide
+    from vspw_ray.ensemble.core.rescore import rescore
     from vspw_ray.ensemble.methods import SearchSpace, grid_method
-    from vspw_ray.ensemble.outcome import decide
-    from vspw_ray.ensemble.rescore import rescore
     from vspw_ray.metrics import mean_iou
 
     folds = dict(zip("AB", split_folds(videos, 0)))
@@ -339,7 +339,7 @@ def time_crossfit(store: str, root: Path, videos: list[str], t_plain: float) -> 
 
 
 def time_sample(store: str, root: Path, videos: list[str], best, best_miou: float) -> dict:
-    from vspw_ray.ensemble.sample import sample_miou, sample_store
+    from vspw_ray.ensemble.core.sample import sample_miou, sample_store
 
     t = time.perf_counter()
     sample = sample_store(store, "val", str(root), videos, GROUPS, rate=0.2,
@@ -367,8 +367,8 @@ def time_tune(store: str, root: Path, videos: list[str], sample, grid_best_miou:
     import optuna
     import ray
 
-    from vspw_ray.ensemble.grid import grid_search_store
-    from vspw_ray.ensemble.sample import sample_miou
+    from vspw_ray.ensemble.core.grid import grid_search_store
+    from vspw_ray.ensemble.core.sample import sample_miou
     from vspw_ray.ensemble.tune_search import TuneSetup, WeightSpace, run_tuner
     from vspw_ray.metrics import mean_iou
     from vspw_ray.runtime import connect_ray

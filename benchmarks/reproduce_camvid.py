@@ -423,7 +423,7 @@ def seeds_table(ctx: Context) -> list[dict]:
 
 def auto_groups_of(report: dict, ecfg) -> dict:
     """The seed's strong / weak / aux groups of a report's members (member keys)."""
-    from vspw_ray.ensemble.fusion import MemberInfo, auto_groups
+    from vspw_ray.ensemble.core.fusion import MemberInfo, auto_groups
 
     infos = [MemberInfo(m["key"], m["family"], m["miou_a"]) for m in report["members"]]
     return auto_groups(infos, ecfg.strong, ecfg.auxiliary)
@@ -438,7 +438,7 @@ def _figures(report: dict, variant: str) -> dict:
 def group_rows(ctx: Context, groups: dict) -> list[tuple[str, str, dict]]:
     """S, S+W, S+W+A at equal group weights, rescored with the ensemble's own fusion."""
     from vspw_ray.data import list_frames, read_split
-    from vspw_ray.ensemble.rescore import FusionPlan, rescore
+    from vspw_ray.ensemble.core.rescore import FusionPlan, rescore
     from vspw_ray.metrics import mean_iou
 
     order = list(groups)

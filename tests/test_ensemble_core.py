@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vspw_ray.data import label_lut, list_frames, read_raw_mask, read_split, reduce_mask
-from vspw_ray.ensemble.fusion import (
+from vspw_ray.ensemble.core.fusion import (
     MemberInfo,
     auto_groups,
     fuse,
@@ -17,8 +17,8 @@ from vspw_ray.ensemble.fusion import (
     group_means,
     group_order,
 )
-from vspw_ray.ensemble.greedy import greedy_select
-from vspw_ray.ensemble.grid import (
+from vspw_ray.ensemble.core.greedy import greedy_select
+from vspw_ray.ensemble.core.grid import (
     GridConfusions,
     grid_axis,
     grid_confusions,
@@ -26,7 +26,7 @@ from vspw_ray.ensemble.grid import (
     make_grid,
     shard_videos,
 )
-from vspw_ray.ensemble.sample import (
+from vspw_ray.ensemble.core.sample import (
     concat_samples,
     frame_rng,
     sample_frame,
@@ -159,7 +159,7 @@ def test_one_pass_grid_equals_brute_force_exactly(k, space, axes, small_blocks, 
     quantised to 1/8 so that exact ties (resolved to the lower class) occur often.
     ``small_blocks``: pixel chunks, point blocks and candidate buckets far smaller than the
     data, so that every boundary and the all-classes path are crossed."""
-    import vspw_ray.ensemble.grid as grid
+    import vspw_ray.ensemble.core.grid as grid
 
     if small_blocks:
         monkeypatch.setattr(grid, "CHUNK", 100)
@@ -188,8 +188,8 @@ def test_plans_sharing_groups_get_the_labels_each_gets_alone(space, monkeypatch)
     pass (``point_labels``); each plan's labels equal fusing it alone (``fuse_arrays``) and
     taking the first maximum, on quantised scores where exact ties are common, with chunks and
     buckets small enough that the settled, bucketed and all-classes paths are all taken."""
-    import vspw_ray.ensemble.grid as grid
-    from vspw_ray.ensemble.rescore import FrameFusion, FusionPlan
+    import vspw_ray.ensemble.core.grid as grid
+    from vspw_ray.ensemble.core.rescore import FrameFusion, FusionPlan
 
     monkeypatch.setattr(grid, "CHUNK", 150)
     monkeypatch.setattr(grid, "BUCKETS", (2,))
@@ -334,7 +334,7 @@ def test_greedy_equals_a_reference_implementation(init):
 def test_bagged_greedy_equals_greedy_on_literally_resampled_videos():
     """One bag weighs each pixel by its video's multiplicity in a bootstrap draw; the reference
     copies each drawn video's pixels as often as it was drawn and runs the plain loop."""
-    from vspw_ray.ensemble.greedy import bagged_greedy, video_resample
+    from vspw_ray.ensemble.core.greedy import bagged_greedy, video_resample
 
     scores, labels, weights = _greedy_case(seed=9, n=400)
     videos = np.repeat(np.arange(8) * 7919, 50)  # 8 videos of 50 pixels, arbitrary ids
@@ -365,7 +365,7 @@ def test_hull_candidates_hold_every_winner_inside_the_hull():
     """Member scores quantised so that near-ties abound; at random points of the hull (group
     weights in the box, random shares inside groups, each single base member, the base mean)
     the fused argmax is always a candidate, and a pixel with one candidate has its winner."""
-    from vspw_ray.ensemble.sample import Hull, hull_candidates
+    from vspw_ray.ensemble.core.sample import Hull, hull_candidates
 
     rng = np.random.default_rng(0)
     m, c, n = 5, 6, 4000
@@ -394,7 +394,7 @@ def test_hull_candidates_hold_every_winner_inside_the_hull():
 
 # ---------------------------------------------------------------------------------- choice
 def test_choice_is_the_best_exact_candidate_ties_to_fewer_members():
-    from vspw_ray.ensemble.candidates import (
+    from vspw_ray.ensemble.core.candidates import (
         Candidate,
         choose,
         disagreement,
@@ -514,7 +514,7 @@ def test_store_grid_equals_brute_force_on_decoded_scores(member_store, synth_roo
 def _check_hull_sample(member_store, synth_root, videos, frames, c):
     """A full-rate member sample settled over the hull of GROUPS scores member-level fusions
     (shares inside the strong group) exactly as fusing every pixel does."""
-    from vspw_ray.ensemble.sample import Hull, hull_miou
+    from vspw_ray.ensemble.core.sample import Hull, hull_miou
     from vspw_ray.scores import ScoreStore, decode
 
     hull = Hull(((0, 1), (2,), (3,)), 0.0, 2.0)
@@ -548,8 +548,8 @@ def test_shard_videos_covers_every_video_once():
 
 
 def test_one_pass_decodes_each_member_once_per_frame(member_store, synth_root, monkeypatch):
-    from vspw_ray.ensemble import grid
-    from vspw_ray.ensemble.grid import group_frames
+    from vspw_ray.ensemble.core import grid
+    from vspw_ray.ensemble.core.grid import group_frames
 
     calls = []
     real = grid.decode
@@ -559,3 +559,21 @@ def test_one_pass_decodes_each_member_once_per_frame(member_store, synth_root, m
     frames = list(group_frames(member_store, "val", str(synth_root), videos, GROUPS))
     assert len(frames) == sum(len(list_frames(synth_root, v)) for v in videos)
     assert len(calls) == len(frames) * len(MEMBERS)  # membership checks decode nothing
+
+
+def test_the_core_loads_no_ray_mlflow_or_optuna():
+    """Every module of ``vspw_ray.ensemble.core`` imports in a fresh process without Ray, MLflow
+    or Optuna (the stage shell around it uses them)."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import vspw_ray.ensemble.core as core
+
+    names = [f"vspw_ray.ensemble.core.{m.name}" for m in pkgutil.iter_modules(core.__path__)]
+    assert len(names) >= 7
+    code = (f"import importlib, sys\nfor n in {names!r}:\n    importlib.import_module(n)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'optuna'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

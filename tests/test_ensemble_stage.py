@@ -226,7 +226,7 @@ def near(weights: dict, tol: float) -> bool:
 def test_grid_recovers_the_weights_and_the_submission_scores_as_reported(
         ray_local, synth_root, storage):
     from vspw_ray.data import read_split, split_folds
-    from vspw_ray.ensemble.grid import grid_search_store
+    from vspw_ray.ensemble.core.grid import grid_search_store
     from vspw_ray.evaluate import evaluate_predictions
     from vspw_ray.metrics import mean_iou
 
@@ -396,7 +396,7 @@ def test_greedy_recovers_the_weights_over_single_members(ray_local, synth_root, 
 
 
 def _member_weights(candidate: dict) -> dict[str, float]:
-    from vspw_ray.ensemble.candidates import Candidate
+    from vspw_ray.ensemble.core.candidates import Candidate
 
     c = Candidate(candidate["name"], candidate["kind"], candidate["groups"],
                   candidate["weights"], candidate.get("inner") or {})

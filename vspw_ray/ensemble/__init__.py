@@ -1,5 +1,6 @@
-"""The hierarchical ensemble's Ray-free core: group means and weighted fusion (``fusion``), the
-one-pass grid search over the score store (``grid``), the stratified pixel sample that scores a
-weight setting in milliseconds (``sample``) and greedy forward selection (``greedy``). The stage
-(`vspw-ray ensemble`: Tune trials, sharding over Ray tasks, report, submission) wires them up.
+"""The hierarchical ensemble stage (`vspw-ray ensemble`): its members in the score store
+(``members``, ``grouping``), the search methods (``methods``; Ray Tune + Optuna in
+``tune_search``), sharding over Ray tasks (``raymap``), the report, charts and MLflow logging
+(``report``, ``charts``, ``tracked``), the submission (``submit``), wired up in ``stage``.
+The arithmetic is in :mod:`vspw_ray.ensemble.core`, which imports no Ray and no MLflow.
 """

@@ -1,12 +1,12 @@
 """Which members form which group: ``ensemble.groups`` as written (any number of groups), or
-the seed's rule (:func:`vspw_ray.ensemble.fusion.auto_groups`) on the members' fold-A mIoU."""
+the seed's rule (:func:`vspw_ray.ensemble.core.fusion.auto_groups`) on the members' fold-A mIoU."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 from vspw_ray.config import EnsembleConfig
-from vspw_ray.ensemble.fusion import MemberInfo, auto_groups, group_order
+from vspw_ray.ensemble.core.fusion import MemberInfo, auto_groups, group_order
 from vspw_ray.ensemble.members import EnsembleError, Member
 
 __all__ = ["AUTO_BASE", "resolve_groups", "format_groups"]

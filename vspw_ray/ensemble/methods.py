@@ -1,12 +1,12 @@
 """The three ways of proposing fusions, each returning one :class:`Selection` per fit
-(:data:`vspw_ray.ensemble.candidates.FITS`: chosen on A, on B, or on all of val): ``grid``
+(:data:`vspw_ray.ensemble.core.candidates.FITS`: chosen on A, on B, or on all of val): ``grid``
 (every grid point scored exactly in one pass over the store per fold), ``greedy`` (ensemble
 selection over single members on the pixel sample, optionally bagged) and ``tune`` (Ray Tune +
 Optuna on the pixel sample, group weights and each member's share inside its group;
 :mod:`vspw_ray.ensemble.tune_search`). Every candidate (grid point, round, trial) is also scored
 on the other fold -- exactly for the grid, on that fold's pixel sample otherwise -- so the
 selection-optimism check of the tune report applies to all three. A selection's ``top``
-fusions become candidates of the final, exact choice (:mod:`vspw_ray.ensemble.candidates`).
+fusions become candidates of the final, exact choice (:mod:`vspw_ray.ensemble.core.candidates`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vspw_ray.config import ConfigError, EnsembleConfig
-from vspw_ray.ensemble.candidates import FITS, Candidate
-from vspw_ray.ensemble.grid import grid_axis, grid_search_store, make_grid, shard_videos
-from vspw_ray.ensemble.sample import (
+from vspw_ray.ensemble.core.candidates import FITS, Candidate
+from vspw_ray.ensemble.core.grid import grid_axis, grid_search_store, make_grid, shard_videos
+from vspw_ray.ensemble.core.sample import (
     Hull,
     PixelSample,
     concat_samples,
@@ -234,7 +234,7 @@ def member_candidate(name: str, members: Sequence[str], weights: np.ndarray,
 
 def _greedy_fit(space: SearchSpace, sample: PixelSample, check: PixelSample | None,
                 fit: str) -> Selection:
-    from vspw_ray.ensemble.greedy import bagged_greedy, greedy_select
+    from vspw_ray.ensemble.core.greedy import bagged_greedy, greedy_select
 
     e, members = space.ecfg, space.members
     init = min(e.greedy_init, len(members))

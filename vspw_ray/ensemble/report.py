@@ -23,9 +23,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from vspw_ray.ensemble.core.outcome import VARIANTS, Outcome
 from vspw_ray.ensemble.members import Member
 from vspw_ray.ensemble.methods import Selection
-from vspw_ray.ensemble.outcome import VARIANTS, Outcome
 from vspw_ray.metrics import summarize
 from vspw_ray.selection import TrialRow, selection_optimism
 

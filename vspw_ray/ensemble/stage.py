@@ -9,9 +9,9 @@ submission with the fusion chosen on all of val.
 2. **Groups** (:mod:`~vspw_ray.ensemble.grouping`): explicit or the seed's rule.
 3. **Proposals** (:mod:`~vspw_ray.ensemble.methods`, :mod:`~vspw_ray.ensemble.tune_search`):
    ``tune`` | ``grid`` | ``greedy``, one search per fit, sharded over Ray tasks.
-4. **Candidates** (:mod:`~vspw_ray.ensemble.candidates`): each fit's best few points, every
-   member alone and the plain mean, rescored (:mod:`~vspw_ray.ensemble.rescore`) on every val
-   pixel in one pass; each fit chooses on exact figures (:mod:`~vspw_ray.ensemble.outcome`);
+4. **Candidates** (:mod:`~vspw_ray.ensemble.core.candidates`): each fit's best few points, every
+   member alone and the plain mean, rescored (:mod:`~vspw_ray.ensemble.core.rescore`) on every val
+   pixel in one pass; each fit chooses on exact figures (:mod:`~vspw_ray.ensemble.core.outcome`);
    the **report** (:mod:`~vspw_ray.ensemble.report`) under ``<storage>/ensembles/<id>/``. Its
    ``report.json`` is the completion record: a re-run reuses the choice (no search, no refit).
 5. **Submission** (:mod:`~vspw_ray.ensemble.submit`) under ``<storage>/submissions/<id>/``.
@@ -31,8 +31,10 @@ from vspw_ray.config import ExperimentConfig
 from vspw_ray.cost import Held, log_cost
 from vspw_ray.data import load_class_table, split_folds
 from vspw_ray.data.fingerprint import split_fingerprint
-from vspw_ray.ensemble.candidates import all_candidates, fits_for
 from vspw_ray.ensemble.charts import candidates_chart, class_change_chart, weights_heatmap
+from vspw_ray.ensemble.core.candidates import all_candidates, fits_for
+from vspw_ray.ensemble.core.outcome import decide
+from vspw_ray.ensemble.core.rescore import FusionPlan, rescore
 from vspw_ray.ensemble.grouping import format_groups, resolve_groups
 from vspw_ray.ensemble.members import (
     EnsembleError,
@@ -52,7 +54,6 @@ from vspw_ray.ensemble.methods import (
     greedy_method,
     grid_method,
 )
-from vspw_ray.ensemble.outcome import decide
 from vspw_ray.ensemble.raymap import parallelism, ray_map
 from vspw_ray.ensemble.report import (
     build_report,
@@ -62,7 +63,6 @@ from vspw_ray.ensemble.report import (
     report_mode,
     write_trials_csv,
 )
-from vspw_ray.ensemble.rescore import FusionPlan, rescore
 from vspw_ray.ensemble.submit import Submission, write_submission
 from vspw_ray.ensemble.tracked import log_ensemble
 from vspw_ray.ensemble.tune_search import TuneSetup, optuna_url, tune_method

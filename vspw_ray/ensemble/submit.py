@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vspw_ray.ensemble.rescore import FusionPlan, frame_labels, video_scores
+from vspw_ray.ensemble.core.rescore import FusionPlan, frame_labels, video_scores
 from vspw_ray.storage import TMP_PREFIX, filesystem, read_json, write_atomic
 
 __all__ = ["Submission", "SubmitJob", "run_submit_job", "write_submission"]
@@ -127,7 +127,7 @@ def write_submission(store: str, split: str, folder: str, frames: Mapping[str, l
         info: the rest of the manifest (members, method, fold figures).
         map_fn: ``map_fn(run_submit_job, jobs)``, e.g. Ray tasks.
     """
-    from vspw_ray.ensemble.grid import shard_videos
+    from vspw_ray.ensemble.core.grid import shard_videos
 
     fs, root = filesystem(folder)
     plan_record = json.loads(json.dumps(identity))

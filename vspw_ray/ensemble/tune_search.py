@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from vspw_ray.config import ConfigError, ExperimentConfig
-from vspw_ray.ensemble.candidates import Candidate
+from vspw_ray.ensemble.core.candidates import Candidate
+from vspw_ray.ensemble.core.sample import Hull, PixelSample, hull_miou, normalise_inner, sample_miou
 from vspw_ray.ensemble.methods import SearchSpace, Selection, fit_samples, fold_samples, sample_heat
-from vspw_ray.ensemble.sample import Hull, PixelSample, hull_miou, normalise_inner, sample_miou
 from vspw_ray.selection import TrialRow, ranked
 
 __all__ = ["TuneSetup", "WeightSpace", "weight_space", "optuna_url", "score_trial", "run_tuner",
@@ -65,10 +65,10 @@ class WeightSpace:
     """Tune's parameters and how a trial's values become a fusion: the free groups' weights in
     ``[low, high]`` and, with ``inner`` (``ensemble.inner_weights`` and a group of two or more
     members), a raw share in ``[0, 1]`` per member of each group (``inner:<member key>``),
-    normalised inside the group (:func:`vspw_ray.ensemble.sample.normalise_inner`). Without
+    normalised inside the group (:func:`vspw_ray.ensemble.core.sample.normalise_inner`). Without
     ``inner`` every member of a group has an equal share and trials score a group sample
     settled over the weight box; with it, a member sample settled over the
-    :class:`~vspw_ray.ensemble.sample.Hull`."""
+    :class:`~vspw_ray.ensemble.core.sample.Hull`."""
 
     groups: dict[str, list[str]]  # base first
     low: float

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vspw_ray.config import ExperimentConfig
-from vspw_ray.data.fingerprint import data_fingerprint
+from vspw_ray.data.check import check_dataset
+from vspw_ray.data.fingerprint import clear_cache, data_fingerprint
+from vspw_ray.data.stats import class_stats, write_stats
 from vspw_ray.errors import DataError
 from vspw_ray.ids import stage_key
 from vspw_ray.layout import RunLayout
@@ -45,10 +47,6 @@ def done(layout: RunLayout, pipeline: str, item: str, key: str) -> Record | None
 def run(ctx: StageContext, item: str = "all") -> Record:
     """Check every split read; write the class priors; record the data's fingerprints. The data
     must not have changed since the pipeline planned on it (``ctx.planned_key``)."""
-    from vspw_ray.data.check import check_dataset
-    from vspw_ray.data.fingerprint import clear_cache
-    from vspw_ray.data.stats import class_stats, write_stats
-
     cfg = ctx.cfg
     splits = splits_read(cfg)
     clear_cache()  # fingerprint the files as they are now, not as planned

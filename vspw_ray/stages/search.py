@@ -5,9 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vspw_ray.config import ExperimentConfig
+from vspw_ray.config import (
+    ExperimentConfig,
+    config_from_dict,
+    load_yaml,
+    to_dict,
+    variant_fingerprint,
+)
 from vspw_ray.layout import RunLayout
 from vspw_ray.stages.base import StageContext, StageRecord, Variant, done_record
+from vspw_ray.storage import filesystem
 
 __all__ = ["NAME", "Record", "key", "done", "run", "chosen_variants"]
 
@@ -36,7 +43,6 @@ def done(layout: RunLayout, pipeline: str, item: str, key: str) -> Record | None
 
 
 def run(ctx: StageContext, item: str = "all") -> Record:
-    from vspw_ray.config import variant_fingerprint
     from vspw_ray.tune.search import run_search
 
     out = run_search(ctx.cfg, **ctx.where, torch_threads=ctx.threads)
@@ -49,9 +55,6 @@ def run(ctx: StageContext, item: str = "all") -> Record:
 def chosen_variants(cfg: ExperimentConfig, record: Record) -> list[Variant]:
     """The sweep's best configurations as the pipeline's variants ``best1``, ``best2``, ...
     (read through pyarrow, local or remote), stored and tracked where ``cfg`` says."""
-    from vspw_ray.config import config_from_dict, load_yaml, to_dict
-    from vspw_ray.storage import filesystem
-
     variants = []
     for i, path in enumerate(record.best_configs, 1):
         fs, inner = filesystem(path)

@@ -2,7 +2,7 @@
 
 Whatever the method, its best few points are **candidates** beside every single member and
 the plain mean of all members; all of them are rescored on every val pixel
-(:mod:`vspw_ray.ensemble.rescore`) and the one with the best exact mIoU on the selecting
+(:mod:`vspw_ray.ensemble.core.rescore`) and the one with the best exact mIoU on the selecting
 fold(s) wins, ties going to the candidate with fewer members (then to the earlier one: searched
 points, singles, the mean). So the chosen fusion is never worse than the best single member on
 the videos that chose it, as in nnU-Net's ``find_best_configuration``, which also scores every
@@ -75,8 +75,8 @@ class Candidate:
 
     def plan(self, space: str, num_classes: int, order: Sequence[str] = (),
              names: Mapping[str, str] | None = None):
-        """The :class:`~vspw_ray.ensemble.rescore.FusionPlan` that labels frames with it."""
-        from vspw_ray.ensemble.rescore import FusionPlan
+        """The :class:`~vspw_ray.ensemble.core.rescore.FusionPlan` that labels frames with it."""
+        from vspw_ray.ensemble.core.rescore import FusionPlan
 
         return FusionPlan(self.groups, tuple(float(self.weights[g]) for g in list(self.groups)[1:]),
                           space, num_classes, dict(self.inner), tuple(order), dict(names or {}))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vspw_ray.ensemble.sample import weighted_confusion
+from vspw_ray.ensemble.core.sample import weighted_confusion
 from vspw_ray.metrics import mean_iou
 
 __all__ = ["greedy_select", "bagged_greedy", "video_resample"]
@@ -32,7 +32,7 @@ def greedy_select(member_scores: np.ndarray, labels: np.ndarray, weights: np.nda
     Args:
         member_scores: ``[M, N, C]`` each member's scores of the sampled pixels.
         labels: ``[N]`` reduced ground-truth ids.
-        weights: ``[N]`` pixel weights (see :mod:`vspw_ray.ensemble.sample`).
+        weights: ``[N]`` pixel weights (see :mod:`vspw_ray.ensemble.core.sample`).
         rounds: members added after the start, one per round.
         init: the start: the ``init`` best single members (ties: the lower index), once each.
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from vspw_ray.data.layout import DataError, label_lut, list_frames, read_raw_mask, reduce_mask
-from vspw_ray.ensemble.fusion import fuse_into, fuse_points, group_means, group_order
+from vspw_ray.ensemble.core.fusion import fuse_into, fuse_points, group_means, group_order
 from vspw_ray.parallel import map_videos
 from vspw_ray.scores.encoding import decode
 from vspw_ray.scores.store import ScoreStore

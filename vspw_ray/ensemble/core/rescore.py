@@ -1,5 +1,5 @@
 """Candidate fusions at full resolution: one pass over the store that decodes each member once
-per frame and labels every frame once per candidate (:mod:`vspw_ray.ensemble.candidates`),
+per frame and labels every frame once per candidate (:mod:`vspw_ray.ensemble.core.candidates`),
 accumulating each candidate's confusion matrix and video consistency per video, and how often
 each pair of members agrees. The submission labels frames with the same code.
 
@@ -7,7 +7,7 @@ A plan fuses in one of two ways, each the same in rescoring and in the submissio
 
 * **group means** (no inner shares): each group's scores summed in the decode order and divided
   by its size, then ``((P_0 + w_1 P_1) + w_2 P_2) ...`` -- the float32 operations of
-  :func:`vspw_ray.ensemble.fusion.group_means` and the one-pass grid, so the fold-A mIoU of a
+  :func:`vspw_ray.ensemble.core.fusion.group_means` and the one-pass grid, so the fold-A mIoU of a
   grid point equals the rescored one bit for bit (groups list their members in the decode
   order: the stage sorts them so);
 * **member level** (inner shares, or one member per group as greedy selection makes them):
@@ -15,7 +15,7 @@ A plan fuses in one of two ways, each the same in rescoring and in the submissio
 
 Plans that share a group structure (the searched points of the grid or of Tune without inner
 shares) are labelled together as the grid labels its points
-(:func:`vspw_ray.ensemble.grid.point_labels`): one corner pass settles most pixels, and only the
+(:func:`vspw_ray.ensemble.core.grid.point_labels`): one corner pass settles most pixels, and only the
 contested ones are fused per plan, over their candidate classes; the labels are the same bits.
 
 Memory: a frame holds one ``[C, H, W]`` float32 sum per distinct group and per member-level
@@ -31,8 +31,8 @@ import numpy as np
 
 from vspw_ray.data import list_frames, read_raw_mask
 from vspw_ray.data.layout import DataError
-from vspw_ray.ensemble.fusion import LOG_FLOOR, fuse_arrays
-from vspw_ray.ensemble.grid import point_labels, shard_videos
+from vspw_ray.ensemble.core.fusion import LOG_FLOOR, fuse_arrays
+from vspw_ray.ensemble.core.grid import point_labels, shard_videos
 from vspw_ray.errors import StoreError
 from vspw_ray.labels import class_labels
 from vspw_ray.metrics import VideoConsistency, confusion

@@ -9,7 +9,7 @@ instead of vanishing from the sample. Draws come from ``(seed, video, frame)``, 
 does not depend on how videos are sharded or ordered.
 
 With a weight ``box`` (the search range), pixels whose fused label is the same everywhere in
-the box (see :mod:`vspw_ray.ensemble.grid`) are not sampled at all: their exact confusion counts
+the box (see :mod:`vspw_ray.ensemble.core.grid`) are not sampled at all: their exact confusion counts
 go into ``fixed``, and only the contested pixels -- the only ones whose label the weights can
 change -- are sampled. The estimate's variance then comes from those pixels alone, so a higher
 ``rate`` on them costs fewer stored pixels than a plain sample of the same accuracy. A sampled
@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from vspw_ray.ensemble.fusion import fuse_arrays
-from vspw_ray.ensemble.grid import CHUNK, EPS32, argmax_rows, candidates, gather_candidates
+from vspw_ray.ensemble.core.fusion import fuse_arrays
+from vspw_ray.ensemble.core.grid import CHUNK, EPS32, argmax_rows, candidates, gather_candidates
 from vspw_ray.metrics import mean_iou
 
 __all__ = ["PixelSample", "Hull", "normalise_inner", "frame_rng", "stratified_indices",
@@ -86,7 +86,7 @@ class Hull:
 
 
 def hull_candidates(s: Sequence[np.ndarray], hull: Hull) -> tuple[np.ndarray, np.ndarray]:
-    """Like :func:`vspw_ray.ensemble.grid.candidates` for member scores ``s`` (M ``[C, n]``)
+    """Like :func:`vspw_ray.ensemble.core.grid.candidates` for member scores ``s`` (M ``[C, n]``)
     over a :class:`Hull`: ``(winner [n], mask [C, n])``. ``f_d - f_r`` is linear in the member
     weights and the hull is a product of one set per group, so its largest value over the hull
     is a sum over groups of the largest over each group's vertices: ``max_m delta_m`` for the
@@ -248,7 +248,7 @@ def sample_store(store: str, split: str, root: str, videos: Sequence[str],
     search inside groups, one group per member and a ``hull``. Call per shard of videos and
     :func:`concat_samples` the results to spread the work."""
     from vspw_ray.data.layout import label_lut, reduce_mask
-    from vspw_ray.ensemble.grid import group_frames
+    from vspw_ray.ensemble.core.grid import group_frames
 
     parts, lut = [], None
     for video, frame, scores, raw in group_frames(store, split, root, videos, groups,

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vspw_ray.ensemble.candidates import (
+from vspw_ray.ensemble.core.candidates import (
     DISAGREE,
     Candidate,
     Choice,
     choose,
     disagreement,
 )
-from vspw_ray.ensemble.rescore import Rescored
+from vspw_ray.ensemble.core.rescore import Rescored
 
 __all__ = ["Outcome", "decide", "VARIANTS"]
 
@@ -48,7 +48,7 @@ class Outcome:
 
 
 def _merge(parts: Sequence[tuple]) -> tuple:
-    from vspw_ray.ensemble.rescore import VC_WINDOWS
+    from vspw_ray.ensemble.core.rescore import VC_WINDOWS
     from vspw_ray.metrics import VideoConsistency
 
     vc = VideoConsistency(VC_WINDOWS)

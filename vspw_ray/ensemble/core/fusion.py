@@ -7,7 +7,7 @@ geometric mean, up to a per-pixel constant that does not change the argmax).
 
 The weighted sum is always evaluated in float32 as ``((P_0 + w_1 * P_1) + w_2 * P_2) + ...``,
 one rounded multiply and one rounded add per group, never fused into a matrix product or an FMA:
-the one-pass grid (:mod:`vspw_ray.ensemble.grid`) relies on every scorer producing bit-identical
+the one-pass grid (:mod:`vspw_ray.ensemble.core.grid`) relies on every scorer producing bit-identical
 fused scores for the same weights.
 """
 
