@@ -321,7 +321,8 @@ def time_crossfit(store: str, root: Path, videos: list[str], t_plain: float) -> 
     t = time.perf_counter()
     selections = grid_method(space, serial)
     t_grid = time.perf_counter() - t
-    cands = all_candidates([c for sel in selections.values() for c in sel.top], MEMBERS, {})
+    cands = all_candidates([c for sel in selections.values() for c in sel.top], MEMBERS, {},
+                           GROUPS)
     t = time.perf_counter()
     rescored = rescore(store, str(root), "val", frames, {c.name: c.plan("prob", CLASSES)
                                                          for c in cands}, MEMBERS, 1, serial,

@@ -214,6 +214,42 @@ def test_plans_sharing_groups_get_the_labels_each_gets_alone(space, monkeypatch)
     assert (counts == 1).any() and (counts == 2).any() and (counts > 2).any()  # every path
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_class_outside_the_candidates_never_wins_anywhere_in_the_box(seed):
+    """Against a brute force: the reach of each class over the lowest corner's winner is the
+    float64 maximum over the box's corners (to the rounding tolerance), the argmax at every
+    probed point of the box is a candidate, and a pixel with one candidate has the corner's
+    winner at every point. Scores quantised to eighths, so ties occur."""
+    import itertools
+
+    import vspw_ray.ensemble.core.grid as grid
+    from vspw_ray.ensemble.core.fusion import fuse_points
+
+    rng = np.random.default_rng(seed)
+    c, n, k = 7, 4000, 3
+    s = [np.round(rng.dirichlet(np.full(c, 0.6), size=n).T * 8).astype(np.float32) / 8
+         for _ in range(k)]
+    lo = rng.uniform(0.0, 1.0, k - 1)
+    span = rng.uniform(0.0, 1.5, k - 1)
+    if seed == 2:
+        span[0] = 0.0  # a weight fixed in the box
+    hi = lo + span
+    corners = np.array(list(itertools.product(*zip(lo, hi))))
+    inside = lo + rng.uniform(0, 1, (40, k - 1)) * (hi - lo)
+    winner, tol, reach = grid._corner_pass(s, np.vstack([lo, hi]))
+    cols = np.arange(n)
+    fused = [s[0] + sum(np.float64(np.float32(w[j])) * s[j + 1] for j in range(k - 1))
+             for w in corners]  # float64, at the float32 weights the fusion uses
+    np.testing.assert_allclose(reach, np.max([f - f[winner, cols] for f in fused], axis=0),
+                               atol=float(tol))
+    mask = reach >= -tol
+    single = mask.sum(0) == 1
+    assert single.any() and (~single).any()
+    labels = grid.argmax_rows(fuse_points(np.stack(s), np.vstack([corners, inside])))
+    assert mask[labels, cols].all()  # every point's winner is a candidate
+    assert (labels[:, single] == winner[single]).all()
+
+
 def test_grid_finds_the_designed_optimum(designed):
     scores, gt = designed
     raw = np.where(gt == 255, 255, gt + 1).astype(np.uint8)  # raw VSPW ids
@@ -426,6 +462,43 @@ def test_choice_is_the_best_exact_candidate_ties_to_fewer_members():
     assert disagreement(heavier, cands[-1]) == pytest.approx(0.5 * (2 * (1 / 3 - 0.25) +
                                                                     (0.5 - 1 / 3)))
     assert fits_for("holdout") == ("A",) and fits_for("crossfit") == ("A", "B", "all")
+
+
+@pytest.mark.parametrize("space", ["prob", "log"])
+def test_the_plain_mean_is_a_point_of_the_group_structure_labelled_with_the_searched(space):
+    """With groups holding every member once, the plain mean is the point ``n_g / n_0`` of
+    their structure: every member weighs the same, it is labelled in the searched points'
+    shared pass, and its labels are the float64 plain mean's argmax wherever that argmax is
+    not a near-tie. A searched point equal to it is known as the mean; groups missing a member
+    leave the mean as one group of all members."""
+    from vspw_ray.ensemble.core.candidates import Candidate, all_candidates
+    from vspw_ray.ensemble.core.rescore import FrameFusion
+
+    rng = np.random.default_rng(5)
+    c = 9
+    groups = {"s": ["a", "b", "c"], "w": ["d", "e"], "x": ["f"]}
+    keys = [m for ms in groups.values() for m in ms]
+    probs = {m: torch.from_numpy(rng.dirichlet(np.full(c, 0.5), size=(24, 32))
+                                 .transpose(2, 0, 1).astype(np.float32)) for m in keys}
+    searched = [Candidate(f"grid#{i}@A", "searched", groups, {"w": w, "x": x})
+                for i, (w, x) in enumerate([(1.4, 1.0), (0.2, 1.8), (2 / 3, 1 / 3)])]
+    cands = all_candidates(searched, keys, {}, groups)
+    mean = next(c_ for c_ in cands if c_.kind == "mean")
+    assert "grid#2@A" not in [c_.name for c_ in cands]  # the same fusion, known as the mean
+    assert mean.weights == {"w": 2 / 3, "x": 1 / 3}
+    assert list(mean.member_weights().values()) == pytest.approx([1 / 3] * len(keys))
+    plans = {c_.name: c_.plan(space, c) for c_ in cands}
+    fusion = FrameFusion(plans)
+    assert "mean" in [n for names in fusion.shared.values() for n in names]
+    labels = fusion.labels(probs.items())["mean"]
+    scores = np.stack([np.log(np.maximum(p.numpy().astype(np.float64), 1e-12)) if space == "log"
+                       else p.numpy().astype(np.float64) for p in probs.values()]).mean(0)
+    top2 = np.sort(scores, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-5
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(labels[clear], scores.argmax(0)[clear])
+    partial = all_candidates(searched, [*keys, "g"], {}, groups)
+    assert next(c_ for c_ in partial if c_.kind == "mean").groups == {"mean": [*keys, "g"]}
 
 
 # ---------------------------------------------------------------------------------- store

@@ -199,7 +199,8 @@ def _plan(ctx: _Context, groups: dict[str, list[str]], weights: dict[str, float]
 def _candidates(ctx: _Context, selections: dict[str, Selection]) -> list:
 
     return all_candidates([c for s in selections.values() for c in s.top],
-                          [m.key for m in ctx.members], {m.key: m.name for m in ctx.members})
+                          [m.key for m in ctx.members], {m.key: m.name for m in ctx.members},
+                          ctx.groups)
 
 
 def _search(ctx: _Context) -> tuple[dict, str, dict[str, Selection]]:

@@ -87,9 +87,19 @@ def single_candidates(keys: Sequence[str], names: Mapping[str, str]) -> list[Can
     return [Candidate(f"single:{names.get(k, k)}", "single", {"single": [k]}, {}) for k in keys]
 
 
-def mean_candidate(keys: Sequence[str]) -> Candidate:
-    """The plain mean of every member."""
-    return Candidate("mean", "mean", {"mean": list(keys)}, {})
+def mean_candidate(keys: Sequence[str],
+                   groups: Mapping[str, Sequence[str]] | None = None) -> Candidate:
+    """The plain mean of every member. With ``groups`` (base first) holding every member once,
+    it is written as a point of their structure: the group means weighted by group size over
+    the base group's, ``m_0 + sum_g (n_g / n_0) m_g = (N / n_0) x the plain mean`` (the same
+    argmax), so it is labelled with the searched points of that structure in one pass."""
+    grouped = [m for ms in (groups or {}).values() for m in ms]
+    if len(groups or {}) < 2 or sorted(grouped) != sorted(keys):
+        return Candidate("mean", "mean", {"mean": list(keys)}, {})
+    sizes = {g: len(ms) for g, ms in groups.items()}
+    base = next(iter(groups))
+    return Candidate("mean", "mean", {g: list(ms) for g, ms in groups.items()},
+                     {g: n / sizes[base] for g, n in sizes.items() if g != base})
 
 
 def dedupe(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -103,10 +113,14 @@ def dedupe(candidates: Sequence[Candidate]) -> list[Candidate]:
 
 
 def all_candidates(searched: Sequence[Candidate], keys: Sequence[str],
-                   names: Mapping[str, str]) -> list[Candidate]:
-    """The searched fits' best points, then every member alone, then the plain mean; each
-    distinct fusion once."""
-    return dedupe([*searched, *single_candidates(keys, names), mean_candidate(keys)])
+                   names: Mapping[str, str],
+                   groups: Mapping[str, Sequence[str]] | None = None) -> list[Candidate]:
+    """The searched fits' best points, then every member alone, then the plain mean (a point
+    of ``groups``' structure when they hold every member); each distinct fusion once, a
+    searched point identical to a single member or the mean known by that simpler name."""
+    simple = [*single_candidates(keys, names), mean_candidate(keys, groups)]
+    known = {c.identity() for c in simple}
+    return dedupe([*(c for c in searched if c.identity() not in known), *simple])
 
 
 @dataclass(frozen=True)

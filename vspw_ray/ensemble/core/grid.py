@@ -15,6 +15,8 @@ argmax point by point.
 Contested pixels are scored point by point, but only over their *candidate* classes: with ``r``
 the winner at one corner, ``f_d - f_r`` is linear too, so ``d`` can win somewhere in the box
 only if ``f_d - f_r`` reaches ``-tol`` at some corner, which leaves a few classes per pixel.
+That maximum over the corners is found without fusing at each: it is the value at the lowest
+corner plus each weight's span times the positive part of ``s_jd - s_jr``.
 Candidates are gathered in ascending class order so that ties resolve to the lower class id, as
 a full argmax does.
 """
@@ -188,28 +190,31 @@ def argmax_rows(f: np.ndarray) -> np.ndarray:
 
 
 def _corner_pass(s: Sequence[np.ndarray], points: np.ndarray):
-    """Fuse ``s`` (K group scores ``[C, n]``) at every corner of the box around ``points``.
-    Returns the winner ``r`` at the first corner ``[n]``, the rounding tolerance (a scalar) and
-    each class's reach over ``r``, ``max_corners (f_d - f_r)`` ``[C, n]``: ``f_d - f_r`` is
-    linear in the weights, so a class whose reach is below ``-tol`` loses to ``r`` everywhere
-    in the box. A pixel where only ``r`` reaches ``-tol`` is uncontested: ``r`` wins every
-    corner by more than ``tol``."""
+    """The winner ``r`` at the box's lowest corner ``[n]``, the rounding tolerance (a scalar)
+    and each class's reach over ``r`` in the box around ``points``: ``max_box (f_d - f_r)``
+    ``[C, n]``. ``f_d - f_r`` is linear in the weights, so its maximum is its value at the
+    lowest corner plus, for each free weight, the weight's span times the positive part of
+    ``s_jd - s_jr`` (the corner that maximises it, found per class without fusing at every
+    corner); a class whose reach is below ``-tol`` loses to ``r`` everywhere in the box. A pixel
+    where only ``r`` reaches ``-tol`` is uncontested: ``r`` wins every point by more than
+    ``tol`` minus the rounding of this sum, a few ``eps`` of the same scale."""
     lo, hi = points.min(0), points.max(0)
-    corners = sorted(set(itertools.product(*zip(lo.tolist(), hi.tolist()))))
     wmax = np.maximum(np.abs(lo), np.abs(hi)).sum()
     (c, n), cols = s[0].shape, np.arange(s[0].shape[1])
     largest = max(max(abs(float(sk.max())), abs(float(sk.min()))) for sk in s) if n else 0.0
     tol = np.float32(16 * (len(s) + 1) * EPS32 * (1.0 + wmax) * largest)
-    reach, f, scratch = (np.empty((c, n), np.float32) for _ in range(3))
-    winner = None
-    for corner in corners:
-        target = reach if winner is None else f
-        fuse_into(s, corner, target, scratch)
-        if winner is None:
-            winner = argmax_rows(target)
-        target -= target[winner, cols]
-        if target is f:
-            np.maximum(reach, f, out=reach)
+    reach, scratch = np.empty((c, n), np.float32), np.empty((c, n), np.float32)
+    fuse_into(s, lo.tolist(), reach, scratch)
+    winner = argmax_rows(reach)
+    reach -= reach[winner, cols]
+    for j, (low, high) in enumerate(zip(lo.tolist(), hi.tolist()), 1):
+        span = np.float32(high) - np.float32(low)  # the weights are fused as float32
+        if span == 0:
+            continue
+        np.subtract(s[j], s[j][winner, cols], out=scratch)
+        np.maximum(scratch, 0, out=scratch)
+        scratch *= span
+        reach += scratch
     return winner, tol, reach
 
 
