@@ -9,7 +9,7 @@ them: every candidate's exact figures, which one each fit chose and by how much 
 runner-up, the fusion applied to test (chosen on all of val; its figures are in-sample), a flag
 when the folds' choices disagree, how often members agree, the per-class IoU change against the
 best single member, the selection-optimism verdict of the search on fold A
-(:func:`vspw_ray.tune.report.selection_optimism`), and the reminder that weights chosen on val
+(:func:`vspw_ray.selection.selection_optimism`), and the reminder that weights chosen on val
 may not transfer to test. Written as ``report.json`` (the completion record of the search, read
 back by a re-run) and ``report.txt`` beside ``trials.csv`` and the charts.
 """
