@@ -19,7 +19,6 @@ import json
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 
 from vspw_ray.storage import filesystem, is_uri, read_json
 
@@ -87,6 +86,8 @@ def write_checkpoint(directory: str, state: dict,
     record = f"{inner}/{COMPLETE_FILE}"
     if fs.get_file_info(record).type != pyarrow.fs.FileType.NotFound:
         fs.delete_file(record)  # a rewrite is incomplete until its own record is written
+    import torch  # heavy: loaded when a checkpoint is written or read, not to list them
+
     files = {}
     with fs.open_output_stream(f"{inner}/{CHECKPOINT_FILE}") as out:
         writer = _HashingWriter(out)
@@ -170,6 +171,7 @@ def read_state(path: str) -> dict:
         ValueError: the checkpoint folder is incomplete (see :func:`is_complete`).
     """
     import pyarrow.fs
+    import torch
 
     file = checkpoint_file(str(path))
     fs, inner = filesystem(file)

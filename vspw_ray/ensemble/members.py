@@ -16,6 +16,7 @@ from vspw_ray import ids
 from vspw_ray.config import ConfigError, ExperimentConfig, to_dict
 from vspw_ray.errors import DataError, StoreError, UserError
 from vspw_ray.metrics import VAL_A_MIOU
+from vspw_ray.stored_models import best_train_checkpoint, swa_average
 
 __all__ = ["Member", "EnsembleError", "member_names", "load_members", "check_members", "check_split",
            "check_scored", "check_data", "check_leakage", "ensemble_settings", "ensemble_id"]
@@ -66,10 +67,10 @@ def _variant_key(cfg: ExperimentConfig, name: str, layout, stored: set[str]) -> 
     vid = variant_id(resolved)
     data = split_fingerprint(resolved.data.root, resolved.data.val_split)
     try:
-        best = layout.best_train_checkpoint(vid, resolved.tune.metric)
+        best = best_train_checkpoint(layout, vid, resolved.tune.metric)
     except FileNotFoundError as err:
         raise EnsembleError(f"ensemble member '{name}' (variant {vid}): {err}") from None
-    swa = layout.swa_average(resolved, best)
+    swa = swa_average(layout, resolved, best)
     tried = []
     for folder in ([swa] if swa else []) + [best]:
         header = read_summary(checkpoint_file(folder))

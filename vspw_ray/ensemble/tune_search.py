@@ -57,7 +57,7 @@ def optuna_url(cfg: ExperimentConfig, layout, address: str | None) -> str:
                           "tune.storage=postgresql://USER@HOST/optuna (any SQLAlchemy URL)")
     fs, folder = filesystem(layout.tune_root)
     fs.create_dir(folder, recursive=True)
-    return f"sqlite:///{layout.join('tune', 'optuna.db')}"
+    return f"sqlite:///{layout.optuna_db}"
 
 
 @dataclass(frozen=True)

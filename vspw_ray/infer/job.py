@@ -53,6 +53,7 @@ from vspw_ray.scores.store import (
     frame_row,
 )
 from vspw_ray.storage import filesystem, is_uri, write_atomic
+from vspw_ray.stored_models import model_checkpoint
 
 __all__ = ["InferResult", "run_inference", "load_inference_model", "decode_frames",
            "TTAPredictor", "num_actors"]
@@ -233,7 +234,7 @@ def _member(stage: Prepared, checkpoint: str | None, resolved: ExperimentConfig 
     variant in the run layout) and its member key and output locations."""
 
     if checkpoint is None:
-        checkpoint = stage.layout.model_checkpoint(resolved)
+        checkpoint = model_checkpoint(stage.layout, resolved)
     elif not is_uri(checkpoint):
         checkpoint = str(Path(checkpoint).expanduser().resolve())
     checkpoint = checkpoint_file(checkpoint)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from vspw_ray.config import ExperimentConfig, to_dict, variant_fingerprint
 from vspw_ray.ids import stage_key
-from vspw_ray.layout import RunLayout, bind_teacher
+from vspw_ray.layout import RunLayout
 from vspw_ray.stages import train
 from vspw_ray.stages.base import (
     StageContext,
@@ -17,6 +17,7 @@ from vspw_ray.stages.base import (
     mark_member_run,
     teacher_of,
 )
+from vspw_ray.stored_models import bind_teacher
 
 __all__ = ["NAME", "Record", "key", "done", "run"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vspw_ray.config import ExperimentConfig, variant_fingerprint, variant_id
-from vspw_ray.layout import RunLayout, bind_teacher
+from vspw_ray.layout import RunLayout
 from vspw_ray.stages.base import (
     StageContext,
     StageRecord,
@@ -15,6 +15,7 @@ from vspw_ray.stages.base import (
     mark_member_run,
     teacher_of,
 )
+from vspw_ray.stored_models import bind_teacher
 
 __all__ = ["NAME", "Record", "key", "done", "run"]
 

@@ -21,11 +21,12 @@ from vspw_ray.config import (
 from vspw_ray.cost import measured_cost, train_held
 from vspw_ray.data import load_class_table, split_frames
 from vspw_ray.data.stats import load_prior
-from vspw_ray.layout import RunLayout, bind_teacher
+from vspw_ray.layout import RunLayout
 from vspw_ray.metrics import VAL_A_MIOU
 from vspw_ray.plots import per_class_iou_chart
 from vspw_ray.resources import check_feasible, wait_for_resources
 from vspw_ray.runtime import open_stage
+from vspw_ray.stored_models import bind_teacher
 from vspw_ray.train.ray_train import (
     PAUSE_ENV,
     fault_setting,

@@ -39,12 +39,13 @@ from vspw_ray.config import (
 from vspw_ray.cost import measured_cost, train_held
 from vspw_ray.data.datasets import sample_seed
 from vspw_ray.ids import swa_variant_id
-from vspw_ray.layout import RunLayout, bind_teacher
+from vspw_ray.layout import RunLayout
 from vspw_ray.metrics import VAL_A_MIOU, VAL_B_MIOU
 from vspw_ray.plots import lr_schedule_chart
 from vspw_ray.resources import check_feasible, wait_for_resources
 from vspw_ray.runtime import open_stage
 from vspw_ray.storage import is_uri, resolve_storage
+from vspw_ray.stored_models import best_train_checkpoint, bind_teacher
 from vspw_ray.train.driver import build_trainer, fit
 from vspw_ray.train.loop import build_optimizer, train_steps
 from vspw_ray.train.ray_train import (
@@ -351,8 +352,8 @@ def swa_variant(cfg: ExperimentConfig, variant: str | None = None, *,
     layout = RunLayout(resolve_storage(resolved.storage.path))
     if from_checkpoint and not is_uri(from_checkpoint):
         from_checkpoint = str(Path(from_checkpoint).expanduser().resolve())
-    base_file = checkpoint_file(from_checkpoint or layout.best_train_checkpoint(
-        parent, resolved.tune.metric))
+    base_file = checkpoint_file(from_checkpoint or best_train_checkpoint(
+        layout, parent, resolved.tune.metric))
     header = read_summary(base_file)
     owner = header.get("variant_id")
     if owner and owner != parent:

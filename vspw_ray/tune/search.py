@@ -201,7 +201,7 @@ def _optuna_url(cfg: ExperimentConfig, layout: RunLayout) -> str:
         return cfg.tune.storage
     fs, folder = filesystem(layout.tune_root)  # local: checked by _check_optuna_storage
     fs.create_dir(folder, recursive=True)
-    return f"sqlite:///{layout.join('tune', 'optuna.db')}"
+    return f"sqlite:///{layout.optuna_db}"
 
 
 def _enqueue(cfg: ExperimentConfig, params: list[SearchParam], study_name: str,
