@@ -78,7 +78,12 @@ def ray_local():
     has, so a driver plus two Train workers fit."""
     import ray
 
-    from vspw_ray.runtime import API_SERVER_ENV, pin_local_dashboard, use_local_ray_train_settings
+    from vspw_ray.runtime import (
+        API_SERVER_ENV,
+        pin_local_dashboard,
+        restored_environ,
+        use_local_ray_train_settings,
+    )
 
     if not ray.is_initialized():
         use_local_ray_train_settings()  # as connect_ray's local instances
@@ -86,11 +91,8 @@ def ray_local():
         # which Ray Train's placement-group cleaner can take a live run's controller for dead;
         # its address pinned for Ray's processes only, so that the clusters and CLI commands
         # other tests start never inherit this instance's address
-        before = os.environ.get(API_SERVER_ENV)
-        ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=True,
-                 dashboard_port=pin_local_dashboard())
-        os.environ.pop(API_SERVER_ENV)
-        if before is not None:
-            os.environ[API_SERVER_ENV] = before
+        with restored_environ(API_SERVER_ENV):
+            ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=True,
+                     dashboard_port=pin_local_dashboard())
     yield ray
     ray.shutdown()

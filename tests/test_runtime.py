@@ -133,3 +133,18 @@ def test_storage_from_before_fingerprints_is_noted_once_and_new_storage_never(tm
     (new / "train" / "up-1").mkdir(parents=True)  # written under the new scheme
     assert not note_id_scheme(RunLayout(str(new)))
     assert capsys.readouterr().err == ""
+
+
+def test_restored_environ_puts_back_set_and_unset_keys(monkeypatch):
+    from vspw_ray.runtime import restored_environ
+
+    monkeypatch.setenv("VSPW_TEST_SET", "before")
+    monkeypatch.delenv("VSPW_TEST_UNSET", raising=False)
+    with pytest.raises(RuntimeError), restored_environ("VSPW_TEST_SET", "VSPW_TEST_UNSET"):
+        os.environ["VSPW_TEST_SET"] = "inside"
+        os.environ["VSPW_TEST_UNSET"] = "inside"
+        raise RuntimeError("the block failed")  # restored all the same
+    assert os.environ["VSPW_TEST_SET"] == "before" and "VSPW_TEST_UNSET" not in os.environ
+    with restored_environ("VSPW_TEST_SET"):
+        del os.environ["VSPW_TEST_SET"]
+    assert os.environ["VSPW_TEST_SET"] == "before"

@@ -36,7 +36,7 @@ from vspw_ray.storage import check_cluster_settings, is_uri, resolve_storage
 
 __all__ = ["Prepared", "Stage", "prepare_stage", "stage_run", "open_stage", "connect_ray",
            "resolve_address", "prepare_config", "git_commit", "note_id_scheme", "ID_SCHEME_FILE",
-           "DASHBOARD_ENV", "LOCAL", "RayConnectionError"]
+           "DASHBOARD_ENV", "LOCAL", "RayConnectionError", "restored_environ"]
 
 log = logging.getLogger("vspw_ray")
 
@@ -53,6 +53,21 @@ class RayConnectionError(UserError):
 # ray.train.v2._internal.constants; tests/test_cli.py checks that Ray still reads them).
 LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+@contextlib.contextmanager
+def restored_environ(*keys: str) -> Iterator[None]:
+    """Inside the block ``keys`` of ``os.environ`` may be set or removed; after it each is as it
+    was before (removed again if it was not set)."""
+    before = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def use_local_ray_train_settings() -> None:

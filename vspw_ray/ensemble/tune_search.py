@@ -23,6 +23,7 @@ from vspw_ray.config import ConfigError, ExperimentConfig
 from vspw_ray.ensemble.core.candidates import Candidate
 from vspw_ray.ensemble.core.sample import Hull, PixelSample, hull_miou, normalise_inner, sample_miou
 from vspw_ray.ensemble.methods import SearchSpace, Selection, fit_samples, fold_samples, sample_heat
+from vspw_ray.runtime import restored_environ, tune_result_loggers
 from vspw_ray.selection import TrialRow, ranked
 
 __all__ = ["TuneSetup", "WeightSpace", "weight_space", "optuna_url", "score_trial", "run_tuner",
@@ -214,20 +215,15 @@ _QUIET_TUNE_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"
 def _quiet_tune():
     """The search's Tuner with :data:`_QUIET_TUNE_ENV` and Tune's end-of-run INFO line (where it
     wrote its state) at WARNING: the search reports its own progress and results."""
-    before = {k: os.environ.get(k) for k in _QUIET_TUNE_ENV}
-    os.environ.update(_QUIET_TUNE_ENV)
     tune_log = logging.getLogger("ray.tune.tune")
     level = tune_log.level
-    tune_log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        tune_log.setLevel(level)
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with restored_environ(*_QUIET_TUNE_ENV):
+        os.environ.update(_QUIET_TUNE_ENV)
+        tune_log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            tune_log.setLevel(level)
 
 
 def _fresh_study(url: str, study: str) -> None:
@@ -248,8 +244,6 @@ def run_tuner(samples: dict[str, PixelSample], weights: WeightSpace, num_samples
     import optuna
     import ray.tune
     from ray.tune.search.optuna import OptunaSearch
-
-    from vspw_ray.runtime import tune_result_loggers
 
     names = weights.names()
     studies = {fit: f"{setup.study_name}-{fit}" for fit in samples}
