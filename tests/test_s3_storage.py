@@ -118,6 +118,8 @@ def test_train_from_s3_infer_and_tune_report_keep_everything_under_the_uri(
     assert "it 2/4" in console and "it 4/4" in console
     assert "Reporting training result" not in console and "State API" not in console
     assert "Checkpoint successfully created" not in console
+    assert "Started training worker group" not in console  # Ray Train's INFO: its log files
+    assert "Setting up process group" not in console
 
     # the variant trained from those weights (init_checkpoint is part of its identity): its
     # checkpoint is found in the run layout on S3

@@ -156,6 +156,10 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
                 max_failures=cfg.train.max_failures,
                 max_preemption_failures=cfg.train.max_preemptions),
             checkpoint_config=keep,
+            # Ray Train's INFO lines (resources requested, worker group started, process group
+            # set up, model moved) stay in its log files under the session's logs/train; the
+            # console carries this package's progress lines, and Ray Train's warnings and errors
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
