@@ -116,7 +116,6 @@ class _Context:
 
 
 def _folds(cfg: ExperimentConfig, videos: list[str]) -> dict[str, list[str]]:
-
     a, b = split_folds(videos, cfg.data.fold_seed)
     if not a or not b:
         raise EnsembleError(f"split '{cfg.data.val_split}' has {len(videos)} video(s): folds A "
@@ -153,7 +152,6 @@ def _prepare(loaded: ExperimentConfig, stage) -> _Context:
 
 
 def _space(ctx: _Context, shards: int):
-
     e = ctx.cfg.ensemble
     return SearchSpace(ctx.store, ctx.cfg.data.root, ctx.cfg.data.val_split, ctx.folds,
                        fits_for(e.selection), ctx.groups, [m.key for m in ctx.members], e,
@@ -181,7 +179,6 @@ def _select(ctx: _Context, shards: int) -> dict[str, Selection]:
 def _remove(path: str) -> None:
     import pyarrow.fs
 
-
     fs, inner = filesystem(path)
     if fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory:
         fs.delete_dir(inner)
@@ -189,7 +186,6 @@ def _remove(path: str) -> None:
 
 def _plan(ctx: _Context, groups: dict[str, list[str]], weights: dict[str, float],
           inner: dict[str, float] | None = None, order: list[str] | None = None):
-
     return FusionPlan(groups, tuple(float(weights[g]) for g in list(groups)[1:]),
                       ctx.cfg.ensemble.space, ctx.num_classes, dict(inner or {}),
                       tuple(order or (m.key for m in ctx.members)),
@@ -197,7 +193,6 @@ def _plan(ctx: _Context, groups: dict[str, list[str]], weights: dict[str, float]
 
 
 def _candidates(ctx: _Context, selections: dict[str, Selection]) -> list:
-
     return all_candidates([c for s in selections.values() for c in s.top],
                           [m.key for m in ctx.members], {m.key: m.name for m in ctx.members},
                           ctx.groups)
@@ -241,7 +236,6 @@ def _write_outputs(folder: str, report: dict, text: str, selections: dict[str, S
     (ensemble, single, mean, applied), for intervals over videos."""
     import numpy as np
 
-
     fs, root = filesystem(folder)
     heat = next((s.heat for s in (selections.get("all"), selections.get("A")) if s and s.heat),
                 None)
@@ -279,7 +273,6 @@ def _rekeyed(ctx: _Context, report: dict, split: str) -> tuple[_Context, dict, s
     """``ctx`` and ``report`` with every member key moved to the members' scores of ``split``
     (a member key covers one split's data), and that split's data fingerprint."""
     from dataclasses import replace
-
 
     data = split_fingerprint(ctx.cfg.data.root, split)
     if split == ctx.cfg.data.val_split:  # the members' keys are val's already

@@ -28,7 +28,6 @@ def _fetch(folder: str, names: tuple[str, ...], local: Path) -> list[Path]:
     """Copy the named files that exist in ``folder`` (storage) into ``local``."""
     import pyarrow.fs
 
-
     fs, root = filesystem(folder)
     out = []
     for name in names:
@@ -44,7 +43,6 @@ def _child_runs(uri: str, experiment: str, storage: str, parent: str, eid: str,
     """The Tune trials as child runs of the ensemble's run (in a thread of their own: MLflow's
     active run is per thread, and the parent's is open)."""
     from concurrent.futures import ThreadPoolExecutor
-
 
     def log_all() -> None:
         for fit, sel in selections.items():

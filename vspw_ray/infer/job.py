@@ -66,7 +66,6 @@ def load_inference_model(checkpoint: str, num_classes: int, device: str = "cpu")
     mode; returns ``(model, checkpoint config)``."""
     import torch
 
-
     state = read_state(checkpoint)
     if "config" not in state or "model" not in state:
         raise ValueError(f"{checkpoint} is not a vspw_ray checkpoint (no config/model inside)")
@@ -116,7 +115,6 @@ class TTAPredictor:
                  torch_threads: int = 1):
         import torch
 
-
         torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, _ = load_inference_model(checkpoint, num_classes, str(self.device))
@@ -128,7 +126,6 @@ class TTAPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
         from PIL import Image
-
 
         n = len(batch["error"])
         pngs, classes, codes = [b""] * n, [b""] * n, [b""] * n

@@ -129,7 +129,6 @@ def build_trainer(cfg: ExperimentConfig, vid: str, uri: str | None, run_id: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-
     loop = train_fn or train_loop_per_worker
     if cfg.tracking.system_metrics and run_id:
         loop = functools.partial(node_metrics, loop, tracking.system_metrics_interval())
@@ -201,7 +200,6 @@ def _log_summary(uri: str, run_id: str, cfg: ExperimentConfig, out: TrainResult,
                  storage: str) -> None:
     """Artifacts: the resolved YAML, the per-class IoU chart and the checkpoint locations."""
     import tempfile
-
 
     with tempfile.TemporaryDirectory() as d:
         cfg_path = Path(d) / "config.yaml"

@@ -381,7 +381,6 @@ def node_metrics(loop, interval_s: float, config: dict) -> None:
     import ray
     import ray.train
 
-
     if ray.train.get_context().get_local_rank() != 0:
         return loop(config)
     node = f"node-{ray.get_runtime_context().get_node_id()[:8]}"
@@ -393,7 +392,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker. ``config``: ``experiment`` (resolved config dict), ``variant_id``,
     ``tracking_uri``, ``run_id`` (MLflow run rank 0 logs to)."""
     import ray.train
-
 
     started = time.perf_counter()
     checkpoint = ray.train.get_checkpoint()

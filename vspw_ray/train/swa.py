@@ -166,7 +166,6 @@ class _SwaRun:
     base_metrics: dict
 
     def validate(self, model: nn.Module) -> tuple[dict, Any]:
-
         w = self.w
         return validate(model, w.cfg, w.cfg.data.root, w.table.num_classes, w.table.names,
                         w.device, w.rank, w.world)
@@ -232,7 +231,6 @@ def _start_or_resume(w, config: dict) -> _SwaRun | None:
     """The run to continue: from Ray Train's latest checkpoint, else from the base checkpoint;
     None when the latest checkpoint is the finished average."""
     import ray.train
-
 
     optimizer = build_optimizer(unwrap(w.model), replace(w.cfg.train, lr=w.cfg.swa.lr_max))
     checkpoint = ray.train.get_checkpoint()
@@ -401,7 +399,6 @@ def _finished_average(run_dir: str) -> tuple[str, dict] | None:
 def _log_run(stage, out: SwaResult) -> None:
     """The side-by-side metrics and the artifacts of a finished SWA job."""
     import tempfile
-
 
     compared = {k: v for k, v in out.metrics.items()
                 if k.split("/", 1)[0] in COMPARED and isinstance(v, float)}

@@ -255,7 +255,6 @@ def run_search(cfg: ExperimentConfig, *, address: str | None = None, track: bool
     """
     import ray
 
-
     if cfg.variants:
         cfg = config_from_dict({**to_dict(cfg), "variants": []})  # the search replaces them
     params = validate_space(cfg)

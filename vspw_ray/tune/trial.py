@@ -28,7 +28,6 @@ def run_trial(config: dict, *, base: dict, sweep: Sweep) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-
     cfg = config_from_dict(base)
     number = int(config["optuna_trial"])
     params = {k: v for k, v in config.items() if k != "optuna_trial"}
@@ -87,7 +86,6 @@ def finished_result(trial, metric: str, run_dir: str, sweep_id: str,
             the Tune trial errors too (so the two agree) rather than train again.
     """
     import optuna
-
 
     steps = trial.intermediate_values
     if trial.state == optuna.trial.TrialState.FAIL or (not steps and trial.value is None):

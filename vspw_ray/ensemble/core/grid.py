@@ -364,7 +364,6 @@ def grid_search_store(store: str, groups: Mapping[str, Sequence[str]], split: st
     ``points`` columns are the weights of ``group_order(groups, base_group)[1:]``."""
     import os
 
-
     if not videos:
         raise ValueError(f"no {split} videos to score")
     order = group_order(groups, base_group or next(iter(groups)))
