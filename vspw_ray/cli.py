@@ -217,8 +217,10 @@ def _cmd_infer(args) -> int:
                     checkpoint=args.checkpoint, store=args.store, predictions=args.out,
                     progress=progress_printer("inferring", "frames"))
     print(f"{out.member_key} on {out.split}: {out.frames} frames written "
-          f"({out.frames_per_s:.2f} frames/s), {out.skipped} videos stored before; store "
-          f"{out.store} ({out.store_bytes / 2**20:.1f} MiB); predictions {out.predictions}")
+          f"({out.frames_per_s:.2f} frames/s), {len(out.skipped)} skipped; store {out.store} "
+          f"({out.store_bytes / 2**20:.1f} MiB); predictions {out.predictions}")
+    for frame in out.skipped:
+        print(f"  skipped {frame}")
     if out.metrics:
         print("  " + "  ".join(f"{k} {100 * v:.2f}" for k, v in out.metrics.items()))
     _tracked(out)

@@ -33,7 +33,7 @@ class Record(StageRecord):
     store: str = ""
     predictions: str | None = None
     frames: int = 0  # written by this run
-    skipped: int = 0  # videos stored before, not inferred again
+    skipped: tuple[str, ...] = ()  # bad frames skipped (``infer.on_bad_frame: skip``), video/frame
     frames_per_s: float = 0.0
     store_bytes: int = 0
     metrics: dict = field(default_factory=dict)  # from the stored scores (a split with masks)
@@ -80,7 +80,7 @@ def run(ctx: StageContext, item: str, *, checkpoint: str | None = None,
                         swa=isinstance(model, swa.Record))
     return Record(member_key=out.key, variant_id=out.variant_id, split=out.split,
                   store=out.store, predictions=out.predictions, frames=out.frames,
-                  skipped=len(out.skipped), frames_per_s=out.frames_per_s,
+                  skipped=tuple(out.skipped), frames_per_s=out.frames_per_s,
                   store_bytes=out.store_bytes, metrics=dict(out.metrics or {}),
                   run_id=out.run_id, data_fingerprint=split_fingerprint(cfg.data.root, split),
                   figures=figures)
