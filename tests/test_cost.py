@@ -99,3 +99,25 @@ def test_system_metrics_are_logged_per_node_while_a_block_runs_and_once_as_it_en
     metrics = client.get_run(rid).data.metrics
     assert metrics["system/node-a/system_memory_usage_megabytes"] > 0
     assert not [k for k in metrics if k.startswith("system/") and "/node-a/" not in k]
+
+
+def test_one_process_per_node_samples_a_run_without_a_rank(runs):
+    """``tracking.node_system_metrics`` (Ray Data's model actors have no rank): the first
+    process of a node to ask samples it, the others get None while it holds the node, and a
+    later one may take over once it stopped (its last sample logged as it stopped)."""
+    import mlflow
+
+    from vspw_ray import tracking
+
+    uri, _, child = runs
+    rid = child("infer")
+    first = tracking.node_system_metrics(uri, rid, "node-b", interval_s=3600)
+    assert callable(first)
+    assert tracking.node_system_metrics(uri, rid, "node-b", interval_s=3600) is None
+    first()
+    history = mlflow.tracking.MlflowClient(uri).get_metric_history(
+        rid, "system/node-b/cpu_utilization_percentage")
+    assert len(history) == 1  # the last sample, as it stopped
+    again = tracking.node_system_metrics(uri, rid, "node-b", interval_s=3600)
+    assert callable(again)
+    again()

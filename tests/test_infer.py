@@ -169,16 +169,20 @@ def _cfg(root, storage, *extra):
         "infer.actors=1", *extra]), "crop64")
 
 
-def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth_root, tmp_path):
+def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth_root, tmp_path,
+                                                                monkeypatch):
     import mlflow
 
     from vspw_ray.data import split_frames
     from vspw_ray.evaluate import evaluate_predictions, evaluate_store, evaluate_store_folds
     from vspw_ray.infer.job import run_inference
+    from vspw_ray.tracking import SAMPLING_ENV
 
     # full resolution, every class: the stored argmax must agree with the PNGs
-    cfg = _cfg(synth_root, tmp_path / "runs", "infer.score_scale=1.0", "infer.top_k=6")
+    cfg = _cfg(synth_root, tmp_path / "runs", "infer.score_scale=1.0", "infer.top_k=6",
+               "tracking.system_metrics=true")
     ckpt = _checkpoint(cfg, tmp_path / "ckpt")
+    monkeypatch.setenv(SAMPLING_ENV, "0.2")  # the driver passes it to the model actors
     out = run_inference(cfg, str(ckpt), "val")
     frames = split_frames(synth_root, "val")
     assert out.frames == len(frames) and not out.skipped
@@ -208,6 +212,10 @@ def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth
     assert run.data.tags["stage"] == "infer" and run.data.params["tta.flip"] == "True"
     assert run.data.metrics["store_bytes"] == out.store_bytes > 0
     assert run.data.metrics["frames_per_s"] > 0 and "val/miou" in run.data.metrics
+    # the driver's node, and the model actors' node by its Ray node id (one actor samples it)
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert [k for k in run.data.metrics if k.startswith("system/node-")
+            and k.endswith("/cpu_utilization_percentage")]
 
     again = run_inference(cfg, str(ckpt), "val", track=False)  # everything stored: nothing runs
     assert again.frames == 0 and again.key == out.key

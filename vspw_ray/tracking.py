@@ -15,6 +15,7 @@ from vspw_ray.storage import is_uri
 
 __all__ = ["resolve_tracking_uri", "flatten", "open_run", "log_metrics", "log_new_params",
            "log_artifact", "find_run", "finish_run", "system_metrics", "system_metrics_interval",
+           "node_system_metrics",
            "PARENT_TAG"]
 
 log = logging.getLogger(__name__)
@@ -120,14 +121,22 @@ def system_metrics(uri: str, run_id: str, node_id: str | None = None,
     or ``system/<node_id>/<name>`` from the nodes of a multi-node run. One sample every
     ``interval_s`` (:func:`system_metrics_interval`) and a last one as the block ends, so a run
     shorter than the interval has its figures too."""
+    stop = _start_monitor(uri, run_id, node_id, interval_s)
+    try:
+        yield
+    finally:
+        stop()
+
+
+def _start_monitor(uri: str, run_id: str, node_id: str | None, interval_s: float | None):
+    """MLflow's monitor started; returns the function that stops it after a last sample."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s or system_metrics_interval(),
                                    resume_logging=True, node_id=node_id, tracking_uri=uri)
     monitor.start()
-    try:
-        yield
-    finally:
+
+    def stop() -> None:
         monitor.finish()
         try:
             monitor.collect_metrics()
@@ -135,6 +144,31 @@ def system_metrics(uri: str, run_id: str, node_id: str | None = None,
             monitor.mlflow_logger.flush()
         except Exception as err:  # noqa: BLE001 -- as MLflow's monitor: metrics never fail a run
             log.warning("the last system-metrics sample of run %s was not logged: %s", run_id, err)
+
+    return stop
+
+
+def node_system_metrics(uri: str, run_id: str, node_id: str, interval_s: float | None = None):
+    """System metrics of this node for ``run_id`` from one process per node: the first process
+    of the node that asks (a lock on a file in the node's temporary folder, released when that
+    process ends) starts MLflow's monitor and gets the function that stops it; every other
+    process gets None. For processes without a rank, such as Ray Data's actors."""
+    import fcntl
+    import tempfile
+
+    lock = open(Path(tempfile.gettempdir()) / f"vspw_ray-system-metrics-{run_id}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    stop_monitor = _start_monitor(uri, run_id, node_id, interval_s)
+
+    def stop() -> None:
+        stop_monitor()
+        lock.close()
+
+    return stop
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:

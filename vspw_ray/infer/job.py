@@ -112,8 +112,14 @@ class TTAPredictor:
     """Ray Data actor: TTA class distributions -> prediction PNG bytes and encoded scores."""
 
     def __init__(self, *, checkpoint: str, num_classes: int, infer: dict, mean, std,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, system_metrics: dict | None = None):
+        import ray
         import torch
+
+        self._stop_metrics = None  # this node's system metrics (tracking.system_metrics)
+        if system_metrics:
+            node = f"node-{ray.get_runtime_context().get_node_id()[:8]}"
+            self._stop_metrics = tracking.node_system_metrics(**system_metrics, node_id=node)
 
         torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,6 +128,10 @@ class TTAPredictor:
         self.enc = ScoreEncoding.of(self.infer)
         self.mean, self.std = mean, std
         self.autocast, _ = autocast_context(self.device, "auto")
+
+    def __del__(self) -> None:  # a last sample when Ray Data lets the actor go
+        if getattr(self, "_stop_metrics", None):
+            self._stop_metrics()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -294,7 +304,7 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
         if todo:
             batches, held = _pipeline(cfg, [f for v in todo for f in by_video[v]],
                                       member.checkpoint, table.num_classes, stage.address,
-                                      torch_threads)
+                                      torch_threads, _node_metrics(cfg, stage))
             with measured_cost(stage.tracking_uri, stage.run_id, held):  # while frames stream
                 rate = _write_stream(batches, scores, member, split,
                                      {v: len(by_video[v]) for v in todo}, skipped, progress,
@@ -314,6 +324,15 @@ def run_inference(cfg: ExperimentConfig, checkpoint: str | None, split: str, *,
                        member.predictions, rate.written,
                        [f"{v}/{n}" for v, ns in skipped.items() for n in ns], rate.fps,
                        rate.fps_steady, store_bytes, metrics, stage.run_id)
+
+
+def _node_metrics(cfg: ExperimentConfig, stage) -> dict | None:
+    """Where the model actors log their nodes' system metrics, when ``tracking.system_metrics``
+    is on and the run is tracked (the driver samples its own node through its run)."""
+    if not (cfg.tracking.system_metrics and stage.run_id):
+        return None
+    return {"uri": stage.tracking_uri, "run_id": stage.run_id,
+            "interval_s": tracking.system_metrics_interval()}
 
 
 def _plan(cfg: ExperimentConfig, member: _Member, scores, table, split: str,
@@ -379,9 +398,11 @@ def _manifest(cfg: ExperimentConfig, member: _Member, table, previous: dict) -> 
 
 
 def _pipeline(cfg: ExperimentConfig, frames: list[Frame], checkpoint: str, num_classes: int,
-              address: str | None, torch_threads: int):
+              address: str | None, torch_threads: int, system_metrics: dict | None = None):
     """The Ray Data job over ``frames``, in order: decode tasks, then the TTA actor pool; an
-    iterator over its output batches, and what the actor pool holds."""
+    iterator over its output batches, and what the actor pool holds. ``system_metrics``
+    (``uri``, ``run_id``, ``interval_s``): the actors log their nodes' system metrics there, one
+    actor per node."""
     import ray
     import ray.data
 
@@ -404,7 +425,8 @@ def _pipeline(cfg: ExperimentConfig, frames: list[Frame], checkpoint: str, num_c
                        fn_constructor_kwargs={
                            "checkpoint": checkpoint, "num_classes": num_classes,
                            "infer": to_dict(cfg.infer), "mean": list(cfg.data.mean),
-                           "std": list(cfg.data.std), "torch_threads": torch_threads},
+                           "std": list(cfg.data.std), "torch_threads": torch_threads,
+                           "system_metrics": system_metrics},
                        **resources))
     held = Held(n * resources["num_cpus"], n * resources.get("num_gpus", 0))
     return ds.iter_batches(batch_size=None, batch_format="numpy"), held
