@@ -251,8 +251,8 @@ def recorded_outputs(cfg, result) -> dict:
     from vspw_ray.stages.records import read_record
 
     layout, steps = plan_pipeline(cfg)
-    return {s.id: result.outputs.get(s.id) or (read_record(layout, cfg.name, s.id) or {}).get(
-        "outputs", {}) for s in steps}
+    return {s.id: result.records[s.id].outputs() if s.id in result.records else
+            (read_record(layout, cfg.name, s.id) or {}).get("outputs", {}) for s in steps}
 
 
 class Context:
