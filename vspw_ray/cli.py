@@ -406,21 +406,30 @@ def _config_commands(sub) -> None:
     p.set_defaults(func=_cmd_config_diff)
 
 
+SHUTDOWN_AFTER_STOP_S = 15.0  # for Ray's shutdown after a stop: well within a job's stop wait
+
+
 def _stopped_exit(code: int) -> int:
-    """Exit at once after a stop, also when stage threads still wait on Ray (the pipeline runs
-    variants in threads, which Python would join at exit): Ray is shut down (its local
-    instance with it) and the process ends without waiting for them. What they left is
-    resumable: a checkpoint, score file or record counts only once written whole."""
+    """Exit at once after a stop (the MLflow runs are ended and the stop line printed by now):
+    Ray is shut down, its local instance with it, for at most ``SHUTDOWN_AFTER_STOP_S`` (a
+    shutdown can wait on a Train or Tune run still polled by a helper thread), and the process
+    ends without waiting for threads that still wait on Ray (the pipeline runs variants in
+    threads, which Python would join at exit), so a stopped job ends within Ray's stop wait
+    (``RAY_JOB_STOP_WAIT_TIME_S``). What they left is resumable: a checkpoint, score file or
+    record counts only once written whole."""
     import threading
 
-    if not [t for t in threading.enumerate() if t is not threading.main_thread()
-            and not t.daemon and t.is_alive()]:
-        return code
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    ray = sys.modules.get("ray")
+    connected = ray is not None and ray.is_initialized()
+    if not connected and not [t for t in threading.enumerate() if t is not
+                              threading.main_thread() and not t.daemon and t.is_alive()]:
+        return code  # nothing to wait for: an ordinary return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if connected:
+        closing = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+        closing.start()
+        closing.join(SHUTDOWN_AFTER_STOP_S)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
