@@ -13,8 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vspw_ray import ids
-from vspw_ray.config import ConfigError, ExperimentConfig, to_dict
+from vspw_ray.checkpoints import checkpoint_file, read_summary
+from vspw_ray.config import ConfigError, ExperimentConfig, resolve_variant, to_dict, variant_id
+from vspw_ray.data import list_frames, read_split
+from vspw_ray.data.fingerprint import split_fingerprint
 from vspw_ray.errors import DataError, StoreError, UserError
+from vspw_ray.ids import member_key
 from vspw_ray.metrics import VAL_A_MIOU
 from vspw_ray.stored_models import best_train_checkpoint, swa_average
 
@@ -47,7 +51,6 @@ class Member:
 
 def member_names(cfg: ExperimentConfig) -> list[str]:
     """``ensemble.members``, else every variant of the experiment, else the base config's id."""
-    from vspw_ray.config import variant_id
 
     if cfg.ensemble.members:
         return list(cfg.ensemble.members)
@@ -58,10 +61,6 @@ def _variant_key(cfg: ExperimentConfig, name: str, layout, stored: set[str]) -> 
     """``(store key, checkpoint)`` of a variant: its SWA average's when stored, else its best
     training checkpoint's. ``cfg`` is the experiment as loaded (paths as written), so that the
     variant_id is the one ``vspw-ray train`` computed."""
-    from vspw_ray.checkpoints import checkpoint_file, read_summary
-    from vspw_ray.config import resolve_variant, variant_id
-    from vspw_ray.data.fingerprint import split_fingerprint
-    from vspw_ray.ids import member_key
 
     resolved = resolve_variant(cfg, name)
     vid = variant_id(resolved)
@@ -103,8 +102,7 @@ def load_members(cfg: ExperimentConfig, layout) -> list[Member]:
         ConfigError: a name is neither a variant of the experiment nor a store key.
         StoreError: a variant's scores are not stored.
     """
-    from vspw_ray.config import resolve_variant
-    from vspw_ray.scores.store import ScoreStore
+    from vspw_ray.scores.store import ScoreStore  # torch: not loaded to plan the pipeline
 
     store = ScoreStore(layout.scores)
     stored = set(store.members())
@@ -129,7 +127,6 @@ def load_members(cfg: ExperimentConfig, layout) -> list[Member]:
 def check_data(members: Sequence[Member], cfg: ExperimentConfig) -> None:
     """Every member's scores are of the val split's data as it is now (a store key named in
     ``ensemble.members`` may hold scores of other data, or of data before fingerprints)."""
-    from vspw_ray.data.fingerprint import split_fingerprint
 
     now = split_fingerprint(cfg.data.root, cfg.data.val_split)
     for m in members:
@@ -180,7 +177,6 @@ def check_split(members: Sequence[Member], store, root: str, split: str, *,
         StoreError: a member lacks the split, or holds other videos than the split file lists.
         DataError: ``masks`` and a frame has no mask.
     """
-    from vspw_ray.data import list_frames, read_split
 
     videos = read_split(root, split)
     for m in members:
@@ -224,7 +220,6 @@ def check_leakage(members: Sequence[Member], root: str, val_split: str, *,
         EnsembleError: a member trained on val videos and ``allow`` is false.
         DataError: a member's training split file is not in ``root`` (nothing to check against).
     """
-    from vspw_ray.data import read_split
 
     val = set(read_split(root, val_split))
     found = {}
@@ -264,7 +259,6 @@ def ensemble_id(cfg: ExperimentConfig, members: Sequence[Member]) -> str:
     """``<experiment>-ens-<hash>`` of the member keys, the ensemble settings
     (:func:`ensemble_settings`), the val split, its data's fingerprint and the fold seed:
     another member, setting, fold or val data gives another ensemble."""
-    from vspw_ray.data.fingerprint import split_fingerprint
 
     identity = {"members": sorted(m.key for m in members), "ensemble": ensemble_settings(cfg),
                 "val_split": cfg.data.val_split, "fold_seed": cfg.data.fold_seed,
