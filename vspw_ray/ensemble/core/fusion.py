@@ -13,6 +13,7 @@ fused scores for the same weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,12 +23,18 @@ import torch
 from vspw_ray.labels import class_labels
 
 __all__ = ["SPACES", "MemberInfo", "auto_groups", "group_order", "group_means", "fuse",
-           "fused_labels", "fuse_arrays", "fuse_into", "fuse_points", "LOG_FLOOR"]
+           "fused_labels", "fuse_arrays", "fuse_into", "fuse_points", "LOG_FLOOR", "score_bound"]
 
 SPACES = ("prob", "log")
 # log-probabilities are floored so that a stored probability of exactly 0 (the decoded mass of
 # classes outside a member's top-k can be 0) gives a finite score; weights times -inf would be NaN
 LOG_FLOOR = 1e-12
+
+
+def score_bound(space: str) -> float:
+    """An upper bound of ``|score|`` of a member or group mean in ``space``: probabilities lie
+    in [0, 1], floored log-probabilities in [log LOG_FLOOR, 0]."""
+    return 1.0 if space == "prob" else -math.log(LOG_FLOOR)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,13 @@ import numpy as np
 import torch
 
 from vspw_ray.data.layout import DataError, label_lut, list_frames, read_raw_mask, reduce_mask
-from vspw_ray.ensemble.core.fusion import fuse_into, fuse_points, group_means, group_order
+from vspw_ray.ensemble.core.fusion import (
+    fuse_into,
+    fuse_points,
+    group_means,
+    group_order,
+    score_bound,
+)
 from vspw_ray.parallel import map_videos
 from vspw_ray.scores.encoding import decode
 from vspw_ray.scores.store import ScoreStore
@@ -68,6 +74,7 @@ class GridConfusions:
 
     points: np.ndarray  # [P, K-1] weights of the non-base groups
     num_classes: int
+    bound: float | None = None  # |score| at most (fusion.score_bound); None: measured per chunk
     common: np.ndarray = field(default=None)  # type: ignore[assignment]
     contested: np.ndarray = field(default=None)  # type: ignore[assignment]
 
@@ -102,7 +109,7 @@ class GridConfusions:
     def _add_pixels(self, s: list[np.ndarray], labels: np.ndarray) -> None:
         """``s``: K group scores ``[C, n]``, ``labels [n]`` (255 ignored)."""
         c = self.num_classes
-        winner, reachable = candidates(s, self.points)
+        winner, reachable = candidates(s, self.points, self.bound)
         counts = np.add.reduce(reachable.view(np.uint8), axis=0, dtype=np.uint16)  # fast sum
         valid = labels != 255
         settled = valid & (counts == 1)  # only the winner itself can win
@@ -156,17 +163,19 @@ def _contested(s: Sequence[np.ndarray], reachable: np.ndarray, counts: np.ndarra
         yield rest, np.stack([sk[:, rest] for sk in s]), None
 
 
-def point_labels(scores: Sequence[np.ndarray], points: np.ndarray) -> np.ndarray:
+def point_labels(scores: Sequence[np.ndarray], points: np.ndarray,
+                 bound: float | None = None) -> np.ndarray:
     """The fused label of every pixel at every point: K group scores ``[C, n]`` (base group
     first) and ``points [P, K-1]`` -> ``[P, n]`` uint8, bit for bit the argmax (first maximum)
     of :func:`fuse_arrays` at each point, from one corner pass per chunk of pixels and
-    per-point fusion of the contested pixels' candidate classes only."""
+    per-point fusion of the contested pixels' candidate classes only (``bound``: as for
+    :func:`candidates`)."""
     points = np.asarray(points, np.float64).reshape(len(points), -1)
     n = scores[0].shape[1]
     out = np.empty((len(points), n), np.uint8)
     for start in range(0, n, CHUNK):
         s = [sk[:, start : start + CHUNK] for sk in scores]
-        winner, reachable = candidates(s, points)
+        winner, reachable = candidates(s, points, bound)
         counts = np.add.reduce(reachable.view(np.uint8), axis=0, dtype=np.uint16)
         block = out[:, start : start + CHUNK]
         block[:] = winner
@@ -189,7 +198,7 @@ def argmax_rows(f: np.ndarray) -> np.ndarray:
     return arg
 
 
-def _corner_pass(s: Sequence[np.ndarray], points: np.ndarray):
+def _corner_pass(s: Sequence[np.ndarray], points: np.ndarray, bound: float | None = None):
     """The winner ``r`` at the box's lowest corner ``[n]``, the rounding tolerance (a scalar)
     and each class's reach over ``r`` in the box around ``points``: ``max_box (f_d - f_r)``
     ``[C, n]``. ``f_d - f_r`` is linear in the weights, so its maximum is its value at the
@@ -201,7 +210,8 @@ def _corner_pass(s: Sequence[np.ndarray], points: np.ndarray):
     lo, hi = points.min(0), points.max(0)
     wmax = np.maximum(np.abs(lo), np.abs(hi)).sum()
     (c, n), cols = s[0].shape, np.arange(s[0].shape[1])
-    largest = max(max(abs(float(sk.max())), abs(float(sk.min()))) for sk in s) if n else 0.0
+    largest = bound if bound is not None else (  # |score| at most: given, or measured
+        max(max(abs(float(sk.max())), abs(float(sk.min()))) for sk in s) if n else 0.0)
     tol = np.float32(16 * (len(s) + 1) * EPS32 * (1.0 + wmax) * largest)
     reach, scratch = np.empty((c, n), np.float32), np.empty((c, n), np.float32)
     fuse_into(s, lo.tolist(), reach, scratch)
@@ -218,11 +228,15 @@ def _corner_pass(s: Sequence[np.ndarray], points: np.ndarray):
     return winner, tol, reach
 
 
-def candidates(s: Sequence[np.ndarray], points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def candidates(s: Sequence[np.ndarray], points: np.ndarray,
+               bound: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The classes of ``s`` (K group scores ``[C, n]``, a list or ``[K, C, n]``) that may win
     somewhere in the box spanned by ``points [P, K-1]``: ``(winner [n], mask [C, n])``,
-    ``winner`` the label at one corner and always a candidate. A pixel with one candidate has that label at every point of the box."""
-    winner, tol, reach = _corner_pass(s, np.asarray(points, np.float64))
+    ``winner`` the label at one corner and always a candidate. A pixel with one candidate has
+    that label at every point of the box. ``bound``: an upper bound of ``|score|`` that sets the
+    rounding tolerance (:func:`~vspw_ray.ensemble.core.fusion.score_bound` of the space; None:
+    measured on ``s``, two more passes over it)."""
+    winner, tol, reach = _corner_pass(s, np.asarray(points, np.float64), bound)
     return winner, reach >= -tol
 
 
@@ -331,7 +345,8 @@ def run_grid_job(job: GridJob) -> np.ndarray:
     """Confusion matrices ``[P, C, C]`` int64 of one shard's videos."""
 
     members = [m for ms in job.groups.values() for m in ms]
-    acc = GridConfusions(job.points, _num_classes(ScoreStore(job.store), members))
+    acc = GridConfusions(job.points, _num_classes(ScoreStore(job.store), members),
+                         score_bound(job.space))
     lut = label_lut(acc.num_classes)
     for video, name, scores, raw in group_frames(job.store, job.split, job.root, job.videos,
                                                  job.groups, space=job.space,

@@ -31,7 +31,7 @@ import numpy as np
 
 from vspw_ray.data import list_frames, read_raw_mask
 from vspw_ray.data.layout import DataError
-from vspw_ray.ensemble.core.fusion import LOG_FLOOR, fuse_arrays
+from vspw_ray.ensemble.core.fusion import LOG_FLOOR, fuse_arrays, score_bound
 from vspw_ray.ensemble.core.grid import point_labels, shard_videos
 from vspw_ray.errors import StoreError
 from vspw_ray.labels import class_labels
@@ -141,7 +141,8 @@ class FrameFusion:
         for shape, names in self.shared.items():
             stack = [means[key].numpy().reshape(len(means[key]), -1) for key in shape]
             points = np.array([self.grouped[n].weights for n in names], np.float64)
-            for name, labels in zip(names, point_labels(stack, points)):
+            for name, labels in zip(names, point_labels(stack, points,
+                                                          score_bound(self.space))):
                 out[name] = labels.reshape(means[shape[0]].shape[1:])
         for name, plan in self.grouped.items():
             if name in out:
