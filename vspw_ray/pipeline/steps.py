@@ -70,7 +70,9 @@ class Context:
             with self.lock:
                 self.result.records[step.id] = record
             return record
-        print(f"[pipeline] {step.id}: {step.reason}", flush=True)
+        # one write with its newline: steps start in several threads at once, and print()'s
+        # separate write of the end of line lets their lines run together
+        print(f"[pipeline] {step.id}: {step.reason}\n", end="", flush=True)
         start = time.perf_counter()
         try:
             with self._running(step):
