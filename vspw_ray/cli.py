@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 
 __all__ = ["main", "build_parser", "STOPPED"]
@@ -454,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     from vspw_ray.runtime import stop_on_sigterm
 
     stop_on_sigterm()
+    # `kill -USR2 <pid>` prints every thread's stack to stderr (the job's logs): where a
+    # command waits, without stopping it
+    if sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError) as err:
