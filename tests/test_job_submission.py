@@ -510,7 +510,10 @@ def _job_processes(cluster: LocalCluster) -> str:
             continue
         for p in [proc, *proc.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                lines.append(f"{p.pid} {p.status()} {' '.join(p.cmdline())[:160]}")
+                masks = [ln.split()[-1] for ln in Path(f"/proc/{p.pid}/status").read_text(
+                    ).splitlines() if ln.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+                lines.append(f"{p.pid} {p.status()} blocked/ignored/caught {'/'.join(masks)} "
+                             f"{' '.join(p.cmdline())[:160]}")
                 if "python" in p.name() and "vspw-ray" in " ".join(p.cmdline()):
                     os.kill(p.pid, signal.SIGUSR2)
     time.sleep(2)

@@ -10,7 +10,7 @@ import sys
 
 __all__ = ["main", "build_parser", "STOPPED"]
 
-STOPPED = "stopped; run the same command again to resume"
+from vspw_ray.runtime import STOPPED  # noqa: E402 -- light: the stop line, shared with runtime
 
 
 def _size(text: str) -> tuple[int, int]:

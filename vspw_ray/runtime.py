@@ -12,6 +12,7 @@ with :func:`open_stage`.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -124,12 +125,41 @@ def tune_result_loggers() -> list:
 
 
 _STOP: list = []  # the SIGTERM handler a command installed, kept across ray.init
+STOPPED = "stopped; run the same command again to resume"
+STOP_CLEANUP_S = 20.0  # a stop's clean-up at most (within a job's stop wait), then exit
+_DEADLINE: list = []
+
+
+def _stop_deadline() -> None:
+    """From the first stop on, the process ends within :data:`STOP_CLEANUP_S` whatever its
+    clean-up waits for (an MLflow server that does not answer, a Ray call): the stop line and
+    every thread's stack are printed, then it exits 130. What is written stays resumable."""
+    if _DEADLINE:
+        return
+
+    def expire() -> None:
+        print(f"{STOPPED} (the clean-up took over {STOP_CLEANUP_S:.0f} s and was cut short; "
+              f"where each thread waited follows)", file=sys.stderr, flush=True)
+        if sys.__stderr__ is not None:
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        os._exit(130)
+
+    timer = threading.Timer(STOP_CLEANUP_S, expire)
+    timer.daemon = True
+    timer.start()
+    _DEADLINE.append(timer)
+
+
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C: Python's KeyboardInterrupt, with the clean-up's deadline started."""
+    _stop_deadline()
+    raise KeyboardInterrupt
 
 
 def _forward_to_sigint(signum, frame) -> None:
     handler = signal.getsignal(signal.SIGINT)
-    if not callable(handler):  # SIG_IGN or SIG_DFL: stop all the same
-        raise KeyboardInterrupt
+    if not callable(handler) or handler is signal.default_int_handler:  # stop all the same
+        _interrupt(signum, frame)
     handler(signal.SIGINT, frame)
 
 
@@ -139,8 +169,11 @@ def stop_on_sigterm() -> None:
     KeyboardInterrupt), so every command stops the same way whichever signal it gets. The
     handler is called, not the signal re-raised: Ray's job supervisor starts entrypoints with
     SIGINT blocked unless ``RAY_JOB_STOP_SIGNAL=SIGINT``. ``ray.init`` puts Ray's own handler
-    in place (it logs the signal and aborts): :func:`connect_ray` puts this one back."""
+    in place (it logs the signal and aborts): :func:`connect_ray` puts this one back. From the
+    first stop on, the clean-up has :data:`STOP_CLEANUP_S` before the process exits anyway."""
     signal.signal(signal.SIGTERM, _forward_to_sigint)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
+        signal.signal(signal.SIGINT, _interrupt)
     _STOP[:] = [_forward_to_sigint]
 
 
