@@ -514,7 +514,7 @@ def _job_processes(cluster: LocalCluster) -> str:
                     ).splitlines() if ln.startswith(("SigBlk", "SigIgn", "SigCgt"))]
                 lines.append(f"{p.pid} {p.status()} blocked/ignored/caught {'/'.join(masks)} "
                              f"{' '.join(p.cmdline())[:160]}")
-                if "python" in p.name() and "vspw-ray" in " ".join(p.cmdline()):
+                if "python" in p.cmdline()[0] and "vspw-ray" in " ".join(p.cmdline()):
                     os.kill(p.pid, signal.SIGUSR2)
     time.sleep(2)
     return "\n".join(lines)
