@@ -555,9 +555,10 @@ def test_stopped_job_resumes_and_survives_losing_the_training_node(cluster, mlfl
     logs = _client(cluster).get_job_logs(first)
     print(f"`ray job stop` took {took:.1f} s (wait allowed: {STOP_WAIT_S} s)")
     if took >= STOP_WAIT_S:
-        # seen in clean-clone CI runs (three of three on 2026-12-07), never in a run of this
-        # module or file alone (eleven): the driver neither stopped nor printed its stacks on
-        # SIGUSR2, i.e. it did not act on signals at all; cause not found yet (issue 31 open)
+        # seen in three clean-clone CI runs on 2026-12-07: CI started in the background of a
+        # shell without job control, so every process inherited SIGINT ignored, the driver too
+        # (its SigIgn in the slow-stop report). runtime.stop_on_sigterm now installs its handler
+        # for a job stopped by SIGINT; this stays an expected failure until a CI run confirms it
         pytest.xfail(f"the stopped job's driver outlived Ray's {STOP_WAIT_S} s stop wait "
                      f"(known, under investigation); its logs: {logs[-4000:]}")
     assert STOPPED in logs, logs[-12000:]

@@ -148,3 +148,20 @@ def test_restored_environ_puts_back_set_and_unset_keys(monkeypatch):
     with restored_environ("VSPW_TEST_SET"):
         del os.environ["VSPW_TEST_SET"]
     assert os.environ["VSPW_TEST_SET"] == "before"
+
+
+@pytest.mark.parametrize("asked, acts", [("SIGINT", True), ("", False)])
+def test_a_job_stopped_by_sigint_acts_on_it_even_when_it_inherited_sigint_ignored(asked, acts):
+    """A shell without job control starts background commands with SIGINT ignored (a cluster
+    started from a script with ``&``), and Ray's job supervisor only unblocks it: a command
+    whose job is stopped by SIGINT (``RAY_JOB_STOP_SIGNAL=SIGINT``) installs its handler
+    anyway; without that setting an inherited ignore is respected."""
+    import signal
+
+    code = ("import signal\nfrom vspw_ray.runtime import _interrupt, stop_on_sigterm\n"
+            "stop_on_sigterm()\nprint(signal.getsignal(signal.SIGINT) is _interrupt)")
+    env = {**os.environ, "RAY_JOB_STOP_SIGNAL": asked}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(acts)

@@ -172,7 +172,12 @@ def stop_on_sigterm() -> None:
     in place (it logs the signal and aborts): :func:`connect_ray` puts this one back. From the
     first stop on, the clean-up has :data:`STOP_CLEANUP_S` before the process exits anyway."""
     signal.signal(signal.SIGTERM, _forward_to_sigint)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
+    current = signal.getsignal(signal.SIGINT)
+    # a job stopped by SIGINT (RAY_JOB_STOP_SIGNAL) must act on it even when it inherited SIGINT
+    # ignored: a shell without job control ignores it in background commands (a cluster started
+    # from a script with `&`), Ray's supervisor unblocks it but never un-ignores it
+    asked = os.environ.get("RAY_JOB_STOP_SIGNAL") == "SIGINT"
+    if current is signal.default_int_handler or (current == signal.SIG_IGN and asked):
         signal.signal(signal.SIGINT, _interrupt)
     _STOP[:] = [_forward_to_sigint]
 
