@@ -50,9 +50,6 @@ class StageRecord:
     def with_figures(self: R, more: Mapping[str, float]) -> R:
         return replace(self, figures={**self.figures, **more})
 
-    def figure(self, key: str) -> float | None:
-        return self.figures.get(key)
-
     @property
     def headline(self) -> tuple[str, float] | None:
         """``(name, value)`` of the figure this result is known by."""
@@ -100,6 +97,15 @@ class StageContext:
             return Variant("base", resolve_variant(self.cfg, None),
                            label=None if name else self.cfg.name)
         return Variant(name, resolve_variant(self.cfg, name))
+
+    def trained_config(self, v: Variant) -> ExperimentConfig:
+        """``v``'s config as training and SWA run it: a student bound to its teacher's
+        checkpoint in storage (the teacher must be done), any other variant as it is."""
+        if teacher_of(v) is None:
+            return v.cfg
+        from vspw_ray.stored_models import bind_teacher  # reads storage: only for students
+
+        return bind_teacher(self.cfg, v.cfg)
 
     def record(self, step_id: str) -> StageRecord | None:
         return self.records.get(step_id)

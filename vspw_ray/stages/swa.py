@@ -15,9 +15,7 @@ from vspw_ray.stages.base import (
     done_record,
     finals,
     mark_member_run,
-    teacher_of,
 )
-from vspw_ray.stored_models import bind_teacher
 
 __all__ = ["NAME", "Record", "key", "done", "run"]
 
@@ -49,7 +47,7 @@ def run(ctx: StageContext, item: str | None, *, from_checkpoint: str | None = No
     from vspw_ray.train.swa import swa_variant
 
     v = ctx.variant(item)
-    cfg = bind_teacher(ctx.cfg, v.cfg) if teacher_of(v) else v.cfg
+    cfg = ctx.trained_config(v)
     trained = ctx.record(f"{train.NAME}:{v.name}")
     if from_checkpoint is None and trained is not None:
         from_checkpoint = trained.checkpoint

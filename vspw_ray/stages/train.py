@@ -13,9 +13,7 @@ from vspw_ray.stages.base import (
     done_record,
     finals,
     mark_member_run,
-    teacher_of,
 )
-from vspw_ray.stored_models import bind_teacher
 
 __all__ = ["NAME", "Record", "key", "done", "run"]
 
@@ -47,7 +45,7 @@ def run(ctx: StageContext, item: str | None) -> Record:
     from vspw_ray.train.driver import train_variant
 
     v = ctx.variant(item)
-    cfg = bind_teacher(ctx.cfg, v.cfg) if teacher_of(v) else v.cfg
+    cfg = ctx.trained_config(v)
     out = train_variant(cfg, None, **ctx.where, torch_threads=ctx.threads, label=v.run_label)
     figures = finals(out.metrics)
     mark_member_run(ctx, out.run_id, figures, v, swa=False)
