@@ -11,6 +11,20 @@ from vspw_ray.data.synth import SynthSpec, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
+DEFAULT_SLOW_S = 30  # a ``slow`` test without its own estimate
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the longest tests first (``@pytest.mark.slow(seconds)``: a rough
+    single-run estimate), so that the workers, each taking the next test when it is free, end
+    together instead of one of them running the longest test last. A plain run keeps the files'
+    order, which keeps each module's fixtures set up once."""
+    if not hasattr(config, "workerinput"):  # not an xdist worker: the order it collects in
+        return
+    def seconds(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return 0 if mark is None else (mark.args[0] if mark.args else DEFAULT_SLOW_S)
+    items.sort(key=seconds, reverse=True)  # stable: equal estimates keep their order
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vspw_ray.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +68,7 @@ def test_closed_pipe_is_not_an_error():
     assert proc.wait() == 0 and "Traceback" not in err, err
 
 
+@pytest.mark.slow(17)
 def test_local_ray_serves_the_state_api_unless_told_not_to():
     """By default the local instance runs the dashboard process that serves Ray's State API
     (Ray Train's helpers poll it; `ray list actors` works against a running job);

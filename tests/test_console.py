@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "tiny_synth.yaml"
 
@@ -23,6 +25,7 @@ def _train(root: Path, storage: Path, *extra: str) -> subprocess.CompletedProces
         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
+@pytest.mark.slow(28)
 def test_a_worker_error_reaches_the_console_with_its_traceback(synth_copy, tmp_path):
     from vspw_ray.data import split_frames
 

@@ -29,6 +29,8 @@ VARIANTS = [{"name": "strong", "seed": 0, "overrides": {}},
             {"name": "weak", "seed": 1, "overrides": {}},
             {"name": "aux", "seed": 0, "overrides": {"model.family": "maskformer"}}]
 GROUPS = {"strong": ["strong"], "weak": ["weak"], "aux": ["aux"]}
+# the members are trained once for the module: its tests share one xdist worker
+pytestmark = [pytest.mark.slow(60), pytest.mark.xdist_group("ensemble_stage")]
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,7 @@ def compiled_vs_eager(family: str, device: str, backend: str, *, steps: int = 3,
     return losses, graphs[steps + 1:]
 
 
+@pytest.mark.slow(12)
 def test_compiled_step_equals_eager_on_cpu():
     """The one CPU compile (aot_eager: dynamo's graphs and AOT autograd, no code generation):
     UperNet with OHEM in one graph, three steps equal to eager's, no recompile after the first."""

@@ -169,6 +169,7 @@ def _cfg(root, storage, *extra):
         "infer.actors=1", *extra]), "crop64")
 
 
+@pytest.mark.slow(10)
 def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth_root, tmp_path,
                                                                 monkeypatch):
     import mlflow
@@ -221,6 +222,7 @@ def test_infer_job_writes_every_frame_and_scores_match_the_pngs(ray_local, synth
     assert again.frames == 0 and again.key == out.key
 
 
+@pytest.mark.slow(16)
 def test_other_tta_settings_checkpoint_or_data_never_reuse_old_scores(ray_local, synth_copy,
                                                                       tmp_path):
     """The store is keyed by the checkpoint, the infer settings and the split's data: a re-run
@@ -287,6 +289,7 @@ def _replaced_val_video_is_a_new_member(store: ScoreStore, old, cfg, ckpt: Path)
     assert written["transfer"] == "other data"
 
 
+@pytest.mark.slow(11)
 def test_corrupt_frame_fails_naming_it_or_is_skipped(ray_local, synth_copy, tmp_path):
     from vspw_ray.data import split_frames
     from vspw_ray.infer.job import run_inference
@@ -306,6 +309,7 @@ def test_corrupt_frame_fails_naming_it_or_is_skipped(ray_local, synth_copy, tmp_
         bad.video: [bad.name]}
 
 
+@pytest.mark.slow(50)
 def test_infer_killed_mid_way_and_rerun_stores_every_frame_once(synth_root, tmp_path):
     from vspw_ray.data import split_frames
 

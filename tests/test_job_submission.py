@@ -361,6 +361,7 @@ def _test_frames(data: Path) -> set[str]:
 
 
 # --------------------------------------------------------------------------- the tests
+@pytest.mark.slow(95)
 @pytest.mark.timeout(900)
 def test_pipeline_job_on_a_two_node_cluster_with_token_auth_and_mlflow_server(
         cluster, mlflow_server, ci_data):
@@ -433,6 +434,7 @@ def test_pipeline_job_on_a_two_node_cluster_with_token_auth_and_mlflow_server(
     assert {"summary.txt", "members.csv"} <= artifacts
 
 
+@pytest.mark.slow(85)
 @pytest.mark.timeout(900)
 def test_preempted_node_checkpoints_at_the_drain_and_resumes_on_a_new_node(
         cluster, mlflow_server, ci_data):
@@ -521,6 +523,7 @@ def _job_processes(cluster: LocalCluster) -> str:
 
 
 STOP_ITERS = 200
+@pytest.mark.slow(90)
 @pytest.mark.timeout(900)
 def test_stopped_job_resumes_and_survives_losing_the_training_node(cluster, mlflow_server,
                                                                      ci_data):

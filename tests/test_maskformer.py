@@ -119,6 +119,7 @@ def test_logit_adjustment_leaves_the_no_object_logit_alone():
     torch.testing.assert_close(adjusted[..., 2], learned[..., 2])
 
 
+@pytest.mark.slow(26)
 def test_tiny_maskformer_fits_four_camvid_frames(camvid_four_frames):
     """150 steps (about 40 s here) reach pixel accuracy > 0.85 at 180x240."""
     torch.manual_seed(0)

@@ -302,6 +302,7 @@ ONE_VARIANT = """variants:
 """
 
 
+@pytest.mark.slow(80)
 def test_pipeline_killed_after_an_swa_snapshot_resumes_without_retraining(synth_root, tmp_path):
     from tests.test_train_ray import wait_for_registered
     from vspw_ray.checkpoints import list_checkpoints, read_state

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "tiny_synth.yaml"
 
 
+@pytest.mark.slow(9)
 def test_a_stale_cluster_file_does_not_stop_a_local_run():
     """A killed run leaves Ray's ``ray_current_cluster`` file naming a dead instance; with no
     address, a command starts its own local instance (and says so) instead of failing with

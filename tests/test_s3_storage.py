@@ -17,6 +17,7 @@ from tests.conftest import free_port
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "tiny_synth.yaml"
 BUCKET = "vspw-test"
+pytestmark = pytest.mark.slow(105)
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,7 @@ def _base_checkpoint(cfg, variant, folder):
     return folder
 
 
+@pytest.mark.slow(45)
 def test_swa_job_tracks_side_by_side_and_resumes_to_the_same_average(ray_local, synth_root, tmp_path,
                                                                      monkeypatch):
     import mlflow

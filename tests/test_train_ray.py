@@ -103,6 +103,7 @@ def _final_weights(storage):
     return read_state(max(listed)[1])
 
 
+@pytest.mark.slow(18)
 def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_local, synth_root,
                                                                           tmp_path, monkeypatch):
     import mlflow
@@ -140,6 +141,7 @@ def test_two_worker_ddp_learns_with_identical_replicas_and_tracks_in_mlflow(ray_
     assert best["variant_id"] == out.variant_id
 
 
+@pytest.mark.slow(72)
 def test_stopped_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_path):
     """SIGTERM to the training command (what `ray job stop`, `kill` and a Kubernetes pod's end
     send; Ctrl-C takes the same path) mid-run: it says how to resume and exits 130 at once,
@@ -186,6 +188,7 @@ def test_stopped_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_path
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow(22)
 def test_other_data_of_the_same_shape_trains_afresh_under_a_new_id(ray_local, synth_root,
                                                                     tmp_path):
     """The issue's report: a second synthetic set of the same shape, trained with the same
@@ -299,6 +302,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+@pytest.mark.slow(43)
 def test_killed_worker_process_restarts_from_the_last_checkpoint(synth_root, tmp_path):
     """SIGKILL the Ray Train worker mid-run; FailureConfig restarts the group from the latest
     checkpoint and the run completes. Its own Ray, in a subprocess."""
@@ -364,6 +368,7 @@ cluster.shutdown()
 """
 
 
+@pytest.mark.slow(48)
 def test_lost_node_restarts_on_a_replacement(synth_root, tmp_path):
     """A two-node local cluster (ray.cluster_utils, token auth as configured by Ray 2.60);
     the node running the worker is removed once Ray Train has registered a checkpoint; the run

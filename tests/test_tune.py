@@ -387,6 +387,7 @@ def _run_until(cmd, env, log: Path, url: str, finished: int, sig: int, timeout_s
             pytest.fail(f"the sweep did not stop within 90 s of signal {sig}")
 
 
+@pytest.mark.slow(190)
 def test_sweep_interrupted_then_killed_resumes_to_exactly_num_samples_agreeing_everywhere(
         synth_root, tmp_path):
     """One sweep of 4 trials, stopped three times the ways a sweep stops: Ctrl-C (SIGINT to
