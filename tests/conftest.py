@@ -15,16 +15,21 @@ DEFAULT_SLOW_S = 30  # a ``slow`` test without its own estimate
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist, the longest tests first (``@pytest.mark.slow(seconds)``: a rough
-    single-run estimate), so that the workers, each taking the next test when it is free, end
-    together instead of one of them running the longest test last. A plain run keeps the files'
-    order, which keeps each module's fixtures set up once."""
+    """Under pytest-xdist (``--dist loadfile``: a file's tests run on one worker, its module
+    fixtures -- the smoke run, the ensemble's members, the MLflow server -- made once), the
+    longest files first by their tests' ``@pytest.mark.slow(seconds)`` estimates (rough,
+    single-run), so that the workers, each taking the next file when it is free, end together
+    instead of one of them starting the longest file last. Inside a file, and in a plain run,
+    the collected order stays."""
     if not hasattr(config, "workerinput"):  # not an xdist worker: the order it collects in
         return
     def seconds(item) -> float:
         mark = item.get_closest_marker("slow")
         return 0 if mark is None else (mark.args[0] if mark.args else DEFAULT_SLOW_S)
-    items.sort(key=seconds, reverse=True)  # stable: equal estimates keep their order
+    per_file: dict[str, float] = {}
+    for item in items:
+        per_file[item.path] = per_file.get(item.path, 0) + seconds(item)
+    items.sort(key=lambda item: per_file[item.path], reverse=True)  # stable inside a file
 
 
 @pytest.fixture(scope="session")

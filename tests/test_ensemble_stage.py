@@ -29,8 +29,6 @@ VARIANTS = [{"name": "strong", "seed": 0, "overrides": {}},
             {"name": "weak", "seed": 1, "overrides": {}},
             {"name": "aux", "seed": 0, "overrides": {"model.family": "maskformer"}}]
 GROUPS = {"strong": ["strong"], "weak": ["weak"], "aux": ["aux"]}
-# the members are trained once for the module: its tests share one xdist worker
-pytestmark = [pytest.mark.slow(60), pytest.mark.xdist_group("ensemble_stage")]
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +315,7 @@ def _check_submission(out, synth_root, evaluate_predictions) -> None:
         k for ms in out.groups.values() for k in ms]
 
 
+@pytest.mark.slow(20)
 def test_tune_recovers_the_weights_and_tracks_the_trials_as_child_runs(
         ray_local, synth_root, storage):
     import mlflow

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-# the smoke run is set up once, by the first test using it: its tests share one xdist worker
-pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow(170), pytest.mark.xdist_group("smoke")]
+# the smoke run (~170 s) is set up once, by the first test using it
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow(35)]
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "reproduce_camvid.py"

@@ -24,7 +24,7 @@ from vspw_ray.checkpoints import (
 from vspw_ray.config import ConfigError, load_config
 from vspw_ray.storage import check_cluster_settings
 from vspw_ray.train.driver import train_variant
-from vspw_ray.train.ray_train import CHECKPOINT_FILE, load_training_state
+from vspw_ray.train.ray_train import CHECKPOINT_FILE, PAUSE_ENV, load_training_state
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "tiny_synth.yaml"
@@ -159,8 +159,10 @@ def test_stopped_run_resumes_to_the_same_weights(ray_local, synth_root, tmp_path
            "--no-track", *_overrides(synth_root, storage, iters=32)]
     log = tmp_path / "stopped.log"
     with log.open("w") as out:
+        # the first run waits after its first checkpoint until it is stopped, so the stop
+        # always lands mid-run however slowly the machine trains or registers
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=FAST_POLL_ENV)
+                                start_new_session=True, env={**FAST_POLL_ENV, PAUSE_ENV: "1"})
         registered = wait_for_registered(storage, lambda: proc.poll() is None, "the stop")
         os.kill(proc.pid, signal.SIGTERM)  # the driver only: it stops its local Ray itself
         try:
@@ -310,8 +312,10 @@ def test_killed_worker_process_restarts_from_the_last_checkpoint(synth_root, tmp
     overrides = [o for o in _overrides(synth_root, storage, iters=40) if not o.startswith("train.max_failures")]
     cmd = [sys.executable, "-m", "vspw_ray", "train", str(EXPERIMENT), "--variant", "crop64",
            "--no-track", *overrides, "train.max_failures=2"]
+    # the first workers wait after their first checkpoint until killed: the kill always lands
+    # mid-run; the restarted workers, resumed, do not wait
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=FAST_POLL_ENV)
+                            start_new_session=True, env={**FAST_POLL_ENV, PAUSE_ENV: "1"})
     try:
         try:
             registered = wait_for_registered(storage, lambda: proc.poll() is None, "the kill")
@@ -377,7 +381,8 @@ def test_lost_node_restarts_on_a_replacement(synth_root, tmp_path):
     storage = tmp_path / "runs"
     overrides = [o for o in _overrides(synth_root, storage, iters=40) if not o.startswith("train.max_failures")]
     overrides += ["train.max_failures=3", "train.resources_per_worker={trainer: 1}"]
-    env = {**FAST_POLL_ENV, "VSPW_RAY_SHARED_MOUNT": str(tmp_path)}  # one machine: tmp is shared
+    env = {**FAST_POLL_ENV, "VSPW_RAY_SHARED_MOUNT": str(tmp_path),  # one machine: tmp is shared
+           PAUSE_ENV: "1"}  # the first workers wait after a checkpoint until their node is lost
     script = tmp_path / "node_loss.py"
     script.write_text(NODE_LOSS_SCRIPT)
     done = subprocess.run([sys.executable, str(script), str(REPO), str(EXPERIMENT), str(storage),
