@@ -45,8 +45,8 @@ def camvid_root() -> Path:
 
 @pytest.fixture(scope="session")
 def camvid_four_frames(camvid_root):
-    """The first four CamVid training frames at 180x240: ``images [4, 3, 180, 240]`` normalised,
-    ``masks [4, 180, 240]`` int64 reduced ids -- what the fit tests train on."""
+    """The first four CamVid training frames at 120x160: ``images [4, 3, 120, 160]`` normalised,
+    ``masks [4, 120, 160]`` int64 reduced ids -- what the fit tests train on."""
     import numpy as np
     import torch
     from PIL import Image
@@ -58,9 +58,9 @@ def camvid_four_frames(camvid_root):
     lut, data = label_lut(11), DataConfig()
     frames = split_frames(camvid_root, "train")[:4]
     images = torch.stack([normalize(np.asarray(Image.fromarray(read_image(f)).resize(
-        (240, 180), Image.BILINEAR)), data.mean, data.std) for f in frames])
+        (160, 120), Image.BILINEAR)), data.mean, data.std) for f in frames])
     masks = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(read_mask(f, lut)).resize(
-        (240, 180), Image.NEAREST)).astype(np.int64)) for f in frames])
+        (160, 120), Image.NEAREST)).astype(np.int64)) for f in frames])
     return images, masks
 
 
