@@ -8,9 +8,9 @@ import os
 import signal
 import sys
 
-__all__ = ["main", "build_parser", "STOPPED"]
+from vspw_ray.runtime import STOPPED  # light (no torch, Ray or MLflow): the stop line
 
-from vspw_ray.runtime import STOPPED  # noqa: E402 -- light: the stop line, shared with runtime
+__all__ = ["main", "build_parser", "STOPPED"]
 
 
 def _size(text: str) -> tuple[int, int]:
